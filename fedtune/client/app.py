@@ -1,0 +1,81 @@
+"""Flower ClientApp: a thin edge that decodes the round's message and calls the site's trainer."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import numpy as np
+import torch
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune import keys
+from fedtune.client.site import Site, open_site
+from fedtune.client.trainer import heldout_loss, train_local
+from fedtune.config import RunConfig
+from fedtune.errors import ConfigError, FedtuneError
+from fedtune.models import adapter_arrays, load_adapter_arrays
+from fedtune.wire import arrays_from_record, record_from_arrays
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+ERROR_CODE = 1  # Flower's Error.code for "failed precondition at the site"
+
+
+def _open(msg: Message, context: Context) -> tuple[RunConfig, int, Site]:
+    spec = dict(msg.content.config_records[keys.SPEC])
+    rnd = spec.pop(keys.ROUND)
+    if not isinstance(rnd, int):
+        raise ConfigError(f"round spec: `{keys.ROUND}` must be an integer, got {rnd!r}.")
+    cfg = RunConfig.from_flat(spec)
+    site = open_site(cfg, context.node_config)
+    load_adapter_arrays(site.model, arrays_from_record(msg.content.array_records[keys.ADAPTER]))
+    return cfg, rnd, site
+
+
+def _refuse(msg: Message, exc: FedtuneError) -> Message:
+    log.error("%s", exc)
+    return Message(Error(code=ERROR_CODE, reason=str(exc)), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global adapter locally and reply with the delta (local - global)."""
+    try:
+        cfg, rnd, site = _open(msg, context)
+    except FedtuneError as exc:
+        return _refuse(msg, exc)
+    start = adapter_arrays(site.model)
+    seed = zlib.crc32(f"{cfg.seed}:{rnd}:{site.name}".encode())
+    torch.manual_seed(seed)  # LoRA dropout; same result whichever process runs this site
+    generator = torch.Generator().manual_seed(seed)
+    result = train_local(
+        site.model,
+        site.train,
+        cfg.train,
+        pad_id=int(site.loaded.tokenizer.pad_token_id),
+        generator=generator,
+        desc=f"{site.name} round {rnd}",
+    )
+    end = adapter_arrays(site.model)
+    delta = {k: (end[k] - start[k]).astype(np.float32) for k in start}
+    metrics = MetricRecord(
+        {keys.TRAIN_LOSS: result.loss, keys.NUM_EXAMPLES: result.examples, keys.STEPS: result.steps}
+    )
+    return Message(RecordDict({keys.DELTA: record_from_arrays(delta), keys.METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Held-out loss of the global adapter on this site's split."""
+    try:
+        cfg, _, site = _open(msg, context)
+    except FedtuneError as exc:
+        return _refuse(msg, exc)
+    pad_id = int(site.loaded.tokenizer.pad_token_id)
+    loss = heldout_loss(site.model, site.heldout, batch_size=cfg.eval.batch_size, pad_id=pad_id)
+    metrics = MetricRecord({keys.EVAL_LOSS: loss, keys.NUM_EXAMPLES: len(site.heldout)})
+    return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)

@@ -1,0 +1,84 @@
+"""One data site's resident state: the base model with its adapter, and the site's tokenized data."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedtune import keys
+from fedtune.config import RunConfig
+from fedtune.data.loaders import load_records, train_source
+from fedtune.data.partition import site_partition, train_heldout
+from fedtune.data.prompts import Example, check_format, tokenize
+from fedtune.errors import ConfigError
+from fedtune.models import LoadedModel, load_base, pick_device, wrap_lora
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Site:
+    """What a site keeps between rounds; the base model is shared by every site in the process."""
+
+    name: str
+    loaded: LoadedModel
+    model: Any  # PeftModel
+    train: list[Example]
+    heldout: list[Example]
+
+
+_SITES: dict[tuple[object, ...], Site] = {}
+
+
+def _node_int(node_config: Mapping[str, Any], key: str) -> int:
+    value = node_config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"node config `{key}` must be an integer, got {value!r}.")
+    return value
+
+
+def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
+    """Load (once per process) the base model and this site's data, and return the site.
+
+    A site either points at its own file (node config ``data-path``) or, in a simulation, takes
+    partition ``partition-id`` of ``data.path``.
+    """
+    own_path = node_config.get(keys.DATA_PATH)
+    if own_path:
+        where: tuple[object, ...] = ("file", str(own_path))
+    else:
+        pid = _node_int(node_config, keys.PARTITION_ID)
+        where = ("partition", pid, _node_int(node_config, keys.NUM_PARTITIONS))
+    key = (where, cfg.data, cfg.model, cfg.lora, cfg.train.device, cfg.seed)
+    if key in _SITES:
+        return _SITES[key]
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    loaded = load_base(cfg.model, pick_device(cfg.train.device))
+    check_format(cfg.data, loaded.tokenizer, cfg.model.name)
+    model = wrap_lora(loaded, cfg.lora, cfg.seed)
+    if where[0] == "file":
+        name = f"site {own_path}"
+        rows = load_records(str(own_path), cfg.data, key=f"node config {keys.DATA_PATH}")
+    else:
+        name = f"site {where[1]}"
+        rows = load_records(train_source(cfg.data), cfg.data)
+        rows = site_partition(rows, cfg.data, int(where[1]), int(where[2]), cfg.seed)  # type: ignore[call-overload]
+    train, held = train_heldout(rows, cfg.data, cfg.seed, name)
+    held = held.select(range(min(len(held), cfg.data.max_eval_examples)))
+    site = Site(
+        name=name,
+        loaded=loaded,
+        model=model,
+        train=tokenize(train, cfg.data, loaded.tokenizer),
+        heldout=tokenize(held, cfg.data, loaded.tokenizer),
+    )
+    log.info(
+        "%s: %d train / %d held-out examples on %s", name, len(site.train), len(site.heldout), loaded.device
+    )
+    _SITES[key] = site
+    return site

@@ -1,0 +1,389 @@
+"""Typed run config: flat dotted kebab-case keys <-> frozen dataclasses; the only run_config reader.
+
+The flat form (``lora.r = 8``) is what ``[tool.flwr.app.config]``, ``--run-config`` and
+``fedtune simulate --set`` carry, and what the server sends to clients in each round's
+ConfigRecord. :func:`RunConfig.from_flat` turns it into nested dataclasses, rejects unknown keys and
+wrong types, and each section validates its values in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fedtune.errors import ConfigError
+
+Scalar = bool | int | float | str
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    """Raise a ConfigError naming ``key`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"`{key}` {msg}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """``model.*``: the base model."""
+
+    name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    """Hugging Face causal-LM id or local directory."""
+    gguf_file: str = ""
+    """Optional GGUF file inside ``model.name`` (dequantized once, then cached)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights dtype; ``auto`` is bfloat16 on CUDA and float32 on CPU."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "model.name", "must not be empty.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSection:
+    """``lora.*``: the LoRA adapter (PEFT ``LoraConfig``)."""
+
+    r: int = 8
+    """Rank of the update matrices."""
+    alpha: int = 16
+    """Scaling numerator; the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj"
+    """Comma-separated module names, or ``all-linear``."""
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}.")
+        _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}.")
+        _require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}.")
+        _require(bool(self.modules()), "lora.target-modules", "must name at least one module.")
+
+    def modules(self) -> list[str] | str:
+        """Target modules in the form PEFT expects."""
+        if self.target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """``data.*``: where the instruction data comes from and how it becomes token batches."""
+
+    path: str = ""
+    """JSONL/CSV/Parquet file or Hugging Face dataset name; empty means the built-in demo set."""
+    eval_path: str = ""
+    """Server-side held-out file for centralized eval; empty uses the demo test set with the demo
+    data, and disables centralized eval otherwise."""
+    format: Literal["alpaca", "chat"] = "chat"
+    """Prompt format: Alpaca-style text, or the tokenizer's chat template."""
+    instruction_field: str = "instruction"
+    """Column holding the instruction."""
+    input_field: str = "input"
+    """Optional column holding extra input (may be absent)."""
+    output_field: str = "output"
+    """Column holding the response; the loss covers these tokens only."""
+    partitioner: Literal["iid", "dirichlet", "natural"] = "natural"
+    """How a simulation splits ``data.path`` across sites (flwr-datasets partitioners)."""
+    partition_by: str = "site"
+    """Column used by the ``natural`` and ``dirichlet`` partitioners."""
+    dirichlet_alpha: float = 0.5
+    """Concentration of the Dirichlet partitioner; smaller is more skewed."""
+    eval_fraction: float = 0.2
+    """Share of each site's rows kept back for federated evaluation."""
+    max_seq_len: int = 128
+    """Tokens per example after truncation."""
+    max_eval_examples: int = 16
+    """Cap on the examples any one evaluation uses."""
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < self.eval_fraction < 1,
+            "data.eval-fraction",
+            f"must be in (0, 1), got {self.eval_fraction}.",
+        )
+        _require(self.max_seq_len >= 8, "data.max-seq-len", f"must be >= 8, got {self.max_seq_len}.")
+        _require(
+            self.dirichlet_alpha > 0,
+            "data.dirichlet-alpha",
+            f"must be > 0, got {self.dirichlet_alpha}.",
+        )
+        _require(
+            self.max_eval_examples >= 1,
+            "data.max-eval-examples",
+            f"must be >= 1, got {self.max_eval_examples}.",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """``train.*``: local training at each site."""
+
+    local_steps: int = 3
+    """Optimizer steps per round at each site."""
+    batch_size: int = 4
+    """Examples per step."""
+    lr: float = 2e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping of the batch gradient (not DP); 0 turns it off."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where a site trains; ``auto`` uses CUDA when present."""
+    num_threads: int = 0
+    """torch CPU threads per client process; 0 keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps >= 1, "train.local-steps", f"must be >= 1, got {self.local_steps}.")
+        _require(self.batch_size >= 1, "train.batch-size", f"must be >= 1, got {self.batch_size}.")
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}.")
+        _require(self.max_grad_norm >= 0, "train.max-grad-norm", "must be >= 0.")
+        _require(self.num_threads >= 0, "train.num-threads", "must be >= 0.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyConfig:
+    """``strategy.*``: how the server combines client deltas."""
+
+    name: str = "fedavg"
+    """Aggregation rule (see ``fedtune.strategies``)."""
+    server_lr: float = 1.0
+    """Server learning rate applied to the aggregated delta."""
+    weighting: Literal["examples", "uniform"] = "examples"
+    """Weight each client by its number of training examples, or equally."""
+
+    def __post_init__(self) -> None:
+        _require(self.server_lr > 0, "strategy.server-lr", f"must be > 0, got {self.server_lr}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    """``privacy.*``: differential privacy."""
+
+    mechanism: Literal["none"] = "none"
+    """DP mechanism; ``none`` gives no formal privacy guarantee."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecaggConfig:
+    """``secagg.*``: secure aggregation."""
+
+    protocol: Literal["none"] = "none"
+    """Secure-aggregation protocol; ``none`` sends updates in the clear."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """``server.*``: client sampling, timeouts and reply validation."""
+
+    fraction_train: float = 1.0
+    """Share of the connected clients sampled each round."""
+    min_clients: int = 2
+    """Clients that must be connected (and sampled) before a round starts."""
+    min_replies: int = 1
+    """Valid replies needed to update the global adapter; fewer leaves it unchanged."""
+    round_timeout: float = 600.0
+    """Seconds to wait for replies in a round."""
+    wait_for_clients: float = 300.0
+    """Seconds to wait for ``server.min-clients`` clients to connect."""
+    max_update_norm: float = 0.0
+    """Replies whose delta has a larger L2 norm are rejected; 0 turns the check off."""
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < self.fraction_train <= 1,
+            "server.fraction-train",
+            f"must be in (0, 1], got {self.fraction_train}.",
+        )
+        _require(self.min_clients >= 1, "server.min-clients", "must be >= 1.")
+        _require(self.min_replies >= 1, "server.min-replies", "must be >= 1.")
+        _require(self.round_timeout > 0, "server.round-timeout", "must be > 0.")
+        _require(self.max_update_norm >= 0, "server.max-update-norm", "must be >= 0.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """``eval.*``: evaluation."""
+
+    federated: bool = True
+    """Evaluate the global adapter on each site's held-out split every round."""
+    centralized: bool = True
+    """Evaluate the global adapter on the server's held-out set every round."""
+    batch_size: int = 8
+    """Examples per evaluation batch."""
+    max_new_tokens: int = 48
+    """Tokens generated for the base-vs-fine-tuned sample answer."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "eval.batch-size", "must be >= 1.")
+        _require(self.max_new_tokens >= 1, "eval.max-new-tokens", "must be >= 1.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulationConfig:
+    """``simulation.*``: the local federation (Flower's simulation engine, Ray backend)."""
+
+    num_supernodes: int = 5
+    """Simulated data sites."""
+    num_cpus: int = 1
+    """CPUs per simulated client (Flower's default of 2 runs one client at a time on 2 cores)."""
+    num_gpus: float = 0.0
+    """GPUs per simulated client; fractions share a GPU."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_supernodes >= 1, "simulation.num-supernodes", "must be >= 1.")
+        _require(self.num_cpus >= 1, "simulation.num-cpus", "must be >= 1.")
+        _require(self.num_gpus >= 0, "simulation.num-gpus", "must be >= 0.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """``output.*``: where results go."""
+
+    dir: str = ""
+    """Run directory; empty means ``runs/<timestamp>``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The whole run: top-level keys plus one section per component."""
+
+    num_server_rounds: int = 3
+    """Federated rounds."""
+    seed: int = 0
+    """Seeds the adapter init, client sampling, data order and partitioning."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecaggConfig = field(default_factory=SecaggConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1.")
+        _require(
+            self.server.min_replies <= self.server.min_clients,
+            "server.min-replies",
+            f"({self.server.min_replies}) must be <= `server.min-clients` ({self.server.min_clients}).",
+        )
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Build from flat dotted keys over the defaults; unknown keys and bad types raise."""
+        known = flat_defaults()
+        for key in flat:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" Did you mean `{close[0]}`?" if close else ""
+                raise ConfigError(f"Unknown config key `{key}`.{hint}")
+        nested: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        for key, value in flat.items():
+            section, _, name = key.rpartition(".")
+            ftype = _field_types(_SECTIONS[section] if section else cls)[_attr(name)]
+            coerced = _coerce(key, value, ftype)
+            (nested.setdefault(section, {}) if section else top)[_attr(name)] = coerced
+        sections = {s: _SECTIONS[s](**kw) for s, kw in nested.items()}
+        return cls(**top, **sections)
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """The flat dotted form; ``from_flat(to_flat())`` round-trips."""
+        out: dict[str, Scalar] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for sf in dataclasses.fields(value):
+                    out[f"{f.name}.{_key(sf.name)}"] = getattr(value, sf.name)
+            else:
+                out[_key(f.name)] = value
+        return out
+
+    def override(self, changes: Mapping[str, Any]) -> RunConfig:
+        """A copy with flat ``changes`` applied (validated like ``from_flat``)."""
+        return RunConfig.from_flat({**self.to_flat(), **changes})
+
+
+_SECTIONS: dict[str, Any] = {
+    name: hint for name, hint in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(hint)
+}
+
+
+def _key(attr: str) -> str:
+    return attr.replace("_", "-")
+
+
+def _attr(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, ftype: Any) -> Any:
+    """Check ``value`` against the field type; ints widen to floats, nothing else converts."""
+    if typing.get_origin(ftype) is Literal:
+        choices = typing.get_args(ftype)
+        _require(value in choices, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}.")
+        return value
+    if ftype is bool:
+        _require(isinstance(value, bool), key, f"must be true or false, got {value!r}.")
+        return value
+    if ftype is int:
+        _require(
+            isinstance(value, int) and not isinstance(value, bool),
+            key,
+            f"must be an integer, got {value!r}.",
+        )
+        return value
+    if ftype is float:
+        _require(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            key,
+            f"must be a number, got {value!r}.",
+        )
+        return float(value)
+    if ftype is str:
+        _require(isinstance(value, str), key, f"must be a string, got {value!r}.")
+        return value
+    raise AssertionError(f"unsupported field type {ftype!r} for {key}")
+
+
+def flat_defaults() -> dict[str, Scalar]:
+    """Every key with its default value."""
+    return RunConfig().to_flat()
+
+
+def parse_value(text: str) -> Scalar:
+    """Parse a ``--set`` value as a TOML scalar (``8``, ``1e-3``, ``true``, ``"x"``), else a string."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    if isinstance(value, bool | int | float | str):
+        return value
+    return text
+
+
+def parse_assignments(items: list[str]) -> dict[str, Scalar]:
+    """Turn ``["k=v", ...]`` into a flat dict; a malformed item raises naming it."""
+    out: dict[str, Scalar] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"`--set {item}` must have the form key=value.")
+        out[key.strip()] = parse_value(text.strip())
+    return out
+
+
+def from_run_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Build the RunConfig a ServerApp runs with: Flower's run_config, then ``overrides``."""
+    return RunConfig.from_flat({**dict(run_config), **dict(overrides or {})})

@@ -1,0 +1,1 @@
+"""Instruction data: file and hub loaders, prompt formats with response-only labels, partitioners."""

@@ -1,0 +1,1 @@
+"""Built-in synthetic demo dataset (see README.md)."""

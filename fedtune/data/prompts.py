@@ -1,0 +1,101 @@
+"""Prompt formats (Alpaca, chat template) and tokenization with labels on response tokens only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.config import DataConfig
+from fedtune.errors import ConfigError
+
+IGNORE = -100  # label value the loss skips (prompt and padding tokens)
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+def check_format(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, model_name: str) -> None:
+    """Refuse the chat format for a tokenizer that has no chat template."""
+    if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f'`data.format` = "chat" needs a tokenizer with a chat template, and the one of '
+            f'{model_name} has none; use data.format = "alpaca".'
+        )
+
+
+def render_prompt(record: Mapping[str, Any], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The prompt text (everything before the response) for one record."""
+    instruction = str(record.get(cfg.instruction_field) or "").strip()
+    extra = str(record.get(cfg.input_field) or "").strip()
+    if cfg.format == "alpaca":
+        template = ALPACA_PROMPT_WITH_INPUT if extra else ALPACA_PROMPT
+        return template.format(instruction=instruction, input=extra)
+    content = f"{instruction}\n\n{extra}" if extra else instruction
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    return str(text)
+
+
+def response_text(record: Mapping[str, Any], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The response text the loss covers, ending with the end-of-turn token."""
+    answer = str(record.get(cfg.output_field) or "").strip()
+    return answer + (tokenizer.eos_token or "")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized example: ``labels`` is IGNORE on prompt tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize(
+    records: Iterable[Mapping[str, Any]], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> list[Example]:
+    """Tokenize prompt and response separately so the label mask is exact, then truncate."""
+    out = []
+    for record in records:
+        prompt = tokenizer(render_prompt(record, cfg, tokenizer), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(response_text(record, cfg, tokenizer), add_special_tokens=False)["input_ids"]
+        ids = (list(prompt) + list(answer))[: cfg.max_seq_len]
+        labels = ([IGNORE] * len(prompt) + list(answer))[: cfg.max_seq_len]
+        out.append(Example(input_ids=ids, labels=labels))
+    return out
+
+
+def collate(batch: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding gets attention 0 and label IGNORE."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over response tokens, and how many tokens it covers."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted = logits[:, :-1, :].float()  # (B, T-1, V)
+    target = batch["labels"][:, 1:]  # (B, T-1)
+    loss = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, (target != IGNORE).sum()

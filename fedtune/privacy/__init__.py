@@ -1,0 +1,1 @@
+"""Privacy: differential privacy, accounting, secure aggregation, and the whole-run checker."""

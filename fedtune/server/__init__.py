@@ -1,0 +1,1 @@
+"""The aggregation-server side: Flower ServerApp, the round loop, evaluation, checkpoints, reports."""

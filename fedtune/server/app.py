@@ -1,0 +1,86 @@
+"""Flower ServerApp: a thin edge that builds the run from config and hands Flower's grid to the loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.config import RunConfig, from_run_config
+from fedtune.logs import setup_logging
+from fedtune.models import adapter_arrays, load_base, pick_device, wrap_lora, write_adapter
+from fedtune.privacy import compat
+from fedtune.server import checkpoint, loop
+from fedtune.server.evaluation import CentralEvaluator
+from fedtune.server.report import Reporter
+
+log = logging.getLogger(__name__)
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    """``output.dir``, or ``runs/<timestamp>`` when it is empty."""
+    return Path(cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run_server(cfg: RunConfig, grid: loop.GridLike) -> dict[str, Any]:
+    """The whole server job: init the adapter, run every round, write outputs; returns summary extras."""
+    compat.check(cfg)
+    out = output_dir(cfg)
+    # The server holds the base model for the seeded adapter init and centralized evaluation.
+    loaded = load_base(cfg.model, pick_device("auto"))
+    model = wrap_lora(loaded, cfg.lora, cfg.seed)
+    state = loop.ServerState(
+        round=0, global_arrays=adapter_arrays(model), rng=np.random.default_rng(cfg.seed)
+    )
+    evaluator = CentralEvaluator(cfg, loaded, model)
+    out.mkdir(parents=True, exist_ok=True)
+    reporter = Reporter(out)
+    reporter.start(cfg)
+
+    def on_round(s: loop.ServerState, row: dict[str, Any]) -> None:
+        checkpoint.save(out, s, cfg, loaded.path)
+        reporter.row(row)
+
+    state = loop.run(cfg, grid, state, evaluate=evaluator, on_round=on_round)
+    checkpoint.write_atomic_dir(
+        out / "adapter", lambda tmp: write_adapter(tmp, state.global_arrays, cfg.lora, loaded.path)
+    )
+    extra: dict[str, Any] = {"base_model": loaded.path, "adapter": str(out / "adapter")}
+    record = evaluator.sample_prompt()
+    if record is not None:
+        base = evaluator.answer(record, None)
+        tuned = evaluator.answer(record, state.global_arrays)
+        extra["sample"] = {
+            "prompt": record.get(cfg.data.instruction_field),
+            "reference": record.get(cfg.data.output_field),
+            "base": base,
+            "fine_tuned": tuned,
+        }
+        log.info(
+            "\nHeld-out prompt: %s\n  reference : %s\n  base model: %s\n  fine-tuned: %s",
+            *extra["sample"].values(),
+        )
+    reporter.finish(cfg, state.history, extra)
+    log.info("Outputs in %s (metrics.jsonl, rounds.md, plots/, adapter/, summary.json)", out)
+    return extra
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose config is Flower's run_config with ``overrides`` on top."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        setup_logging()
+        run_server(from_run_config(context.run_config, overrides), grid)
+
+    return server_app
+
+
+app = make_server_app()

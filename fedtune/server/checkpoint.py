@@ -1,0 +1,77 @@
+"""Per-round checkpoints written atomically (temp dir, then rename), and reading them back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from fedtune.config import RunConfig
+from fedtune.models import write_adapter
+from fedtune.server.loop import ServerState
+
+STATE_FILE = "state.json"
+ADAPTER_DIR = "adapter"
+
+
+def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
+    """Build a directory with ``fill(tmp)`` beside ``target`` and rename it into place.
+
+    A crash leaves either the old ``target`` or the new one, never a half-written one.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any mkdir
+    try:
+        fill(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def round_dir(out: Path, rnd: int) -> Path:
+    """``OUT/checkpoints/round-NNN``."""
+    return out / "checkpoints" / f"round-{rnd:03d}"
+
+
+def save(out: Path, state: ServerState, cfg: RunConfig, base_path: str) -> Path:
+    """Checkpoint the global adapter (vanilla PEFT folder), round, RNG, config and history."""
+
+    def fill(tmp: Path) -> None:
+        write_adapter(tmp / ADAPTER_DIR, state.global_arrays, cfg.lora, base_path)
+        meta: dict[str, Any] = {
+            "round": state.round,
+            "rng": state.rng.bit_generator.state,
+            "config": cfg.to_flat(),
+            "history": state.history,
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=str))
+
+    target = round_dir(out, state.round)
+    write_atomic_dir(target, fill)
+    return target
+
+
+def load(directory: Path) -> ServerState:
+    """Restore the ServerState a checkpoint directory holds."""
+    meta = json.loads((directory / STATE_FILE).read_text())
+    rng = np.random.default_rng()
+    rng.bit_generator.state = meta["rng"]
+    arrays = load_file(str(directory / ADAPTER_DIR / "adapter_model.safetensors"))
+    return ServerState(round=int(meta["round"]), global_arrays=arrays, rng=rng, history=meta["history"])

@@ -1,0 +1,63 @@
+"""Server-side evaluation: centralized held-out loss, and base vs fine-tuned sample answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedtune.client.trainer import heldout_loss
+from fedtune.config import RunConfig
+from fedtune.data.loaders import eval_source, load_records
+from fedtune.data.prompts import Example, render_prompt, tokenize
+from fedtune.models import LoadedModel, load_adapter_arrays
+from fedtune.wire import Arrays
+
+
+class CentralEvaluator:
+    """Held-out loss of a global adapter on the server's own held-out set."""
+
+    def __init__(self, cfg: RunConfig, loaded: LoadedModel, model: Any) -> None:
+        self.cfg = cfg
+        self.loaded = loaded
+        self.model = model
+        source = eval_source(cfg.data)
+        self.records: list[dict[str, Any]] = []
+        self.examples: list[Example] = []
+        if source is not None:
+            key = "data.eval-path" if cfg.data.eval_path else "data.path"
+            rows = load_records(source, cfg.data, key=key)
+            self.records = [dict(r) for r in rows.select(range(min(len(rows), cfg.data.max_eval_examples)))]
+            self.examples = tokenize(self.records, cfg.data, loaded.tokenizer)
+
+    def __call__(self, arrays: Arrays) -> float | None:
+        if not self.examples:
+            return None
+        load_adapter_arrays(self.model, arrays)
+        pad_id = int(self.loaded.tokenizer.pad_token_id)
+        return heldout_loss(self.model, self.examples, batch_size=self.cfg.eval.batch_size, pad_id=pad_id)
+
+    def sample_prompt(self) -> dict[str, Any] | None:
+        """The held-out record whose answer the run shows before and after training."""
+        return self.records[0] if self.records else None
+
+    @torch.no_grad()
+    def answer(self, record: dict[str, Any], arrays: Arrays | None) -> str:
+        """Greedy answer of the base model (``arrays`` None) or of the base plus that adapter."""
+        tok = self.loaded.tokenizer
+        prompt = render_prompt(record, self.cfg.data, tok)
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt").to(self.loaded.device)
+        kwargs = {
+            "max_new_tokens": self.cfg.eval.max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": tok.pad_token_id,
+            "use_cache": True,
+        }
+        if arrays is None:
+            with self.model.disable_adapter():
+                out = self.model.generate(**ids, **kwargs)
+        else:
+            load_adapter_arrays(self.model, arrays)
+            out = self.model.generate(**ids, **kwargs)
+        text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        return str(text).strip()

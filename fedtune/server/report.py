@@ -1,0 +1,143 @@
+"""What a run shows and leaves behind: config tree, per-round table, metrics.jsonl, plots, summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.tree import Tree
+
+from fedtune.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+TABLE_FILE = "rounds.md"
+
+# (header, row key, width, format)
+COLUMNS: list[tuple[str, str, int, str]] = [
+    ("round", "round", 5, "d"),
+    ("sampled", "sampled", 7, "d"),
+    ("replied", "replied", 7, "d"),
+    ("failed", "failed", 6, "d"),
+    ("train_loss", "train_loss", 10, ".4f"),
+    ("eval_loss", "eval_loss", 9, ".4f"),
+    ("up", "bytes_up", 9, "bytes"),
+    ("down", "bytes_down", 9, "bytes"),
+    ("seconds", "seconds", 7, ".1f"),
+]
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if fmt == "bytes":
+        return human_bytes(float(value))
+    return format(value, fmt)
+
+
+def table_header() -> str:
+    """The per-round table's header line."""
+    return " | ".join(h.rjust(w) for h, _, w, _ in COLUMNS)
+
+
+def table_row(row: dict[str, Any]) -> str:
+    """One round as a table line."""
+    return " | ".join(_cell(row.get(k), f).rjust(w) for _, k, w, f in COLUMNS)
+
+
+def config_tree(cfg: RunConfig) -> str:
+    """The effective config as a tree, one branch per section."""
+    tree = Tree("[bold]fedtune run config[/bold]")
+    sections: dict[str, Tree] = {}
+    for key, value in cfg.to_flat().items():
+        section, _, name = key.rpartition(".")
+        if section and section not in sections:
+            sections[section] = tree.add(f"[bold]{section}[/bold]")
+        (sections[section] if section else tree).add(f"{name} = {value!r}")
+    console = Console(width=100, record=True, force_terminal=False, color_system=None)
+    with console.capture() as cap:
+        console.print(tree)
+    return cap.get().rstrip()
+
+
+class Reporter:
+    """Writes ``metrics.jsonl`` as rounds finish and prints the table rows."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.path = out / METRICS_FILE
+
+    def start(self, cfg: RunConfig) -> None:
+        """Log the config tree and the table header."""
+        log.info("%s", config_tree(cfg))
+        log.info("%s", table_header())
+
+    def row(self, row: dict[str, Any]) -> None:
+        """Append the round to ``metrics.jsonl`` and print its table line."""
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row, default=str) + "\n")
+        log.info("%s", table_row(row))
+
+    def finish(self, cfg: RunConfig, history: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+        """Write the round table (markdown), the loss plot and ``summary.json``."""
+        lines = ["| " + " | ".join(h for h, _, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(_cell(r.get(k), f) for _, k, _, f in COLUMNS) + " |" for r in history]
+        (self.out / TABLE_FILE).write_text("\n".join(lines) + "\n")
+        plot_losses(history, self.out / "plots" / "loss.png")
+        evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
+        summary = {
+            "rounds": cfg.num_server_rounds,
+            "final": history[-1] if history else None,
+            "eval_loss_first": evals[0] if evals else None,
+            "eval_loss_last": evals[-1] if evals else None,
+            "eval_loss_drop": (1 - evals[-1] / evals[0]) if len(evals) > 1 and evals[0] else None,
+            "bytes_up_total": sum(r.get("bytes_up", 0) for r in history),
+            "bytes_down_total": sum(r.get("bytes_down", 0) for r in history),
+            "seconds_total": sum(r.get("seconds", 0.0) for r in history),
+            **extra,
+            "config": cfg.to_flat(),
+        }
+        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    """Train and eval loss per round as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in [
+        ("train_loss", "train (sites)"),
+        ("eval_loss_central", "eval (server held-out)"),
+        ("eval_loss_federated", "eval (sites' held-out)"),
+    ]:
+        points = [(r["round"], r[key]) for r in history if r.get(key) is not None]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss per response token")
+    ax.set_title("fedtune: loss per round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

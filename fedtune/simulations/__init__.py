@@ -1,0 +1,1 @@
+"""Local federations on one machine: presets and Flower's simulation engine."""

@@ -1,0 +1,75 @@
+"""Config: flat <-> typed round trip, unknown keys and bad types refused, pyproject in sync."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from fedtune.config import RunConfig, flat_defaults, parse_assignments, parse_value
+from fedtune.errors import ConfigError
+from tests.conftest import REPO
+
+
+def test_flat_round_trip() -> None:
+    # Prepare
+    cfg = RunConfig.from_flat({"lora.r": 4, "train.lr": 1, "data.format": "alpaca", "eval.federated": False})
+
+    # Execute
+    again = RunConfig.from_flat(cfg.to_flat())
+
+    # Assert
+    assert again == cfg
+    assert cfg.lora.r == 4 and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.data.format == "alpaca" and cfg.eval.federated is False
+
+
+def test_pyproject_config_matches_code_defaults() -> None:
+    # Prepare
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+    # Execute
+    table = pyproject["tool"]["flwr"]["app"]["config"]
+    flat = {}
+
+    def walk(prefix: str, node: dict[str, object]) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk("", table)
+
+    # Assert
+    assert flat == flat_defaults()
+
+
+@pytest.mark.parametrize(
+    ("flat", "match"),
+    [
+        ({"no.such-key": 1}, r"Unknown config key `no\.such-key`"),
+        ({"lora.rr": 1}, r"Did you mean `lora\.r`"),
+        ({"lora.r": "abc"}, r"`lora\.r` must be an integer, got 'abc'"),
+        ({"lora.r": 1.5}, r"`lora\.r` must be an integer"),
+        ({"train.lr": "fast"}, r"`train\.lr` must be a number"),
+        ({"eval.federated": 1}, r"`eval\.federated` must be true or false"),
+        ({"data.format": "xml"}, r"`data\.format` must be one of alpaca, chat"),
+        ({"lora.r": 0}, r"`lora\.r` must be >= 1"),
+        ({"server.min-replies": 5}, r"`server\.min-replies` \(5\) must be <= `server\.min-clients`"),
+    ],
+)
+def test_bad_values_name_their_key(flat: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_flat(flat)
+
+
+def test_set_values_parse_as_toml_scalars() -> None:
+    assert parse_value("8") == 8
+    assert parse_value("1e-3") == pytest.approx(1e-3)
+    assert parse_value("true") is True
+    assert parse_value('"x y"') == "x y"
+    assert parse_value("q_proj,v_proj") == "q_proj,v_proj"
+    assert parse_assignments(["lora.r=16", "model.name=/a/b"]) == {"lora.r": 16, "model.name": "/a/b"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_assignments(["lora.r"])

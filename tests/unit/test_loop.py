@@ -1,0 +1,158 @@
+"""The round loop driven by a fake grid: sampling, aggregation, failures by node, min-replies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Error, Message, MetricRecord, RecordDict
+
+from fedtune import keys
+from fedtune.config import RunConfig
+from fedtune.server import loop
+from fedtune.wire import arrays_from_record, record_from_arrays
+
+GLOBAL = {"m.lora_A.weight": np.ones((2, 4), np.float32), "m.lora_B.weight": np.zeros((4, 2), np.float32)}
+Handler = Callable[[Message], Message | None]
+
+
+class FakeGrid:
+    """Answers each message with ``handler(msg)``; None means the node never replies."""
+
+    def __init__(self, nodes: list[int], handler: Handler) -> None:
+        self.nodes = nodes
+        self.handler = handler
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        out = []
+        for msg in messages:
+            self.sent.append(msg)
+            reply = self.handler(msg)
+            if reply is not None:
+                out.append(reply)
+        return out
+
+
+def delta_for(node: int) -> dict[str, np.ndarray]:
+    return {k: np.full(v.shape, float(node), np.float32) for k, v in GLOBAL.items()}
+
+
+def honest(msg: Message) -> Message:
+    node = msg.metadata.dst_node_id
+    if msg.metadata.message_type == "evaluate":
+        metrics = MetricRecord({keys.EVAL_LOSS: 1.0 / node, keys.NUM_EXAMPLES: 10})
+        return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
+    metrics = MetricRecord({keys.TRAIN_LOSS: 2.0, keys.NUM_EXAMPLES: node})
+    return Message(
+        RecordDict({keys.DELTA: record_from_arrays(delta_for(node)), keys.METRICS: metrics}), reply_to=msg
+    )
+
+
+def run_loop(cfg: RunConfig, grid: FakeGrid) -> tuple[loop.ServerState, list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = []
+    state = loop.ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(cfg.seed))
+    state = loop.run(cfg, grid, state, evaluate=lambda arrays: None, on_round=lambda s, row: rows.append(row))
+    return state, rows
+
+
+def test_rounds_average_deltas_weighted_by_examples(task_identity: None) -> None:
+    # Prepare
+    cfg = RunConfig.from_flat({"num-server-rounds": 2, "server.min-clients": 3})
+    grid = FakeGrid([1, 2, 3], honest)
+
+    # Execute
+    state, rows = run_loop(cfg, grid)
+
+    # Assert: each round adds sum(n * n) / sum(n) = 14 / 6 to every entry
+    step = (1 * 1 + 2 * 2 + 3 * 3) / 6
+    for key, value in GLOBAL.items():
+        np.testing.assert_allclose(state.global_arrays[key], value + 2 * step, rtol=1e-6)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["sampled"] == 3 and rows[1]["replied"] == 3 and rows[1]["failed"] == 0
+    assert rows[1]["eval_loss"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    spec = grid.sent[-1].content.config_records[keys.SPEC]
+    assert spec[keys.ROUND] == 2 and spec["lora.r"] == cfg.lora.r
+
+
+def test_failures_are_recorded_by_node_and_round_completes(task_identity: None) -> None:
+    # Prepare: node 2 errors, node 3 sends NaN, node 4 never answers, node 1 is fine
+    def handler(msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        if msg.metadata.message_type == "evaluate" or node == 1:
+            return honest(msg)
+        if node == 2:
+            return Message(Error(code=1, reason="disk full"), reply_to=msg)
+        if node == 3:
+            bad = delta_for(3)
+            bad["m.lora_B.weight"][0, 0] = np.nan
+            return Message(
+                RecordDict(
+                    {keys.DELTA: record_from_arrays(bad), keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3})}
+                ),
+                reply_to=msg,
+            )
+        return None
+
+    cfg = RunConfig.from_flat({"num-server-rounds": 1, "server.min-clients": 4, "eval.federated": False})
+
+    # Execute
+    state, rows = run_loop(cfg, FakeGrid([1, 2, 3, 4], handler))
+
+    # Assert
+    row = rows[1]
+    assert (row["sampled"], row["replied"], row["failed"]) == (4, 1, 3)
+    reasons = {f["node"]: f["reason"] for f in row["failures"]}
+    assert "disk full" in reasons[2] and "NaN" in reasons[3] and "round-timeout" in reasons[4]
+    np.testing.assert_allclose(state.global_arrays["m.lora_A.weight"], GLOBAL["m.lora_A.weight"] + 1.0)
+
+
+def test_too_few_replies_leave_adapter_unchanged(task_identity: None) -> None:
+    # Prepare
+    cfg = RunConfig.from_flat({"num-server-rounds": 1, "server.min-clients": 3, "server.min-replies": 2})
+    grid = FakeGrid(
+        [1, 2, 3],
+        lambda m: honest(m) if m.metadata.dst_node_id == 1 or m.metadata.message_type == "evaluate" else None,
+    )
+
+    # Execute
+    state, rows = run_loop(cfg, grid)
+
+    # Assert
+    assert rows[1]["updated"] is False and rows[1]["replied"] == 1
+    for key, value in GLOBAL.items():
+        np.testing.assert_array_equal(state.global_arrays[key], value)
+
+
+def test_sampling_is_seeded_and_respects_fraction(task_identity: None) -> None:
+    # Prepare
+    cfg = RunConfig.from_flat(
+        {"num-server-rounds": 3, "server.fraction-train": 0.3, "server.min-clients": 2, "seed": 7}
+    )
+    nodes = list(range(100, 110))
+
+    # Execute
+    _, rows_a = run_loop(cfg, FakeGrid(nodes, honest))
+    _, rows_b = run_loop(cfg, FakeGrid(nodes, honest))
+
+    # Assert
+    picked = [r["sampled_nodes"] for r in rows_a[1:]]
+    assert picked == [r["sampled_nodes"] for r in rows_b[1:]]
+    assert all(len(p) == 3 and set(p) <= set(nodes) for p in picked)
+    assert len({tuple(p) for p in picked}) > 1
+
+
+def test_train_message_carries_global_adapter(task_identity: None) -> None:
+    grid = FakeGrid([1, 2], honest)
+    run_loop(RunConfig.from_flat({"num-server-rounds": 1}), grid)
+    train = next(m for m in grid.sent if m.metadata.message_type == "train")
+    sent = arrays_from_record(train.content.array_records[keys.ADAPTER])
+    for key, value in GLOBAL.items():
+        np.testing.assert_array_equal(sent[key], value)
