@@ -9,9 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from fedtune.config import RunConfig, parse_assignments
+from fedtune.config import parse_assignments
 from fedtune.errors import FedtuneError
 from fedtune.logs import quiet_libraries, setup_logging
+from fedtune.strategies.plan import Plan
 
 log = logging.getLogger("fedtune.cli")
 
@@ -31,11 +32,11 @@ def _simulate(args: argparse.Namespace) -> None:
             flat[key] = value
     flat.update(parse_assignments(args.set))
     flat["output.dir"] = str(out)
-    cfg = RunConfig.from_flat(flat)  # validate everything before building or writing anything
+    plan = Plan.from_flat(flat)  # validate everything before building or writing anything
     if args.preset == "tiny" and "model.name" not in flat:
-        model_dir = build_tiny_model(out / TINY_MODEL_DIR, seed=cfg.seed)
-        cfg = cfg.override({"model.name": str(model_dir)})
-    simulate(cfg)
+        model_dir = build_tiny_model(out / TINY_MODEL_DIR, seed=plan.base.seed)
+        plan = plan.override({"model.name": str(model_dir)})
+    simulate(plan)
 
 
 def _fetch_model(args: argparse.Namespace) -> None:
@@ -47,9 +48,7 @@ def _fetch_model(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="fedtune", description="Federated fine-tuning of LLM adapters on Flower."
-    )
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of LLM adapters on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a whole federation on this machine (Flower simulation engine)")
@@ -60,9 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=int, help="num-server-rounds")
     sim.add_argument("--clients", type=int, help="simulated sites (simulation.num-supernodes)")
     sim.add_argument("--seed", type=int, help="seed for everything")
-    sim.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config key (repeatable)"
-    )
+    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key (repeatable)")
     sim.set_defaults(func=_simulate)
 
     fetch = sub.add_parser("fetch-model", help="cache the demo model locally (dequantized once)")

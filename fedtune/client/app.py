@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +16,9 @@ from fedtune.client.site import Site, open_site
 from fedtune.client.trainer import heldout_loss, train_local
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError, FedtuneError
+from fedtune.lora import rank_slice, sent_keys
 from fedtune.models import adapter_arrays, load_adapter_arrays
+from fedtune.strategies import STRATEGIES
 from fedtune.wire import arrays_from_record, record_from_arrays
 
 log = logging.getLogger(__name__)
@@ -25,15 +28,17 @@ app = ClientApp()
 ERROR_CODE = 1  # Flower's Error.code for "failed precondition at the site"
 
 
-def _open(msg: Message, context: Context) -> tuple[RunConfig, int, Site]:
+def _open(msg: Message, context: Context) -> tuple[RunConfig, int, Site, Any]:
+    """Decode the round's spec, open the site, and load the global adapter (sliced to its rank)."""
     spec = dict(msg.content.config_records[keys.SPEC])
     rnd = spec.pop(keys.ROUND)
     if not isinstance(rnd, int):
         raise ConfigError(f"round spec: `{keys.ROUND}` must be an integer, got {rnd!r}.")
     cfg = RunConfig.from_flat(spec)
     site = open_site(cfg, context.node_config)
-    load_adapter_arrays(site.model, arrays_from_record(msg.content.array_records[keys.ADAPTER]))
-    return cfg, rnd, site
+    model = site.model(cfg)
+    load_adapter_arrays(model, rank_slice(arrays_from_record(msg.content.array_records[keys.ADAPTER]), site.rank))
+    return cfg, rnd, site, model
 
 
 def _refuse(msg: Message, exc: FedtuneError) -> Message:
@@ -45,25 +50,30 @@ def _refuse(msg: Message, exc: FedtuneError) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter locally and reply with the delta (local - global)."""
     try:
-        cfg, rnd, site = _open(msg, context)
+        cfg, rnd, site, model = _open(msg, context)
     except FedtuneError as exc:
         return _refuse(msg, exc)
-    start = adapter_arrays(site.model)
+    start = adapter_arrays(model)
     seed = zlib.crc32(f"{cfg.seed}:{rnd}:{site.name}".encode())
     torch.manual_seed(seed)  # LoRA dropout; same result whichever process runs this site
-    generator = torch.Generator().manual_seed(seed)
     result = train_local(
-        site.model,
+        model,
         site.train,
         cfg.train,
         pad_id=int(site.loaded.tokenizer.pad_token_id),
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
         desc=f"{site.name} round {rnd}",
+        proximal_mu=cfg.strategy.proximal_mu if STRATEGIES.get(cfg.strategy.name).proximal else 0.0,
     )
-    end = adapter_arrays(site.model)
-    delta = {k: (end[k] - start[k]).astype(np.float32) for k in start}
+    end = adapter_arrays(model)
+    delta = {k: (end[k] - start[k]).astype(np.float32) for k in sent_keys(start, cfg.lora.freeze_a)}
     metrics = MetricRecord(
-        {keys.TRAIN_LOSS: result.loss, keys.NUM_EXAMPLES: result.examples, keys.STEPS: result.steps}
+        {
+            keys.TRAIN_LOSS: result.loss,
+            keys.NUM_EXAMPLES: result.examples,
+            keys.STEPS: result.steps,
+            keys.LORA_RANK: site.rank,
+        }
     )
     return Message(RecordDict({keys.DELTA: record_from_arrays(delta), keys.METRICS: metrics}), reply_to=msg)
 
@@ -72,10 +82,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out loss of the global adapter on this site's split."""
     try:
-        cfg, _, site = _open(msg, context)
+        cfg, _, site, model = _open(msg, context)
     except FedtuneError as exc:
         return _refuse(msg, exc)
     pad_id = int(site.loaded.tokenizer.pad_token_id)
-    loss = heldout_loss(site.model, site.heldout, batch_size=cfg.eval.batch_size, pad_id=pad_id)
+    loss = heldout_loss(model, site.heldout, batch_size=cfg.eval.batch_size, pad_id=pad_id)
     metrics = MetricRecord({keys.EVAL_LOSS: loss, keys.NUM_EXAMPLES: len(site.heldout)})
     return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)

@@ -15,7 +15,7 @@ from fedtune.data.loaders import load_records, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import Example, check_format, tokenize
 from fedtune.errors import ConfigError
-from fedtune.models import LoadedModel, load_base, pick_device, wrap_lora
+from fedtune.models import LoadedModel, load_base, pick_device, set_trainable, wrap_lora
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,16 @@ class Site:
 
     name: str
     loaded: LoadedModel
-    model: Any  # PeftModel
+    rank: int
+    """This site's LoRA rank (``lora.r`` in its node config, or its ``simulation.site-ranks`` entry)."""
     train: list[Example]
     heldout: list[Example]
+
+    def model(self, cfg: RunConfig) -> Any:
+        """The shared PeftModel with this site's adapter active and the right parameters trainable."""
+        model = wrap_lora(self.loaded, cfg.lora, self.rank)
+        set_trainable(model, cfg.lora.freeze_a)
+        return model
 
 
 _SITES: dict[tuple[object, ...], Site] = {}
@@ -39,6 +46,21 @@ def _node_int(node_config: Mapping[str, Any], key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(f"node config `{key}` must be an integer, got {value!r}.")
     return value
+
+
+def site_rank(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:
+    """The LoRA rank a site trains at: node config ``lora.r``, else ``simulation.site-ranks``
+    (cycled by partition id), else ``lora.r``; never above the global adapter's rank."""
+    value = node_config.get("lora.r")
+    if value is None and cfg.simulation.ranks() and keys.PARTITION_ID in node_config:
+        ranks = cfg.simulation.ranks()
+        value = ranks[_node_int(node_config, keys.PARTITION_ID) % len(ranks)]
+    rank = cfg.lora.r if value is None else value
+    if not isinstance(rank, int) or not 1 <= rank <= cfg.lora.r:
+        raise ConfigError(
+            f"node config `lora.r` must be an integer in 1..{cfg.lora.r} (the global rank), got {rank!r}."
+        )
+    return rank
 
 
 def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
@@ -53,14 +75,14 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
     else:
         pid = _node_int(node_config, keys.PARTITION_ID)
         where = ("partition", pid, _node_int(node_config, keys.NUM_PARTITIONS))
-    key = (where, cfg.data, cfg.model, cfg.lora, cfg.train.device, cfg.seed)
+    rank = site_rank(cfg, node_config)
+    key = (where, cfg.data, cfg.model, cfg.lora, rank, cfg.train.device, cfg.seed)
     if key in _SITES:
         return _SITES[key]
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     loaded = load_base(cfg.model, pick_device(cfg.train.device))
     check_format(cfg.data, loaded.tokenizer, cfg.model.name)
-    model = wrap_lora(loaded, cfg.lora, cfg.seed)
     if where[0] == "file":
         name = f"site {own_path}"
         rows = load_records(str(own_path), cfg.data, key=f"node config {keys.DATA_PATH}")
@@ -73,12 +95,13 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
     site = Site(
         name=name,
         loaded=loaded,
-        model=model,
+        rank=rank,
         train=tokenize(train, cfg.data, loaded.tokenizer),
         heldout=tokenize(held, cfg.data, loaded.tokenizer),
     )
     log.info(
-        "%s: %d train / %d held-out examples on %s", name, len(site.train), len(site.heldout), loaded.device
+        "%s: %d train / %d held-out examples, LoRA rank %d, on %s",
+        *(name, len(site.train), len(site.heldout), rank, loaded.device),
     )
     _SITES[key] = site
     return site

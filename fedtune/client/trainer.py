@@ -44,10 +44,16 @@ def train_local(
     pad_id: int,
     generator: torch.Generator,
     desc: str,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Run ``train.local-steps`` AdamW steps on the trainable (adapter) parameters."""
+    """Run ``train.local-steps`` AdamW steps on the trainable (adapter) parameters.
+
+    With ``proximal_mu`` > 0 the loss gets FedProx's mu/2 * ||w - w_global||^2 over the trainable
+    parameters (Li et al. 2020, https://arxiv.org/abs/1812.06127).
+    """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     plan = batches(len(examples), min(cfg.batch_size, len(examples)), cfg.local_steps, generator)
     model.train()
@@ -66,6 +72,8 @@ def train_local(
         batch = collate([examples[i] for i in idx], pad_id, device)
         total, count = token_losses(model, batch)
         loss = total / count.clamp(min=1)
+        if anchor:
+            loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm > 0:

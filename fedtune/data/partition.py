@@ -15,8 +15,7 @@ def make_partitioner(cfg: DataConfig, num_partitions: int, seed: int, columns: l
         return IidPartitioner(num_partitions=num_partitions)
     if cfg.partition_by not in columns:
         raise ConfigError(
-            f"`data.partition-by`: column {cfg.partition_by!r} is not in the data "
-            f"(columns: {', '.join(columns)})."
+            f"`data.partition-by`: column {cfg.partition_by!r} is not in the data (columns: {', '.join(columns)})."
         )
     if cfg.partitioner == "natural":
         return NaturalIdPartitioner(partition_by=cfg.partition_by)
@@ -29,9 +28,7 @@ def make_partitioner(cfg: DataConfig, num_partitions: int, seed: int, columns: l
     )
 
 
-def site_partition(
-    ds: Dataset, cfg: DataConfig, partition_id: int, num_partitions: int, seed: int
-) -> Dataset:
+def site_partition(ds: Dataset, cfg: DataConfig, partition_id: int, num_partitions: int, seed: int) -> Dataset:
     """Rows of site ``partition_id`` out of ``num_partitions``."""
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"node config `partition-id` {partition_id} is outside 0..{num_partitions - 1}.")

@@ -14,11 +14,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, from_run_config
 from fedtune.logs import setup_logging
-from fedtune.models import adapter_arrays, load_base, pick_device, wrap_lora, write_adapter
+from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora, write_adapter
 from fedtune.privacy import compat
 from fedtune.server import checkpoint, loop
 from fedtune.server.evaluation import CentralEvaluator
 from fedtune.server.report import Reporter
+from fedtune.strategies.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -28,26 +29,26 @@ def output_dir(cfg: RunConfig) -> Path:
     return Path(cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def run_server(cfg: RunConfig, grid: loop.GridLike) -> dict[str, Any]:
+def run_server(plan: Plan, grid: loop.GridLike) -> dict[str, Any]:
     """The whole server job: init the adapter, run every round, write outputs; returns summary extras."""
-    compat.check(cfg)
+    compat.check(plan)
+    cfg = plan.base
     out = output_dir(cfg)
     # The server holds the base model for the seeded adapter init and centralized evaluation.
     loaded = load_base(cfg.model, pick_device("auto"))
-    model = wrap_lora(loaded, cfg.lora, cfg.seed)
-    state = loop.ServerState(
-        round=0, global_arrays=adapter_arrays(model), rng=np.random.default_rng(cfg.seed)
-    )
-    evaluator = CentralEvaluator(cfg, loaded, model)
+    model = wrap_lora(loaded, cfg.lora)
+    init_adapter(model, cfg.seed)  # seeded: the same initial global adapter whatever ran before
+    state = loop.ServerState(round=0, global_arrays=adapter_arrays(model), rng=np.random.default_rng(cfg.seed))
+    evaluator = CentralEvaluator(cfg, loaded)
     out.mkdir(parents=True, exist_ok=True)
     reporter = Reporter(out)
-    reporter.start(cfg)
+    reporter.start(plan)
 
     def on_round(s: loop.ServerState, row: dict[str, Any]) -> None:
         checkpoint.save(out, s, cfg, loaded.path)
         reporter.row(row)
 
-    state = loop.run(cfg, grid, state, evaluate=evaluator, on_round=on_round)
+    state = loop.run(plan, grid, state, evaluate=evaluator, on_round=on_round)
     checkpoint.write_atomic_dir(
         out / "adapter", lambda tmp: write_adapter(tmp, state.global_arrays, cfg.lora, loaded.path)
     )

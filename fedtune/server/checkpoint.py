@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from fedtune.config import RunConfig
 from fedtune.models import write_adapter
@@ -19,6 +19,8 @@ from fedtune.server.loop import ServerState
 
 STATE_FILE = "state.json"
 ADAPTER_DIR = "adapter"
+OPTIMIZER_FILE = "server_optimizer.safetensors"
+SEP = "::"  # optimizer name :: buffer key
 
 
 def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
@@ -62,6 +64,9 @@ def save(out: Path, state: ServerState, cfg: RunConfig, base_path: str) -> Path:
             "history": state.history,
         }
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=str))
+        flat = {f"{name}{SEP}{k}": v for name, arrays in state.optimizer_states.items() for k, v in arrays.items()}
+        if flat:
+            save_file(flat, str(tmp / OPTIMIZER_FILE))
 
     target = round_dir(out, state.round)
     write_atomic_dir(target, fill)
@@ -74,4 +79,15 @@ def load(directory: Path) -> ServerState:
     rng = np.random.default_rng()
     rng.bit_generator.state = meta["rng"]
     arrays = load_file(str(directory / ADAPTER_DIR / "adapter_model.safetensors"))
-    return ServerState(round=int(meta["round"]), global_arrays=arrays, rng=rng, history=meta["history"])
+    optimizer_states: dict[str, dict[str, np.ndarray]] = {}
+    if (directory / OPTIMIZER_FILE).is_file():
+        for flat, value in load_file(str(directory / OPTIMIZER_FILE)).items():
+            name, _, key = flat.partition(SEP)
+            optimizer_states.setdefault(name, {})[key] = value
+    return ServerState(
+        round=int(meta["round"]),
+        global_arrays=arrays,
+        rng=rng,
+        history=meta["history"],
+        optimizer_states=optimizer_states,
+    )

@@ -10,17 +10,16 @@ from fedtune.client.trainer import heldout_loss
 from fedtune.config import RunConfig
 from fedtune.data.loaders import eval_source, load_records
 from fedtune.data.prompts import Example, render_prompt, tokenize
-from fedtune.models import LoadedModel, load_adapter_arrays
+from fedtune.models import LoadedModel, load_adapter_arrays, wrap_lora
 from fedtune.wire import Arrays
 
 
 class CentralEvaluator:
     """Held-out loss of a global adapter on the server's own held-out set."""
 
-    def __init__(self, cfg: RunConfig, loaded: LoadedModel, model: Any) -> None:
+    def __init__(self, cfg: RunConfig, loaded: LoadedModel) -> None:
         self.cfg = cfg
         self.loaded = loaded
-        self.model = model
         source = eval_source(cfg.data)
         self.records: list[dict[str, Any]] = []
         self.examples: list[Example] = []
@@ -33,9 +32,15 @@ class CentralEvaluator:
     def __call__(self, arrays: Arrays) -> float | None:
         if not self.examples:
             return None
-        load_adapter_arrays(self.model, arrays)
+        model = self._model(arrays)
         pad_id = int(self.loaded.tokenizer.pad_token_id)
-        return heldout_loss(self.model, self.examples, batch_size=self.cfg.eval.batch_size, pad_id=pad_id)
+        return heldout_loss(model, self.examples, batch_size=self.cfg.eval.batch_size, pad_id=pad_id)
+
+    def _model(self, arrays: Arrays) -> Any:
+        """The shared PeftModel with the global adapter's slot active and ``arrays`` loaded."""
+        model = wrap_lora(self.loaded, self.cfg.lora)
+        load_adapter_arrays(model, arrays)
+        return model
 
     def sample_prompt(self) -> dict[str, Any] | None:
         """The held-out record whose answer the run shows before and after training."""
@@ -54,10 +59,10 @@ class CentralEvaluator:
             "use_cache": True,
         }
         if arrays is None:
-            with self.model.disable_adapter():
-                out = self.model.generate(**ids, **kwargs)
+            model = wrap_lora(self.loaded, self.cfg.lora)
+            with model.disable_adapter():
+                out = model.generate(**ids, **kwargs)
         else:
-            load_adapter_arrays(self.model, arrays)
-            out = self.model.generate(**ids, **kwargs)
+            out = self._model(arrays).generate(**ids, **kwargs)
         text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         return str(text).strip()

@@ -20,9 +20,12 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from fedtune import keys
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError, UpdateRejected
-from fedtune.server.validation import validate_delta
-from fedtune.strategies import STRATEGIES
-from fedtune.wire import Arrays, arrays_from_record, payload_bytes, record_from_arrays
+from fedtune.lora import rank_of, rank_slice
+from fedtune.server import validation
+from fedtune.strategies import STRATEGIES, make_aggregator, make_optimizer
+from fedtune.strategies.aggregators import WeightedMean
+from fedtune.strategies.plan import Plan
+from fedtune.wire import Arrays, payload_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +35,7 @@ class GridLike(Protocol):
 
     def get_node_ids(self) -> Iterable[int]: ...
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]: ...
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]: ...
 
 
 @dataclass
@@ -47,6 +48,10 @@ class ServerState:
     rng: np.random.Generator
     """Client sampling RNG (seeded by ``seed``, checkpointed)."""
     history: list[dict[str, Any]] = field(default_factory=list)
+    optimizer_states: dict[str, Arrays] = field(default_factory=dict)
+    node_ranks: dict[int, int] = field(default_factory=dict)
+    """LoRA rank each node trained at (learned from its replies); it gets that slice next time."""
+    """Server-optimizer state (momentum, Adam moments) by optimizer name, kept across rounds."""
 
 
 Evaluate = Callable[[Arrays], float | None]
@@ -69,8 +74,12 @@ def wait_for_nodes(grid: GridLike, count: int, timeout: float) -> list[int]:
 
 
 def sample_nodes(nodes: list[int], cfg: RunConfig, rng: np.random.Generator) -> list[int]:
-    """Seeded choice of ``max(min-clients, ceil(fraction-train * connected))`` nodes."""
-    want = max(cfg.server.min_clients, math.ceil(cfg.server.fraction_train * len(nodes)))
+    """Seeded choice of ``server.num-train`` nodes, or ``ceil(fraction-train * connected)``, and at
+    least ``server.min-clients``."""
+    if cfg.server.num_train:
+        want = max(cfg.server.min_clients, cfg.server.num_train)
+    else:
+        want = max(cfg.server.min_clients, math.ceil(cfg.server.fraction_train * len(nodes)))
     want = min(want, len(nodes))
     picked = rng.choice(len(nodes), size=want, replace=False)  # node ids are uint64: pick indices
     return sorted(nodes[int(i)] for i in picked)
@@ -83,96 +92,92 @@ def round_content(arrays: Arrays, cfg: RunConfig, rnd: int) -> RecordDict:
 
 
 def _send(
-    grid: GridLike, content: RecordDict, nodes: list[int], kind: str, rnd: int, timeout: float
+    grid: GridLike, state: ServerState, cfg: RunConfig, nodes: list[int], kind: str, rnd: int
 ) -> tuple[list[Message], int]:
-    messages = [Message(content, dst_node_id=n, message_type=kind, group_id=str(rnd)) for n in nodes]
-    down = payload_bytes(content.array_records[keys.ADAPTER]) * len(nodes)
-    return list(grid.send_and_receive(messages, timeout=timeout)), down
+    """Send each node the global adapter at its own rank (once known) with the round's spec."""
+    full = rank_of(state.global_arrays)
+    by_rank: dict[int | None, RecordDict] = {}
+    messages, down = [], 0
+    for node in nodes:
+        rank = state.node_ranks.get(node, full)
+        if rank not in by_rank:
+            arrays = rank_slice(state.global_arrays, rank) if rank and rank != full else state.global_arrays
+            by_rank[rank] = round_content(arrays, cfg, rnd)
+        content = by_rank[rank]
+        down += payload_bytes(content.array_records[keys.ADAPTER])
+        messages.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)))
+    return list(grid.send_and_receive(messages, timeout=cfg.server.round_timeout)), down
 
 
 def _train_round(
     cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, nodes: list[int], row: dict[str, Any]
 ) -> None:
     """Send train messages, validate and aggregate the replies into ``state``; fill ``row``."""
-    replies, down = _send(
-        grid,
-        round_content(state.global_arrays, cfg, rnd),
-        nodes,
-        MessageType.TRAIN,
-        rnd,
-        cfg.server.round_timeout,
-    )
-    strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy)
+    replies, down = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd)
+    aggregator = make_aggregator(cfg.strategy, state.global_arrays)
     failures: list[dict[str, Any]] = []
-    losses: list[tuple[float, float]] = []
+    accepted: list[validation.Accepted] = []
     up = 0
-    seen = set()
     for reply in replies:
         node = int(reply.metadata.src_node_id)
-        seen.add(node)
+        if not reply.has_error() and keys.DELTA in reply.content.array_records:
+            up += payload_bytes(reply.content.array_records[keys.DELTA])
         try:
-            if reply.has_error():
-                raise UpdateRejected(f"client error: {reply.error.reason}")
-            record = reply.content.array_records.get(keys.DELTA)
-            if record is None:
-                raise UpdateRejected(f"reply has no '{keys.DELTA}' record")
-            up += payload_bytes(record)
-            metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
-            examples = metrics.get(keys.NUM_EXAMPLES)
-            if not isinstance(examples, int | float) or examples < 1:
-                raise UpdateRejected(f"'{keys.NUM_EXAMPLES}' missing or < 1")
-            delta = validate_delta(
-                arrays_from_record(record), state.global_arrays, cfg.server.max_update_norm
-            )
+            ok = validation.accept_reply(reply, cfg, state.global_arrays)
+            if ok.masks is not None:
+                if not isinstance(aggregator, WeightedMean):
+                    raise UpdateRejected(f"`strategy.name` = {cfg.strategy.name} has no rule for rank {ok.rank}")
+                aggregator.add_masked(ok.delta, ok.weight, ok.masks)
+            else:
+                aggregator.add(ok.delta, ok.weight)
         except UpdateRejected as exc:
             log.warning("round %d: rejected reply from node %d: %s", rnd, node, exc)
             failures.append({"node": node, "reason": str(exc)})
             continue
-        weight = float(examples) if cfg.strategy.weighting == "examples" else 1.0
-        strategy.add(delta, weight)
-        losses.append((float(metrics.get(keys.TRAIN_LOSS, math.nan)), weight))
-    for node in sorted(set(nodes) - seen):
+        state.node_ranks[node] = ok.rank
+        accepted.append(ok)
+    answered = {int(r.metadata.src_node_id) for r in replies}
+    for node in sorted(set(nodes) - answered):
         reason = f"no reply within `server.round-timeout` = {cfg.server.round_timeout:.0f} s"
         log.warning("round %d: node %d failed: %s", rnd, node, reason)
         failures.append({"node": node, "reason": reason})
-    replied = len(losses)
-    row.update(replied=replied, failed=len(failures), failures=failures, bytes_up=up, bytes_down=down)
-    row["train_loss"] = sum(v * w for v, w in losses) / sum(w for _, w in losses) if losses else None
-    if replied < cfg.server.min_replies:
+    row.update(replied=len(accepted), failed=len(failures), failures=failures, bytes_up=up, bytes_down=down)
+    weight = sum(a.weight for a in accepted)
+    row["train_loss"] = sum(a.train_loss * a.weight for a in accepted) / weight if accepted else None
+    if len(accepted) < cfg.server.min_replies:
         log.warning(
             "round %d: %d valid repl%s < `server.min-replies` = %d; global adapter unchanged.",
-            rnd,
-            replied,
-            "y" if replied == 1 else "ies",
-            cfg.server.min_replies,
+            *(rnd, len(accepted), "y" if len(accepted) == 1 else "ies", cfg.server.min_replies),
         )
         row["updated"] = False
         return
-    state.global_arrays = strategy.step(state.global_arrays, strategy.combine())
+    delta = aggregator.result()  # only the keys clients train (B alone under FFA-LoRA)
+    state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}
+    row.update(aggregator.metrics())
     row["updated"] = True
 
 
-def _federated_eval(
-    cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, row: dict[str, Any]
-) -> float | None:
+def server_step(cfg: RunConfig, state: ServerState, delta: Arrays) -> Arrays:
+    """Apply the round's server optimizer, restoring and saving its state in ``state``."""
+    name = STRATEGIES.get(cfg.strategy.name).optimizer
+    optimizer = make_optimizer(cfg.strategy)  # built from this round's hyper-parameters
+    optimizer.load_state_dict(state.optimizer_states.get(name, {}))
+    new = optimizer.step({k: state.global_arrays[k] for k in delta}, delta)
+    if saved := optimizer.state_dict():
+        state.optimizer_states[name] = saved
+    return new
+
+
+def _federated_eval(cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, row: dict[str, Any]) -> float | None:
     nodes = sorted(grid.get_node_ids())
     if not cfg.eval.federated or not nodes:
         return None
-    replies, down = _send(
-        grid,
-        round_content(state.global_arrays, cfg, rnd),
-        nodes,
-        MessageType.EVALUATE,
-        rnd,
-        cfg.server.round_timeout,
-    )
+    replies, down = _send(grid, state, cfg, nodes, MessageType.EVALUATE, rnd)
     row["bytes_down"] = row.get("bytes_down", 0) + down
     total, weight = 0.0, 0.0
     for reply in replies:
         if reply.has_error():
-            log.warning(
-                "round %d: eval failed on node %d: %s", rnd, reply.metadata.src_node_id, reply.error.reason
-            )
+            log.warning("round %d: eval failed on node %d: %s", rnd, reply.metadata.src_node_id, reply.error.reason)
             continue
         metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
         loss, n = metrics.get(keys.EVAL_LOSS), metrics.get(keys.NUM_EXAMPLES)
@@ -185,22 +190,27 @@ def evaluate_round(
     cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, row: dict[str, Any], evaluate: Evaluate
 ) -> None:
     """Centralized and federated held-out loss of the current global adapter, into ``row``."""
-    # The server's own eval overlaps with the sites' eval instead of running before it.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(evaluate, state.global_arrays) if cfg.eval.centralized else None
+    if getattr(grid, "in_process", False):  # sites share this process's model: one at a time
+        central = evaluate(state.global_arrays) if cfg.eval.centralized else None
         federated = _federated_eval(cfg, grid, state, rnd, row)
-        central = pending.result() if pending is not None else None
+    else:  # the server's own eval overlaps with the sites' eval instead of running before it
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(evaluate, state.global_arrays) if cfg.eval.centralized else None
+            federated = _federated_eval(cfg, grid, state, rnd, row)
+            central = pending.result() if pending is not None else None
     row.update(eval_loss_central=central, eval_loss_federated=federated)
     row["eval_loss"] = central if central is not None else federated
 
 
-def run(
-    cfg: RunConfig, grid: GridLike, state: ServerState, *, evaluate: Evaluate, on_round: OnRound
-) -> ServerState:
-    """Run rounds ``state.round + 1 .. num-server-rounds``; round 0 (before training) is eval only."""
+def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, on_round: OnRound) -> ServerState:
+    """Run rounds ``state.round + 1 .. num-server-rounds``, each with its plan's config.
+
+    Round 0 (before any training) is evaluation only, with the base config.
+    """
+    base = plan.base
     if state.round == 0 and not state.history:
         start = time.monotonic()
-        wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients)
+        wait_for_nodes(grid, base.server.min_clients, base.server.wait_for_clients)
         row: dict[str, Any] = {
             "round": 0,
             "sampled": 0,
@@ -210,15 +220,16 @@ def run(
             "bytes_up": 0,
             "bytes_down": 0,
         }
-        evaluate_round(cfg, grid, state, 0, row, evaluate)
+        evaluate_round(base, grid, state, 0, row, evaluate)
         row["seconds"] = time.monotonic() - start
         state.history.append(row)
         on_round(state, row)
-    for rnd in range(state.round + 1, cfg.num_server_rounds + 1):
+    for rnd in range(state.round + 1, base.num_server_rounds + 1):
+        cfg = plan.for_round(rnd)
         start = time.monotonic()
         nodes = wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients)
         sampled = sample_nodes(nodes, cfg, state.rng)
-        row = {"round": rnd, "sampled": len(sampled), "sampled_nodes": sampled}
+        row = {"round": rnd, "sampled": len(sampled), "sampled_nodes": sampled, "spec": plan.spec(rnd)}
         _train_round(cfg, grid, state, rnd, sampled, row)
         evaluate_round(cfg, grid, state, rnd, row, evaluate)
         row["seconds"] = time.monotonic() - start

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.tree import Tree
 
 from fedtune.config import RunConfig
+from fedtune.strategies.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,14 @@ class Reporter:
         self.out = out
         self.path = out / METRICS_FILE
 
-    def start(self, cfg: RunConfig) -> None:
-        """Log the config tree and the table header."""
-        log.info("%s", config_tree(cfg))
+    def start(self, plan: Plan) -> None:
+        """Log the config tree, the plan table (if any) and the round table's header."""
+        log.info("%s", config_tree(plan.base))
+        if plan.entries:
+            log.info(
+                "Round plan:\n%s",
+                "\n".join(f"  rounds {span:>7} | {changes}" for span, changes in plan.table()),
+            )
         log.info("%s", table_header())
 
     def row(self, row: dict[str, Any]) -> None:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from flwr.app import Message
 
+from fedtune import keys
+from fedtune.config import RunConfig
 from fedtune.errors import UpdateRejected
+from fedtune.lora import pad_rank, rank_of, rank_slice, sent_keys
+from fedtune.wire import arrays_from_record
 
 Arrays = dict[str, np.ndarray]
 
@@ -35,3 +43,54 @@ def validate_delta(delta: Arrays, reference: Arrays, max_norm: float) -> Arrays:
     if max_norm > 0 and norm > max_norm:
         raise UpdateRejected(f"update norm {norm:.4g} exceeds server.max-update-norm {max_norm:.4g}")
     return delta
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A reply that passed validation, ready for the aggregator."""
+
+    node: int
+    delta: Arrays
+    """At the global rank (zero-padded when the site trained at a lower one)."""
+    weight: float
+    masks: Arrays | None
+    """Which entries a lower-rank site trained (1) or not (0); None at the global rank."""
+    train_loss: float
+    rank: int
+
+
+def expected_keys(global_arrays: Arrays, cfg: RunConfig) -> Arrays:
+    """The part of the global adapter clients train and send (only B under FFA-LoRA)."""
+    return {k: global_arrays[k] for k in sent_keys(global_arrays, cfg.lora.freeze_a)}
+
+
+def accept_reply(reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accepted:
+    """Check one train reply end to end; raise UpdateRejected naming the reason."""
+    node = int(reply.metadata.src_node_id)
+    if reply.has_error():
+        raise UpdateRejected(f"client error: {reply.error.reason}")
+    record = reply.content.array_records.get(keys.DELTA)
+    if record is None:
+        raise UpdateRejected(f"reply has no '{keys.DELTA}' record")
+    metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
+    examples = metrics.get(keys.NUM_EXAMPLES)
+    if not isinstance(examples, int | float) or isinstance(examples, bool) or not examples >= 1:
+        raise UpdateRejected(f"'{keys.NUM_EXAMPLES}' missing or < 1")
+    expected = expected_keys(global_arrays, cfg)
+    full_rank = rank_of(global_arrays) or 0
+    rank = metrics.get(keys.LORA_RANK, full_rank)
+    if not isinstance(rank, int) or not 1 <= rank <= max(full_rank, 1):
+        raise UpdateRejected(f"'{keys.LORA_RANK}' = {rank!r} is outside 1..{full_rank}")
+    delta = validate_delta(arrays_from_record(record), rank_slice(expected, rank), cfg.server.max_update_norm)
+    masks = None
+    if rank < full_rank:
+        delta, masks = pad_rank(delta, expected)
+    loss = metrics.get(keys.TRAIN_LOSS, math.nan)
+    return Accepted(
+        node=node,
+        delta=delta,
+        weight=float(examples) if cfg.strategy.weighting == "examples" else 1.0,
+        masks=masks,
+        train_loss=float(loss) if isinstance(loss, int | float) else math.nan,
+        rank=rank,
+    )

@@ -6,22 +6,24 @@ import logging
 import os
 
 from fedtune.client.app import app as client_app
-from fedtune.config import RunConfig
 from fedtune.data.loaders import eval_source, load_records, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import check_format
 from fedtune.errors import ConfigError
-from fedtune.logs import quiet_flower
+from fedtune.logs import quiet_flower, setup_logging
 from fedtune.models import load_tokenizer, resolve_model
 from fedtune.privacy import compat
-from fedtune.server.app import make_server_app
+from fedtune.server.app import make_server_app, run_server
+from fedtune.simulations.local import LocalGrid
+from fedtune.strategies.plan import Plan
 
 log = logging.getLogger(__name__)
 
 
-def precheck(cfg: RunConfig) -> None:
+def precheck(plan: Plan) -> None:
     """Everything that can be checked before Ray starts: plan, model, data, every partition."""
-    compat.check(cfg)
+    compat.check(plan)
+    cfg = plan.base
     n = cfg.simulation.num_supernodes
     if cfg.server.min_clients > n:
         raise ConfigError(
@@ -39,12 +41,17 @@ def precheck(cfg: RunConfig) -> None:
         load_records(source, cfg.data, key="data.eval-path" if cfg.data.eval_path else "data.path")
 
 
-def simulate(cfg: RunConfig) -> None:
-    """Check ``cfg``, then run it on Flower's simulation engine with 1 CPU per client by default."""
-    precheck(cfg)
-    if cfg.train.num_threads == 0:
+def simulate(plan: Plan) -> None:
+    """Check ``plan``, then run it on Flower's simulation engine with 1 CPU per client by default."""
+    precheck(plan)
+    if plan.base.simulation.backend == "shared":
+        setup_logging()
+        run_server(plan, LocalGrid(client_app, plan.base.simulation.num_supernodes))
+        return
+    if plan.base.train.num_threads == 0:
         # Each simulated client gets simulation.num-cpus cores; more torch threads oversubscribe.
-        cfg = cfg.override({"train.num-threads": cfg.simulation.num_cpus})
+        plan = plan.override({"train.num-threads": plan.base.simulation.num_cpus})
+    cfg = plan.base
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-site progress lines look alike; keep them all
@@ -57,7 +64,7 @@ def simulate(cfg: RunConfig) -> None:
         "init_args": {"logging_level": "error", "log_to_driver": True},
     }
     run_simulation(
-        server_app=make_server_app(cfg.to_flat()),
+        server_app=make_server_app(plan.to_flat()),
         client_app=client_app,
         num_supernodes=cfg.simulation.num_supernodes,
         backend_config=backend,  # type: ignore[arg-type]

@@ -1,8 +1,14 @@
-"""The aggregation-strategy protocol: combine client deltas, then take a server step."""
+"""What a strategy is: an aggregator (deltas -> one delta) and a server optimizer (delta -> step).
+
+Reddi et al. 2021 ("Adaptive Federated Optimization", https://arxiv.org/abs/2003.00295) treat
+the combined client delta as a pseudo-gradient for a server optimizer; fedtune splits every rule
+the same way, so robust aggregators and server optimizers stay independent pieces.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -12,21 +18,46 @@ from fedtune.config import StrategyConfig
 Arrays = dict[str, np.ndarray]
 
 
-class Strategy(Protocol):
-    """A server-side aggregation rule.
-
-    ``aggregate`` is fed one update at a time, so rules that only need a running sum never hold
-    every reply; ``step`` turns the combined delta into the next global adapter.
-    """
+class Aggregator(Protocol):
+    """Combines one round's validated deltas into one delta; a fresh one is made each round."""
 
     def add(self, delta: Arrays, weight: float) -> None:
-        """Take one validated client delta with its (non-negative) weight."""
+        """Take one client's delta with its (non-negative) weight."""
 
-    def combine(self) -> Arrays:
+    def result(self) -> Arrays:
         """The combined delta of everything added this round."""
 
+    def metrics(self) -> dict[str, float]:
+        """Per-round figures worth recording (e.g. a reconstruction error); may be empty."""
+
+
+class ServerOptimizer(Protocol):
+    """Turns the combined delta into the next global adapter; its state survives rounds."""
+
     def step(self, global_arrays: Arrays, delta: Arrays) -> Arrays:
-        """The next global adapter from the current one and the combined delta."""
+        """The next global adapter."""
+
+    def state_dict(self) -> Arrays:
+        """Optimizer state as named arrays (checkpointed with the adapter)."""
+
+    def load_state_dict(self, state: Arrays) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
 
-StrategyFactory = Callable[[StrategyConfig], Strategy]
+@dataclass(frozen=True)
+class StrategySpec:
+    """What a ``strategy.name`` stands for, and what the plan checker needs to know about it."""
+
+    aggregator: Callable[[StrategyConfig, Arrays], Aggregator]
+    """Builds the round's aggregator from the config and the current global adapter."""
+    optimizer: str
+    """Name of the server optimizer in ``OPTIMIZERS``."""
+    individual_updates: bool = False
+    """Needs each client's update in the clear (so not under secure aggregation)."""
+    lora_only: bool = False
+    """Defined only for LoRA adapters."""
+    proximal: bool = False
+    """Clients add a proximal term (FedProx)."""
+
+
+OptimizerFactory = Callable[[StrategyConfig], ServerOptimizer]

@@ -41,9 +41,7 @@ def fedtune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sim") / "run"
-    proc = fedtune(
-        "simulate", "--preset", "tiny", "--out", str(out), "--rounds", "2", "--clients", "3", "--seed", "3"
-    )
+    proc = fedtune("simulate", "--preset", "tiny", "--out", str(out), "--rounds", "2", "--clients", "3", "--seed", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -57,9 +55,7 @@ def test_outputs_exist_with_the_documented_fields(run_dir: Path) -> None:
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     assert rows[-1]["eval_loss_federated"] is not None and rows[-1]["eval_loss_central"] is not None
     for rnd in (0, 1, 2):
-        assert (
-            run_dir / "checkpoints" / f"round-{rnd:03d}" / "adapter" / "adapter_model.safetensors"
-        ).is_file()
+        assert (run_dir / "checkpoints" / f"round-{rnd:03d}" / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "plots" / "loss.png").stat().st_size > 1000
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["config"]["num-server-rounds"] == 2 and "sample" in summary
@@ -72,7 +68,7 @@ def test_final_adapter_is_vanilla_peft_and_matches_fedtune_model(run_dir: Path) 
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     cfg = RunConfig.from_flat(json.loads((run_dir / "summary.json").read_text())["config"])
     loaded = load_base(cfg.model, torch.device("cpu"))
-    ours = wrap_lora(loaded, cfg.lora, cfg.seed)
+    ours = wrap_lora(loaded, cfg.lora)
     load_adapter_arrays(
         ours, load_file(str(run_dir / "checkpoints" / "round-002" / "adapter" / "adapter_model.safetensors"))
     )

@@ -91,9 +91,7 @@ def test_natural_partition_follows_site_column() -> None:
 def test_natural_partition_count_mismatch_is_explained() -> None:
     cfg = DataConfig(partitioner="natural")
     rows = load_records(str(DEMO_TRAIN), cfg)
-    with pytest.raises(
-        ConfigError, match=r"one site per distinct `site` value \(5\), but the federation has 3"
-    ):
+    with pytest.raises(ConfigError, match=r"one site per distinct `site` value \(5\), but the federation has 3"):
         site_partition(rows, cfg, 0, 3, seed=0)
 
 

@@ -10,8 +10,8 @@ import pytest
 from flwr.app import Error, Message, MetricRecord, RecordDict
 
 from fedtune import keys
-from fedtune.config import RunConfig
 from fedtune.server import loop
+from fedtune.strategies.plan import Plan
 from fedtune.wire import arrays_from_record, record_from_arrays
 
 GLOBAL = {"m.lora_A.weight": np.ones((2, 4), np.float32), "m.lora_B.weight": np.zeros((4, 2), np.float32)}
@@ -29,9 +29,7 @@ class FakeGrid:
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         out = []
         for msg in messages:
             self.sent.append(msg)
@@ -51,21 +49,19 @@ def honest(msg: Message) -> Message:
         metrics = MetricRecord({keys.EVAL_LOSS: 1.0 / node, keys.NUM_EXAMPLES: 10})
         return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
     metrics = MetricRecord({keys.TRAIN_LOSS: 2.0, keys.NUM_EXAMPLES: node})
-    return Message(
-        RecordDict({keys.DELTA: record_from_arrays(delta_for(node)), keys.METRICS: metrics}), reply_to=msg
-    )
+    return Message(RecordDict({keys.DELTA: record_from_arrays(delta_for(node)), keys.METRICS: metrics}), reply_to=msg)
 
 
-def run_loop(cfg: RunConfig, grid: FakeGrid) -> tuple[loop.ServerState, list[dict[str, Any]]]:
+def run_loop(cfg: Plan, grid: FakeGrid) -> tuple[loop.ServerState, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
-    state = loop.ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(cfg.seed))
+    state = loop.ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(cfg.base.seed))
     state = loop.run(cfg, grid, state, evaluate=lambda arrays: None, on_round=lambda s, row: rows.append(row))
     return state, rows
 
 
 def test_rounds_average_deltas_weighted_by_examples(task_identity: None) -> None:
     # Prepare
-    cfg = RunConfig.from_flat({"num-server-rounds": 2, "server.min-clients": 3})
+    cfg = Plan.from_flat({"num-server-rounds": 2, "server.min-clients": 3})
     grid = FakeGrid([1, 2, 3], honest)
 
     # Execute
@@ -79,7 +75,7 @@ def test_rounds_average_deltas_weighted_by_examples(task_identity: None) -> None
     assert rows[1]["sampled"] == 3 and rows[1]["replied"] == 3 and rows[1]["failed"] == 0
     assert rows[1]["eval_loss"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
     spec = grid.sent[-1].content.config_records[keys.SPEC]
-    assert spec[keys.ROUND] == 2 and spec["lora.r"] == cfg.lora.r
+    assert spec[keys.ROUND] == 2 and spec["lora.r"] == cfg.base.lora.r
 
 
 def test_failures_are_recorded_by_node_and_round_completes(task_identity: None) -> None:
@@ -94,14 +90,12 @@ def test_failures_are_recorded_by_node_and_round_completes(task_identity: None) 
             bad = delta_for(3)
             bad["m.lora_B.weight"][0, 0] = np.nan
             return Message(
-                RecordDict(
-                    {keys.DELTA: record_from_arrays(bad), keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3})}
-                ),
+                RecordDict({keys.DELTA: record_from_arrays(bad), keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3})}),
                 reply_to=msg,
             )
         return None
 
-    cfg = RunConfig.from_flat({"num-server-rounds": 1, "server.min-clients": 4, "eval.federated": False})
+    cfg = Plan.from_flat({"num-server-rounds": 1, "server.min-clients": 4, "eval.federated": False})
 
     # Execute
     state, rows = run_loop(cfg, FakeGrid([1, 2, 3, 4], handler))
@@ -116,7 +110,7 @@ def test_failures_are_recorded_by_node_and_round_completes(task_identity: None) 
 
 def test_too_few_replies_leave_adapter_unchanged(task_identity: None) -> None:
     # Prepare
-    cfg = RunConfig.from_flat({"num-server-rounds": 1, "server.min-clients": 3, "server.min-replies": 2})
+    cfg = Plan.from_flat({"num-server-rounds": 1, "server.min-clients": 3, "server.min-replies": 2})
     grid = FakeGrid(
         [1, 2, 3],
         lambda m: honest(m) if m.metadata.dst_node_id == 1 or m.metadata.message_type == "evaluate" else None,
@@ -133,9 +127,7 @@ def test_too_few_replies_leave_adapter_unchanged(task_identity: None) -> None:
 
 def test_sampling_is_seeded_and_respects_fraction(task_identity: None) -> None:
     # Prepare
-    cfg = RunConfig.from_flat(
-        {"num-server-rounds": 3, "server.fraction-train": 0.3, "server.min-clients": 2, "seed": 7}
-    )
+    cfg = Plan.from_flat({"num-server-rounds": 3, "server.fraction-train": 0.3, "server.min-clients": 2, "seed": 7})
     nodes = list(range(100, 110))
 
     # Execute
@@ -151,8 +143,32 @@ def test_sampling_is_seeded_and_respects_fraction(task_identity: None) -> None:
 
 def test_train_message_carries_global_adapter(task_identity: None) -> None:
     grid = FakeGrid([1, 2], honest)
-    run_loop(RunConfig.from_flat({"num-server-rounds": 1}), grid)
+    run_loop(Plan.from_flat({"num-server-rounds": 1}), grid)
     train = next(m for m in grid.sent if m.metadata.message_type == "train")
     sent = arrays_from_record(train.content.array_records[keys.ADAPTER])
     for key, value in GLOBAL.items():
         np.testing.assert_array_equal(sent[key], value)
+
+
+def test_plan_switches_strategy_and_fraction_per_round(task_identity: None) -> None:
+    # Prepare
+    plan = Plan.from_flat(
+        {
+            "num-server-rounds": 4,
+            "server.min-clients": 2,
+            "plan.3-.strategy.name": "fedadam",
+            "plan.3-.strategy.server-lr": 0.1,
+            "plan.3-.server.num-train": 2,
+        }
+    )
+    grid = FakeGrid([1, 2, 3, 4], honest)
+
+    # Execute
+    state, rows = run_loop(plan, grid)
+
+    # Assert
+    assert [r["spec"]["strategy.name"] for r in rows[1:]] == ["fedavg", "fedavg", "fedadam", "fedadam"]
+    assert [r["sampled"] for r in rows[1:]] == [4, 4, 2, 2]
+    assert "adam" in state.optimizer_states
+    sent = [m for m in grid.sent if m.metadata.message_type == "train" and m.metadata.group_id == "3"]
+    assert sent[0].content.config_records[keys.SPEC]["strategy.name"] == "fedadam"

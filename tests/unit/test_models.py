@@ -26,19 +26,15 @@ def test_written_adapter_loads_with_vanilla_peft_and_matches_logits(tiny_model: 
     # Prepare: fedtune's in-memory model with a non-trivial adapter
     loaded = load_base(ModelConfig(name=str(tiny_model)), torch.device("cpu"))
     lora = LoraSection(r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj")
-    model = wrap_lora(loaded, lora, seed=0)
+    model = wrap_lora(loaded, lora)
     rng = np.random.default_rng(0)
-    arrays = {
-        k: rng.normal(scale=0.3, size=v.shape).astype(np.float32) for k, v in adapter_arrays(model).items()
-    }
+    arrays = {k: rng.normal(scale=0.3, size=v.shape).astype(np.float32) for k, v in adapter_arrays(model).items()}
     load_adapter_arrays(model, arrays)
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
 
     # Execute
     write_adapter(tmp_path / "adapter", arrays, lora, loaded.path)
-    vanilla = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(loaded.path), str(tmp_path / "adapter")
-    )
+    vanilla = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(loaded.path), str(tmp_path / "adapter"))
     vanilla.eval()
     model.eval()
     with torch.no_grad():

@@ -312,10 +312,7 @@ def drip_rate(rng: random.Random, site: Site) -> tuple[str, str]:
             ),
         )
     )
-    answer = (
-        f"Drip rate = {fmt(volume)} mL x {fmt(drop_factor)} gtt/mL / {fmt(minutes)} min"
-        f" = {fmt(rate)} gtt/min."
-    )
+    answer = f"Drip rate = {fmt(volume)} mL x {fmt(drop_factor)} gtt/mL / {fmt(minutes)} min = {fmt(rate)} gtt/min."
     return question, answer
 
 

@@ -1,0 +1,49 @@
+"""LoRA-aware array maths: rank slices and zero-padding for heterogeneous ranks, FFA key sets."""
+
+from __future__ import annotations
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+LORA_A, LORA_B = ".lora_A.", ".lora_B."
+
+
+def rank_of(arrays: Arrays) -> int | None:
+    """The LoRA rank of an adapter (rows of its A matrices), or None without LoRA keys."""
+    for key, value in arrays.items():
+        if LORA_A in key:
+            return int(value.shape[0])
+    return None
+
+
+def rank_slice(arrays: Arrays, rank: int) -> Arrays:
+    """The first ``rank`` components: A (r, in) -> (rank, in), B (out, r) -> (out, rank)."""
+    out = {}
+    for key, value in arrays.items():
+        if LORA_A in key:
+            out[key] = value[:rank]
+        elif LORA_B in key:
+            out[key] = value[:, :rank]
+        else:
+            out[key] = value
+    return out
+
+
+def pad_rank(arrays: Arrays, like: Arrays) -> tuple[Arrays, Arrays]:
+    """Zero-pad a lower-rank adapter to ``like``'s shapes; also return 0/1 coverage masks that say
+    which entries the site actually trained (broadcastable to each array)."""
+    padded, masks = {}, {}
+    for key, target in like.items():
+        value = arrays[key]
+        out = np.zeros(target.shape, dtype=value.dtype)
+        out[tuple(slice(0, n) for n in value.shape)] = value
+        mask = np.zeros(target.shape, dtype=np.float64)
+        mask[tuple(slice(0, n) for n in value.shape)] = 1.0
+        padded[key], masks[key] = out, mask
+    return padded, masks
+
+
+def sent_keys(arrays: Arrays, freeze_a: bool) -> list[str]:
+    """Keys a client sends: all of them, or under FFA-LoRA only the B matrices (and non-LoRA)."""
+    return [k for k in arrays if not (freeze_a and LORA_A in k)]

@@ -1,0 +1,66 @@
+"""The ``shared`` simulation backend: every site's ClientApp runs in this process, in turn.
+
+One process holds one copy of the base model (``fedtune.models`` keeps it resident) and the sites
+take turns on it: each message is handed to the real ClientApp with that site's own Context, so a
+site keeps its node config and its context state across rounds exactly as under Ray. This is the
+backend for many sites on one machine; the Ray backend stays for several processes and GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+
+from fedtune import keys
+
+log = logging.getLogger(__name__)
+
+ClientCallable = Callable[[Message, Context], Message]
+ERROR_CODE = 2  # the ClientApp raised instead of replying
+
+
+def _set_task_identity() -> None:
+    # Messages carry the run's identity; Flower's runtimes set it, an in-process grid must too.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("task_id", "run_id", "node_id"):
+        try:
+            getattr(TaskIdentity, name)
+        except RuntimeError:
+            setattr(TaskIdentity, name, 0 if name == "node_id" else 1)
+
+
+class LocalGrid:
+    """A Grid whose nodes are ClientApps called in this process, one message after another."""
+
+    in_process = True  # the round loop must not evaluate on the same model concurrently
+
+    def __init__(self, client_app: ClientCallable, num_sites: int) -> None:
+        _set_task_identity()
+        self.client_app = client_app
+        self.contexts = {
+            pid + 1: Context(
+                run_id=1,
+                node_id=pid + 1,
+                node_config={keys.PARTITION_ID: pid, keys.NUM_PARTITIONS: num_sites},
+                state=RecordDict(),
+                run_config={},
+            )
+            for pid in range(num_sites)
+        }
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            context = self.contexts[msg.metadata.dst_node_id]
+            try:
+                replies.append(self.client_app(msg, context))
+            except Exception as exc:  # a crashing site must not take the federation down
+                log.exception("node %d raised", msg.metadata.dst_node_id)
+                replies.append(Message(Error(code=ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+        return replies

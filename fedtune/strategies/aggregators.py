@@ -1,0 +1,163 @@
+"""Aggregators: weighted mean (streamed), and robust rules that need every update.
+
+Robust rules follow Yin et al. 2018 (coordinate-wise median and trimmed mean,
+https://arxiv.org/abs/1803.01498) and Blanchard et al. 2017 (Krum / Multi-Krum,
+https://arxiv.org/abs/1703.02757).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fedtune.config import StrategyConfig
+from fedtune.errors import FedtuneError
+from fedtune.strategies.base import Arrays
+
+
+class WeightedMean:
+    """Running weighted mean: memory is one float64 accumulator, not one copy per client."""
+
+    def __init__(self, cfg: StrategyConfig | None = None, global_arrays: Arrays | None = None) -> None:
+        self._sum: Arrays = {}
+        self._weight = 0.0
+        self._masked: Arrays = {}  # per-entry weight sums, only once a masked update arrived
+
+    def add(self, delta: Arrays, weight: float) -> None:
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        self._accumulate(delta, weight)
+        self._weight += weight
+        for k in self._masked:
+            self._masked[k] += weight
+
+    def add_masked(self, delta: Arrays, weight: float, masks: Arrays) -> None:
+        """Add an update that covers only the entries where ``masks`` is 1 (a lower-rank site,
+        zero-padded): each entry is then averaged over the sites that trained it (HetLoRA-style
+        rank-aware weighting, Cho et al. 2024, https://arxiv.org/abs/2401.06432)."""
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        self._accumulate(delta, weight)
+        for k in delta:
+            if k not in self._masked:
+                self._masked[k] = np.full(delta[k].shape, self._weight, dtype=np.float64)
+            self._masked[k] += weight * masks[k]
+        self._weight += weight
+
+    def _accumulate(self, delta: Arrays, weight: float) -> None:
+        if not self._sum:
+            self._sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in delta.items()}
+        for k, v in delta.items():
+            self._sum[k] += weight * v
+
+    def result(self) -> Arrays:
+        """sum_i w_i x_i / sum_i w_i per entry, as float32 (entries nobody trained stay 0)."""
+        if self._weight <= 0:
+            raise ValueError("no weight was added")
+        out = {}
+        for k, v in self._sum.items():
+            if k in self._masked:
+                w = self._masked[k]
+                out[k] = np.divide(v, w, out=np.zeros_like(v), where=w > 0).astype(np.float32)
+            else:
+                out[k] = (v / self._weight).astype(np.float32)
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+class _Collect:
+    """Holds every update of the round (robust rules need them all)."""
+
+    def __init__(self, cfg: StrategyConfig, global_arrays: Arrays) -> None:
+        self.cfg = cfg
+        self.updates: list[Arrays] = []
+        self.weights: list[float] = []
+
+    def add(self, delta: Arrays, weight: float) -> None:
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        self.updates.append(delta)
+        self.weights.append(weight)
+
+    def stacked(self, key: str) -> np.ndarray:
+        return np.stack([u[key] for u in self.updates]).astype(np.float64)  # (N, *shape)
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per-coordinate lower weighted median of ``values`` (N, ...) with weights (N,)."""
+    order = np.argsort(values, axis=0, kind="stable")
+    sorted_values = np.take_along_axis(values, order, axis=0)
+    cum = np.cumsum(weights[order], axis=0)  # (N, ...)
+    index = np.argmax(cum >= cum[-1] / 2, axis=0)[None]
+    return np.asarray(np.take_along_axis(sorted_values, index, axis=0)[0])
+
+
+class Median(_Collect):
+    """Coordinate-wise median (``np.median`` when uniform, weighted median otherwise)."""
+
+    def result(self) -> Arrays:
+        w = np.asarray(self.weights)
+        uniform = np.allclose(w, w[0])
+        out = {}
+        for key in self.updates[0]:
+            x = self.stacked(key)
+            out[key] = (np.median(x, axis=0) if uniform else weighted_median(x, w)).astype(np.float32)
+        return out
+
+
+class TrimmedMean(_Collect):
+    """Per coordinate, drop the floor(trim-fraction * n) largest and smallest values, then average."""
+
+    def result(self) -> Arrays:
+        n = len(self.updates)
+        k = math.floor(self.cfg.trim_fraction * n)
+        w = np.asarray(self.weights)
+        out = {}
+        for key in self.updates[0]:
+            x = self.stacked(key)
+            order = np.argsort(x, axis=0, kind="stable")[k : n - k]
+            kept, kept_w = np.take_along_axis(x, order, axis=0), w[order]
+            out[key] = ((kept * kept_w).sum(axis=0) / kept_w.sum(axis=0)).astype(np.float32)
+        return out
+
+
+class Krum(_Collect):
+    """Krum (``select`` = 1) or Multi-Krum: average the updates closest to their n - f - 2 neighbours."""
+
+    def __init__(self, cfg: StrategyConfig, global_arrays: Arrays, multi: bool = False) -> None:
+        super().__init__(cfg, global_arrays)
+        self.multi = multi
+        self.selected: list[int] = []
+
+    def result(self) -> Arrays:
+        n, f = len(self.updates), self.cfg.krum_byzantine
+        neighbours = n - f - 2
+        if neighbours < 1:
+            raise FedtuneError(f"krum needs n > f + 2 replies; got n = {n}, `strategy.krum-byzantine` = {f}")
+        flat = np.concatenate([self.stacked(k).reshape(n, -1) for k in self.updates[0]], axis=1)  # (N, P)
+        sq = (flat * flat).sum(axis=1)
+        dist = np.maximum(sq[:, None] + sq[None, :] - 2 * flat @ flat.T, 0.0)  # (N, N) squared
+        np.fill_diagonal(dist, np.inf)
+        scores = np.sort(dist, axis=1)[:, :neighbours].sum(axis=1)
+        m = (self.cfg.multi_krum_select or n - f) if self.multi else 1
+        self.selected = sorted(np.argsort(scores, kind="stable")[: min(m, n)].tolist())
+        mean = WeightedMean()
+        for i in self.selected:
+            mean.add(self.updates[i], self.weights[i])
+        return mean.result()
+
+    def metrics(self) -> dict[str, float]:
+        return {"krum_selected": float(len(self.selected))}
+
+
+class MultiKrum(Krum):
+    """Multi-Krum: averages the ``strategy.multi-krum-select`` best-scored updates (0 = n - f)."""
+
+    def __init__(self, cfg: StrategyConfig, global_arrays: Arrays) -> None:
+        super().__init__(cfg, global_arrays, multi=True)

@@ -1,0 +1,194 @@
+"""Strategies end to end on the tiny preset: every rule, poisoning, FFA-LoRA, heterogeneous ranks.
+
+These run the real server (``run_server``) and the real ClientApp on the in-process ``shared``
+backend, so a whole federation takes seconds; the Ray engine is exercised in test_simulation.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fedtune import keys
+from fedtune.client.app import app as client_app
+from fedtune.privacy import compat
+from fedtune.server.app import run_server
+from fedtune.simulations.local import LocalGrid
+from fedtune.simulations.presets import preset
+from fedtune.strategies import STRATEGIES
+from fedtune.strategies.plan import Plan
+from fedtune.wire import arrays_from_record, record_from_arrays
+
+ClientFn = Callable[[Message, Context], Message]
+
+
+class RecordingGrid(LocalGrid):
+    """The shared backend, keeping every message it carried both ways."""
+
+    def __init__(self, client: ClientFn, num_sites: int) -> None:
+        super().__init__(client, num_sites)
+        self.log: list[tuple[Message, Message]] = []
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+        messages = list(messages)
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        self.log += list(zip(messages, replies, strict=True))
+        return replies
+
+
+def federate(
+    tiny_model: Path, out: Path, flat: dict[str, Any], client: ClientFn = client_app
+) -> tuple[list[dict[str, Any]], RecordingGrid]:
+    plan = Plan.from_flat(
+        {
+            **preset("tiny"),
+            "model.name": str(tiny_model),
+            "output.dir": str(out),
+            "simulation.backend": "shared",
+            **flat,
+        }
+    )
+    compat.check(plan)
+    grid = RecordingGrid(client, plan.base.simulation.num_supernodes)
+    run_server(plan, grid)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], grid
+
+
+def test_every_strategy_runs_two_rounds_in_one_plan(tiny_model: Path, tmp_path: Path) -> None:
+    # Prepare: one federation whose plan gives each registered strategy two rounds
+    names = STRATEGIES.names()
+    flat: dict[str, Any] = {
+        "num-server-rounds": 2 * len(names),
+        "simulation.num-supernodes": 5,
+        "server.min-clients": 5,
+    }
+    for i, name in enumerate(names):
+        span = f"{2 * i + 1}-{2 * i + 2}"
+        flat[f"plan.{span}.strategy.name"] = name
+        if name in ("fedadam", "fedyogi", "fedadagrad"):
+            flat[f"plan.{span}.strategy.server-lr"] = 0.01
+        if name == "trimmed-mean":
+            flat[f"plan.{span}.strategy.trim-fraction"] = 0.2
+
+    # Execute
+    rows, _ = federate(tiny_model, tmp_path / "run", flat)
+
+    # Assert
+    trained = rows[1:]
+    assert [r["spec"]["strategy.name"] for r in trained] == [n for n in names for _ in range(2)]
+    assert all(r["updated"] and r["replied"] == 5 and np.isfinite(r["eval_loss"]) for r in trained)
+    exact_rows = [r for r in trained if r["spec"]["strategy.name"] == "exact"]
+    assert all("exact_reconstruction_error" in r for r in exact_rows)
+
+
+def poison(mode: str, victim: int = 0) -> ClientFn:
+    """A ClientApp whose site ``victim`` sends its delta scaled 100x or sign-flipped."""
+
+    def client(msg: Message, context: Context) -> Message:
+        reply = client_app(msg, context)
+        if msg.metadata.message_type == "train" and context.node_config[keys.PARTITION_ID] == victim:
+            delta = arrays_from_record(reply.content.array_records[keys.DELTA])
+            factor = 100.0 if mode == "scaled" else -1.0
+            reply.content.array_records[keys.DELTA] = record_from_arrays({k: v * factor for k, v in delta.items()})
+        return reply
+
+    return client
+
+
+def test_robust_rules_resist_a_poisoned_client_and_fedavg_does_not(tiny_model: Path, tmp_path: Path) -> None:
+    # Prepare: one of 5 sites sends its delta scaled 100x or sign-flipped
+    common = {"num-server-rounds": 3, "simulation.num-supernodes": 5, "server.min-clients": 5, "seed": 1}
+    rules = {"fedavg": {}, "median": {}, "trimmed-mean": {"strategy.trim-fraction": 0.2}, "krum": {}}
+    clean, attacked = {}, {}
+
+    # Execute: each rule clean, and under each attack
+    for name, extra in rules.items():
+        flat = {**common, "strategy.name": name, **extra}
+        clean[name] = federate(tiny_model, tmp_path / f"{name}-clean", flat)[0]
+        for mode in ("scaled", "flipped"):
+            attacked[name, mode] = federate(tiny_model, tmp_path / f"{name}-{mode}", flat, poison(mode))[0]
+
+    # Assert: every clean run learns; robust rules stay within 10 % of their clean run; fedavg does not
+    for name in rules:
+        assert clean[name][-1]["eval_loss"] < clean[name][0]["eval_loss"], name
+    for name in ("median", "trimmed-mean", "krum"):
+        for mode in ("scaled", "flipped"):
+            loss, reference = attacked[name, mode][-1]["eval_loss"], clean[name][-1]["eval_loss"]
+            assert loss <= 1.10 * reference, (name, mode, loss, reference)
+    loss, reference = attacked["fedavg", "scaled"][-1]["eval_loss"], clean["fedavg"][-1]["eval_loss"]
+    assert loss > 1.10 * reference, (loss, reference)
+
+
+def test_ffa_sends_exactly_the_b_matrices(tiny_model: Path, tmp_path: Path) -> None:
+    # Prepare
+    flat = {"num-server-rounds": 2, "lora.freeze-a": True, "lora.target-modules": "q_proj,v_proj,up_proj"}
+
+    # Execute
+    rows, grid = federate(tiny_model, tmp_path / "ffa", flat)
+
+    # Assert: replies carry only lora_B, sized out x r per module (from the model's layer shapes)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    modules = {n: m for n, m in base.named_modules() if n.split(".")[-1] in ("q_proj", "v_proj", "up_proj")}
+    r = 4
+    b_bytes = sum(m.out_features * r * 4 for m in modules.values())
+    all_bytes = sum((m.in_features + m.out_features) * r * 4 for m in modules.values())
+    train = [(m, rep) for m, rep in grid.log if m.metadata.message_type == "train"]
+    for _, reply in train:
+        delta = arrays_from_record(reply.content.array_records[keys.DELTA])
+        assert delta and all(".lora_B." in k for k in delta)
+        assert sum(v.nbytes for v in delta.values()) == b_bytes
+    sent = arrays_from_record(train[0][0].content.array_records[keys.ADAPTER])
+    assert sum(v.nbytes for v in sent.values()) == all_bytes
+    assert b_bytes / all_bytes == pytest.approx(
+        sum(m.out_features for m in modules.values()) / sum(m.in_features + m.out_features for m in modules.values())
+    )
+    # A never moves: the final adapter's A equals the round-0 initialization
+    first = json.loads((tmp_path / "ffa" / "checkpoints" / "round-000" / "state.json").read_text())["round"]
+    assert first == 0
+    from safetensors.numpy import load_file
+
+    a0 = load_file(str(tmp_path / "ffa" / "checkpoints" / "round-000" / "adapter" / "adapter_model.safetensors"))
+    a2 = load_file(str(tmp_path / "ffa" / "adapter" / "adapter_model.safetensors"))
+    for key in a0:
+        if ".lora_A." in key:
+            np.testing.assert_array_equal(a0[key], a2[key])
+        else:
+            assert not np.array_equal(a0[key], a2[key])
+    assert rows[-1]["bytes_up"] < rows[-1]["bytes_down"]
+
+
+def test_three_ranks_train_and_each_site_gets_its_own_slice(tiny_model: Path, tmp_path: Path) -> None:
+    # Prepare
+    flat = {"num-server-rounds": 2, "lora.r": 8, "lora.alpha": 16, "simulation.site-ranks": "8,4,2"}
+
+    # Execute
+    rows, grid = federate(tiny_model, tmp_path / "hetero", flat)
+
+    # Assert: each site's delta has its own rank, and round 2 sends each site its own slice
+    want = {1: 8, 2: 4, 3: 2}  # node id = partition id + 1
+    for msg, reply in grid.log:
+        node = msg.metadata.dst_node_id
+        if msg.metadata.message_type != "train":
+            continue
+        delta = arrays_from_record(reply.content.array_records[keys.DELTA])
+        assert {v.shape[0] for k, v in delta.items() if ".lora_A." in k} == {want[node]}
+        if msg.metadata.group_id == "2":
+            sent = arrays_from_record(msg.content.array_records[keys.ADAPTER])
+            assert {v.shape[1] for k, v in sent.items() if ".lora_B." in k} == {want[node]}
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    # The global adapter is saved at the maximum rank and loads with vanilla PEFT
+    config = json.loads((tmp_path / "hetero" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), str(tmp_path / "hetero" / "adapter")
+    )
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] > 0

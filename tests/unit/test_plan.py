@@ -1,0 +1,99 @@
+"""The round plan: parsing, per-round configs, and the checker's messages naming round and key."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedtune.errors import ConfigError, IncompatibleComponentsError
+from fedtune.privacy import compat
+from fedtune.strategies.plan import Plan
+
+
+def test_for_round_applies_the_covering_entries() -> None:
+    # Prepare
+    plan = Plan.from_flat(
+        {
+            "num-server-rounds": 20,
+            "plan.4-20.strategy.name": "fedadam",
+            "plan.4-20.server.fraction-train": 0.3,
+            "plan.10-.train.lr": 1e-4,
+            "plan.2.eval.federated": False,
+        }
+    )
+
+    # Execute
+    r1, r2, r5, r12 = (plan.for_round(r) for r in (1, 2, 5, 12))
+
+    # Assert
+    assert r1 == plan.base
+    assert r2.eval.federated is False and r2.strategy.name == "fedavg"
+    assert r5.strategy.name == "fedadam" and r5.server.fraction_train == 0.3 and r5.train.lr == plan.base.train.lr
+    assert r12.train.lr == 1e-4 and r12.strategy.name == "fedadam"
+    assert plan.table() == [
+        ("1", "(base)"),
+        ("2", "eval.federated=False"),
+        ("3", "(base)"),
+        ("4-9", "strategy.name=fedadam, server.fraction-train=0.3"),
+        ("10-20", "strategy.name=fedadam, server.fraction-train=0.3, train.lr=0.0001"),
+    ]
+
+
+def test_plan_round_trips_through_flat() -> None:
+    plan = Plan.from_flat({"num-server-rounds": 5, "plan.2-3.strategy.name": "median"})
+    assert Plan.from_flat(plan.to_flat()) == plan
+
+
+@pytest.mark.parametrize(
+    ("flat", "match"),
+    [
+        ({"plan.x.train.lr": 1.0}, r"`plan\.x\.train\.lr`: plan keys have the form"),
+        ({"plan.5-2.train.lr": 1.0}, r"`plan\.5-2\.train\.lr`: round range '5-2' is empty"),
+        ({"plan.2-3.train.lrr": 1.0}, r"`plan\.2-3\.train\.lrr`: unknown config key `train\.lrr`"),
+        ({"plan.2.lora.r": 4}, r"`plan\.2\.lora\.r`: `lora\.r` is fixed for the whole run"),
+        ({"plan.2-3.train.lr": -1.0}, r"rounds 2-3: `train\.lr` must be > 0"),
+        ({"plan.9.train.lr": 1.0}, r"`plan\.9\.train\.lr` starts after the last round \(3\)"),
+        ({"plan.1-2.train.lr": 1.0, "plan.2-.train.lr": 2.0}, r"both set `train\.lr` for the same rounds"),
+    ],
+)
+def test_plan_errors_name_round_range_and_key(flat: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Plan.from_flat({"num-server-rounds": 3, **flat})
+
+
+def test_checker_reports_every_problem_with_its_rounds() -> None:
+    # Prepare
+    plan = Plan.from_flat(
+        {
+            "num-server-rounds": 10,
+            "server.min-clients": 2,
+            "plan.2-4.strategy.name": "krum",
+            "plan.6-7.strategy.name": "nope",
+            "lora.freeze-a": True,
+            "plan.9-.strategy.name": "exact",
+        }
+    )
+
+    # Execute
+    with pytest.raises(IncompatibleComponentsError) as info:
+        compat.check(plan)
+
+    # Assert
+    text = str(info.value)
+    assert (
+        "rounds 2-4: `strategy.name` = krum with `strategy.krum-byzantine` = 1 needs `server.min-clients` >= 4" in text
+    )
+    assert "rounds 6-7: `strategy.name` must be one of" in text
+    assert "rounds 9-10: `strategy.name` = exact re-factorizes A, which `lora.freeze-a` keeps fixed" in text
+
+
+def test_checker_refuses_individual_rules_with_heterogeneous_ranks() -> None:
+    plan = Plan.from_flat({"num-server-rounds": 2, "simulation.site-ranks": "8,4", "strategy.name": "median"})
+    assert compat.problems(plan) == [
+        "rounds 1-2: `strategy.name` = median has no defined rule for heterogeneous ranks "
+        "(`simulation.site-ranks`); use a fedavg-family strategy."
+    ]
+
+
+def test_valid_plan_has_no_problems() -> None:
+    plan = Plan.from_flat({"num-server-rounds": 4, "server.min-clients": 4, "plan.3-.strategy.name": "krum"})
+    assert compat.problems(plan) == []
