@@ -18,9 +18,16 @@ log = logging.getLogger("fedtune.cli")
 
 
 def _simulate(args: argparse.Namespace) -> None:
+    from fedtune.server.checkpoint import saved_plan
     from fedtune.simulations.presets import TINY_MODEL_DIR, build_tiny_model, preset
     from fedtune.simulations.run import simulate
 
+    if args.resume:
+        # The run's own config, as its last checkpoint recorded it; only --set may change it.
+        flat = {**saved_plan(Path(args.resume)), **parse_assignments(args.set)}
+        flat["output.dir"] = str(Path(args.resume).resolve())
+        simulate(Plan.from_flat(flat), resume=True)
+        return
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     flat = preset(args.preset) if args.preset else {}
     for key, value in (
@@ -60,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clients", type=int, help="simulated sites (simulation.num-supernodes)")
     sim.add_argument("--seed", type=int, help="seed for everything")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key (repeatable)")
+    sim.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last complete checkpoint")
     sim.set_defaults(func=_simulate)
 
     fetch = sub.add_parser("fetch-model", help="cache the demo model locally (dequantized once)")

@@ -159,6 +159,9 @@ class StrategyConfig:
     """Server learning rate applied to the aggregated delta (the pseudo-gradient's step size)."""
     weighting: Literal["examples", "uniform"] = "examples"
     """Weight each client by its number of training examples, or equally."""
+    sum_dtype: Literal["float64", "float32"] = "float64"
+    """Dtype of the running sum of deltas: float64 gives the same result whatever order replies
+    arrive in (reproducible runs and resumes); float32 is faster for very large federations."""
     momentum: float = 0.9
     """Server momentum of ``fedavgm``."""
     beta1: float = 0.9

@@ -86,7 +86,7 @@ def dequantize_gguf(directory: Path, gguf_file: str, target: Path | None = None)
     cfg = AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    plain = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     plain.load_state_dict(src.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
@@ -171,7 +171,7 @@ def load_base(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     if key not in _RESIDENT:
         tok = load_tokenizer(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise ModelError(
                 f"`model.name`: cannot load {cfg.name!r} (not a local directory, and not loadable "

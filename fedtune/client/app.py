@@ -16,12 +16,15 @@ from fedtune.client.site import Site, open_site
 from fedtune.client.trainer import heldout_loss, train_local
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError, FedtuneError
+from fedtune.logs import quiet_libraries
 from fedtune.lora import rank_slice, sent_keys
 from fedtune.models import adapter_arrays, load_adapter_arrays
 from fedtune.strategies import STRATEGIES
 from fedtune.wire import arrays_from_record, record_from_arrays
 
 log = logging.getLogger(__name__)
+
+quiet_libraries()  # this module is the process entry point under `flwr run` / deployment
 
 app = ClientApp()
 

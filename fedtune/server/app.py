@@ -13,7 +13,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, from_run_config
-from fedtune.logs import setup_logging
+from fedtune.errors import ConfigError
+from fedtune.logs import quiet_libraries, setup_logging
 from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora, write_adapter
 from fedtune.privacy import compat
 from fedtune.server import checkpoint, loop
@@ -24,28 +25,38 @@ from fedtune.strategies.plan import Plan
 log = logging.getLogger(__name__)
 
 
+quiet_libraries()  # this module is the process entry point under `flwr run` / deployment
+
+
 def output_dir(cfg: RunConfig) -> Path:
     """``output.dir``, or ``runs/<timestamp>`` when it is empty."""
     return Path(cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def run_server(plan: Plan, grid: loop.GridLike) -> dict[str, Any]:
-    """The whole server job: init the adapter, run every round, write outputs; returns summary extras."""
+def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict[str, Any]:
+    """The whole server job: init the adapter (or resume from the last complete checkpoint), run
+    every round, write outputs; returns the summary extras."""
     compat.check(plan)
     cfg = plan.base
     out = output_dir(cfg)
+    reporter = Reporter(out)
+    if not resume and reporter.path.exists():
+        raise ConfigError(f"{out} already holds a run; resume it with --resume {out}, or choose another --out.")
     # The server holds the base model for the seeded adapter init and centralized evaluation.
     loaded = load_base(cfg.model, pick_device("auto"))
     model = wrap_lora(loaded, cfg.lora)
     init_adapter(model, cfg.seed)  # seeded: the same initial global adapter whatever ran before
     state = loop.ServerState(round=0, global_arrays=adapter_arrays(model), rng=np.random.default_rng(cfg.seed))
+    if resume:
+        state = checkpoint.load(checkpoint.latest(out))
+        reporter.truncate(state.round)
+        log.info("Resuming %s after round %d", out, state.round)
     evaluator = CentralEvaluator(cfg, loaded)
     out.mkdir(parents=True, exist_ok=True)
-    reporter = Reporter(out)
     reporter.start(plan)
 
     def on_round(s: loop.ServerState, row: dict[str, Any]) -> None:
-        checkpoint.save(out, s, cfg, loaded.path)
+        checkpoint.save(out, s, plan, loaded.path)
         reporter.row(row)
 
     state = loop.run(plan, grid, state, evaluate=evaluator, on_round=on_round)
@@ -72,14 +83,14 @@ def run_server(plan: Plan, grid: loop.GridLike) -> dict[str, Any]:
     return extra
 
 
-def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+def make_server_app(overrides: Mapping[str, Any] | None = None, *, resume: bool = False) -> ServerApp:
     """A ServerApp whose config is Flower's run_config with ``overrides`` on top."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         setup_logging()
-        run_server(from_run_config(context.run_config, overrides), grid)
+        run_server(from_run_config(context.run_config, overrides), grid, resume=resume)
 
     return server_app
 

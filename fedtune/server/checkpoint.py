@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from fedtune.config import RunConfig
+from fedtune.errors import FedtuneError
 from fedtune.models import write_adapter
 from fedtune.server.loop import ServerState
+from fedtune.strategies.plan import Plan
 
 STATE_FILE = "state.json"
 ADAPTER_DIR = "adapter"
@@ -52,15 +53,17 @@ def round_dir(out: Path, rnd: int) -> Path:
     return out / "checkpoints" / f"round-{rnd:03d}"
 
 
-def save(out: Path, state: ServerState, cfg: RunConfig, base_path: str) -> Path:
-    """Checkpoint the global adapter (vanilla PEFT folder), round, RNG, config and history."""
+def save(out: Path, state: ServerState, plan: Plan, base_path: str) -> Path:
+    """Checkpoint the global adapter (vanilla PEFT folder), round, RNG, optimizer state, node
+    ranks, the plan and the metrics history: everything the next round depends on."""
 
     def fill(tmp: Path) -> None:
-        write_adapter(tmp / ADAPTER_DIR, state.global_arrays, cfg.lora, base_path)
+        write_adapter(tmp / ADAPTER_DIR, state.global_arrays, plan.base.lora, base_path)
         meta: dict[str, Any] = {
             "round": state.round,
             "rng": state.rng.bit_generator.state,
-            "config": cfg.to_flat(),
+            "config": plan.to_flat(),
+            "node_ranks": {str(k): v for k, v in state.node_ranks.items()},
             "history": state.history,
         }
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -90,4 +93,19 @@ def load(directory: Path) -> ServerState:
         rng=rng,
         history=meta["history"],
         optimizer_states=optimizer_states,
+        node_ranks={int(k): int(v) for k, v in meta.get("node_ranks", {}).items()},
     )
+
+
+def latest(out: Path) -> Path:
+    """The last complete checkpoint under ``OUT/checkpoints`` (temp dirs are never complete)."""
+    done = sorted(p for p in (out / "checkpoints").glob("round-[0-9][0-9][0-9]") if (p / STATE_FILE).is_file())
+    if not done:
+        raise FedtuneError(f"{out}: no complete checkpoint under {out / 'checkpoints'} to resume from.")
+    return done[-1]
+
+
+def saved_plan(out: Path) -> dict[str, Any]:
+    """The flat config (plan included) the run in ``out`` was started with."""
+    config: dict[str, Any] = json.loads((latest(out) / STATE_FILE).read_text())["config"]
+    return config

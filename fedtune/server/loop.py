@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,6 +28,8 @@ from fedtune.strategies.plan import Plan
 from fedtune.wire import Arrays, payload_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
+
+PULL_INTERVAL = 0.5  # seconds between polls for replies (Flower's HttpGrid waits 3 s)
 
 
 class GridLike(Protocol):
@@ -93,8 +95,9 @@ def round_content(arrays: Arrays, cfg: RunConfig, rnd: int) -> RecordDict:
 
 def _send(
     grid: GridLike, state: ServerState, cfg: RunConfig, nodes: list[int], kind: str, rnd: int
-) -> tuple[list[Message], int]:
-    """Send each node the global adapter at its own rank (once known) with the round's spec."""
+) -> tuple[Iterator[Message], int]:
+    """Send each node the global adapter at its own rank (once known) with the round's spec;
+    return the replies as a stream, and the bytes sent."""
     full = rank_of(state.global_arrays)
     by_rank: dict[int | None, RecordDict] = {}
     messages, down = [], 0
@@ -106,7 +109,26 @@ def _send(
         content = by_rank[rank]
         down += payload_bytes(content.array_records[keys.ADAPTER])
         messages.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)))
-    return list(grid.send_and_receive(messages, timeout=cfg.server.round_timeout)), down
+    return stream_replies(grid, messages, cfg.server.round_timeout), down
+
+
+def stream_replies(grid: GridLike, messages: list[Message], timeout: float) -> Iterator[Message]:
+    """Push ``messages`` and yield replies as they arrive, so the caller can fold each one into
+    its aggregate and drop it: server memory then does not grow with the number of clients."""
+    push, pull = getattr(grid, "push_messages", None), getattr(grid, "pull_messages", None)
+    if push is None or pull is None:  # a grid that only offers the batch call
+        yield from grid.send_and_receive(messages, timeout=timeout)
+        return
+    pending = set(push(messages))
+    del messages
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        arrived = list(pull(pending))
+        for reply in arrived:
+            pending.discard(reply.metadata.reply_to_message_id)
+            yield reply
+        if pending and not arrived:
+            time.sleep(PULL_INTERVAL)
 
 
 def _train_round(
@@ -118,8 +140,10 @@ def _train_round(
     failures: list[dict[str, Any]] = []
     accepted: list[validation.Accepted] = []
     up = 0
-    for reply in replies:
+    answered = set()
+    for reply in replies:  # streamed: each reply is folded in, then dropped
         node = int(reply.metadata.src_node_id)
+        answered.add(node)
         if not reply.has_error() and keys.DELTA in reply.content.array_records:
             up += payload_bytes(reply.content.array_records[keys.DELTA])
         try:
@@ -136,7 +160,6 @@ def _train_round(
             continue
         state.node_ranks[node] = ok.rank
         accepted.append(ok)
-    answered = {int(r.metadata.src_node_id) for r in replies}
     for node in sorted(set(nodes) - answered):
         reason = f"no reply within `server.round-timeout` = {cfg.server.round_timeout:.0f} s"
         log.warning("round %d: node %d failed: %s", rnd, node, reason)

@@ -93,6 +93,16 @@ class Reporter:
             )
         log.info("%s", table_header())
 
+    def truncate(self, last_round: int) -> None:
+        """Keep only rounds up to ``last_round`` in ``metrics.jsonl`` (before resuming)."""
+        if not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["round"] <= last_round]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
     def row(self, row: dict[str, Any]) -> None:
         """Append the round to ``metrics.jsonl`` and print its table line."""
         with self.path.open("a") as fh:

@@ -14,6 +14,7 @@ from fedtune import keys
 from fedtune.config import RunConfig
 from fedtune.errors import UpdateRejected
 from fedtune.lora import pad_rank, rank_of, rank_slice, sent_keys
+from fedtune.strategies.kernels import sum_of_squares
 from fedtune.wire import arrays_from_record
 
 Arrays = dict[str, np.ndarray]
@@ -36,9 +37,11 @@ def validate_delta(delta: Arrays, reference: Arrays, max_norm: float) -> Arrays:
             raise UpdateRejected(f"{key!r} has shape {value.shape}, expected {ref.shape}")
         if value.dtype != ref.dtype:
             raise UpdateRejected(f"{key!r} has dtype {value.dtype}, expected {ref.dtype}")
-        if not np.isfinite(value).all():
-            raise UpdateRejected(f"{key!r} holds NaN or Inf")
-        squares += float(np.square(value, dtype=np.float64).sum())
+        # One pass: the sum is non-finite iff some entry is (or the float32 sum overflowed).
+        part = sum_of_squares(value)
+        if not math.isfinite(part):
+            raise UpdateRejected(f"{key!r} holds NaN or Inf (or its norm overflows float32)")
+        squares += part
     norm = math.sqrt(squares)
     if max_norm > 0 and norm > max_norm:
         raise UpdateRejected(f"update norm {norm:.4g} exceeds server.max-update-norm {max_norm:.4g}")

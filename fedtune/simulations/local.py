@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 
@@ -50,17 +51,35 @@ class LocalGrid:
             )
             for pid in range(num_sites)
         }
+        self.pending: dict[str, Message] = {}
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
         for msg in messages:
-            context = self.contexts[msg.metadata.dst_node_id]
-            try:
-                replies.append(self.client_app(msg, context))
-            except Exception as exc:  # a crashing site must not take the federation down
-                log.exception("node %d raised", msg.metadata.dst_node_id)
-                replies.append(Message(Error(code=ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-        return replies
+            msg.metadata.__dict__["_message_id"] = message_id = str(uuid4())  # as Flower's grids do
+            self.pending[message_id] = msg
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Run the next pending site (in the order sent) and return its reply: one reply in memory
+        at a time."""
+        wanted = set(message_ids)
+        for message_id in list(self.pending):
+            if message_id in wanted:
+                return [self._handle(self.pending.pop(message_id))]
+        return []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return [self._handle(msg) for msg in messages]
+
+    def _handle(self, msg: Message) -> Message:
+        context = self.contexts[msg.metadata.dst_node_id]
+        try:
+            return self.client_app(msg, context)
+        except Exception as exc:  # a crashing site must not take the federation down
+            log.exception("node %d raised", msg.metadata.dst_node_id)
+            return Message(Error(code=ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)

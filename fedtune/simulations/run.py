@@ -41,12 +41,13 @@ def precheck(plan: Plan) -> None:
         load_records(source, cfg.data, key="data.eval-path" if cfg.data.eval_path else "data.path")
 
 
-def simulate(plan: Plan) -> None:
-    """Check ``plan``, then run it on Flower's simulation engine with 1 CPU per client by default."""
+def simulate(plan: Plan, *, resume: bool = False) -> None:
+    """Check ``plan``, then run it on Flower's simulation engine (1 CPU per client by default) or
+    on the in-process ``shared`` backend; ``resume`` continues from the last checkpoint."""
     precheck(plan)
     if plan.base.simulation.backend == "shared":
         setup_logging()
-        run_server(plan, LocalGrid(client_app, plan.base.simulation.num_supernodes))
+        run_server(plan, LocalGrid(client_app, plan.base.simulation.num_supernodes), resume=resume)
         return
     if plan.base.train.num_threads == 0:
         # Each simulated client gets simulation.num-cpus cores; more torch threads oversubscribe.
@@ -64,7 +65,7 @@ def simulate(plan: Plan) -> None:
         "init_args": {"logging_level": "error", "log_to_driver": True},
     }
     run_simulation(
-        server_app=make_server_app(plan.to_flat()),
+        server_app=make_server_app(plan.to_flat(), resume=resume),
         client_app=client_app,
         num_supernodes=cfg.simulation.num_supernodes,
         backend_config=backend,  # type: ignore[arg-type]

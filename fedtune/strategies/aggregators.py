@@ -14,12 +14,15 @@ import numpy as np
 from fedtune.config import StrategyConfig
 from fedtune.errors import FedtuneError
 from fedtune.strategies.base import Arrays
+from fedtune.strategies.kernels import Accumulator
 
 
 class WeightedMean:
-    """Running weighted mean: memory is one float64 accumulator, not one copy per client."""
+    """Running weighted mean: memory is one accumulator (``strategy.sum-dtype``), not one copy per
+    client."""
 
     def __init__(self, cfg: StrategyConfig | None = None, global_arrays: Arrays | None = None) -> None:
+        self._kernel = Accumulator(cfg.sum_dtype if cfg is not None else "float64")
         self._sum: Arrays = {}
         self._weight = 0.0
         self._masked: Arrays = {}  # per-entry weight sums, only once a masked update arrived
@@ -47,9 +50,9 @@ class WeightedMean:
 
     def _accumulate(self, delta: Arrays, weight: float) -> None:
         if not self._sum:
-            self._sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in delta.items()}
+            self._sum = {k: self._kernel.zeros(v.shape) for k, v in delta.items()}
         for k, v in delta.items():
-            self._sum[k] += weight * v
+            self._kernel.add(self._sum[k], v, weight)
 
     def result(self) -> Arrays:
         """sum_i w_i x_i / sum_i w_i per entry, as float32 (entries nobody trained stay 0)."""
@@ -59,7 +62,7 @@ class WeightedMean:
         for k, v in self._sum.items():
             if k in self._masked:
                 w = self._masked[k]
-                out[k] = np.divide(v, w, out=np.zeros_like(v), where=w > 0).astype(np.float32)
+                out[k] = np.divide(v, w, out=np.zeros(v.shape, np.float64), where=w > 0).astype(np.float32)
             else:
                 out[k] = (v / self._weight).astype(np.float32)
         return out

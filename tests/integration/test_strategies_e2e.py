@@ -16,12 +16,15 @@ import pytest
 import torch
 from flwr.app import Context, Message
 from peft import PeftModel
+from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from fedtune import keys
 from fedtune.client.app import app as client_app
+from fedtune.errors import ConfigError
 from fedtune.privacy import compat
 from fedtune.server.app import run_server
+from fedtune.server.checkpoint import saved_plan
 from fedtune.simulations.local import LocalGrid
 from fedtune.simulations.presets import preset
 from fedtune.strategies import STRATEGIES
@@ -38,11 +41,10 @@ class RecordingGrid(LocalGrid):
         super().__init__(client, num_sites)
         self.log: list[tuple[Message, Message]] = []
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
-        messages = list(messages)
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        self.log += list(zip(messages, replies, strict=True))
-        return replies
+    def _handle(self, msg: Message) -> Message:
+        reply = super()._handle(msg)
+        self.log.append((msg, reply))
+        return reply
 
 
 def federate(
@@ -154,8 +156,6 @@ def test_ffa_sends_exactly_the_b_matrices(tiny_model: Path, tmp_path: Path) -> N
     # A never moves: the final adapter's A equals the round-0 initialization
     first = json.loads((tmp_path / "ffa" / "checkpoints" / "round-000" / "state.json").read_text())["round"]
     assert first == 0
-    from safetensors.numpy import load_file
-
     a0 = load_file(str(tmp_path / "ffa" / "checkpoints" / "round-000" / "adapter" / "adapter_model.safetensors"))
     a2 = load_file(str(tmp_path / "ffa" / "adapter" / "adapter_model.safetensors"))
     for key in a0:
@@ -192,3 +192,39 @@ def test_three_ranks_train_and_each_site_gets_its_own_slice(tiny_model: Path, tm
         AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), str(tmp_path / "hetero" / "adapter")
     )
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] > 0
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_model: Path, tmp_path: Path) -> None:
+    # Prepare: fedadam, so the resumed run also needs the server optimizer's moments back
+    flat = {"num-server-rounds": 4, "strategy.name": "fedadam", "strategy.server-lr": 0.01, "seed": 5}
+
+    def dies_in_round_3(msg: Message, context: Context) -> Message:
+        if msg.metadata.group_id == "3":
+            raise KeyboardInterrupt  # not caught by the grid: the server process "dies"
+        return client_app(msg, context)
+
+    # Execute
+    federate(tiny_model, tmp_path / "straight", flat)
+    with pytest.raises(KeyboardInterrupt):
+        federate(tiny_model, tmp_path / "killed", flat, dies_in_round_3)
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == [
+        "round-000",
+        "round-001",
+        "round-002",
+    ]
+    plan = Plan.from_flat({**saved_plan(tmp_path / "killed")})
+    run_server(plan, LocalGrid(client_app, plan.base.simulation.num_supernodes), resume=True)
+
+    # Assert
+    straight = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
+    for key in straight:
+        np.testing.assert_allclose(resumed[key], straight[key], atol=1e-6, rtol=0)
+    rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+
+
+def test_a_finished_run_is_not_overwritten(tiny_model: Path, tmp_path: Path) -> None:
+    federate(tiny_model, tmp_path / "once", {"num-server-rounds": 1})
+    with pytest.raises(ConfigError, match="already holds a run; resume it with --resume"):
+        federate(tiny_model, tmp_path / "once", {"num-server-rounds": 1})

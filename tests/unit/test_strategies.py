@@ -191,3 +191,41 @@ def test_every_strategy_builds_and_combines(name: str) -> None:
 def test_unknown_strategy_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"`strategy.name` must be one of exact, fedadagrad, fedadam"):
         STRATEGIES.get("fedsomething")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_weighted_mean_in_either_sum_dtype(dtype: str) -> None:
+    ups, w = updates(7, seed=11), [2.0, 1.0, 1.0, 3.0, 5.0, 1.0, 4.0]
+    out = combine("fedavg", ups, w, sum_dtype=dtype)
+    for key in KEYS:
+        np.testing.assert_allclose(out[key], np.average(stack(ups, key), axis=0, weights=w), rtol=1e-5, atol=1e-6)
+
+
+def test_float64_sum_does_not_depend_on_arrival_order() -> None:
+    # Prepare: values spanning magnitudes, where float32 summation order matters
+    rng = np.random.default_rng(12)
+    ups = [
+        {k: (rng.normal(size=s) * 10.0 ** rng.integers(-4, 3)).astype(np.float32) for k, s in KEYS.items()}
+        for _ in range(30)
+    ]
+    w = [float(x) for x in rng.integers(1, 50, size=30)]
+    order = rng.permutation(30)
+
+    # Execute
+    first = combine("fedavg", ups, w)
+    second = combine("fedavg", [ups[i] for i in order], [w[i] for i in order])
+
+    # Assert
+    for key in KEYS:
+        np.testing.assert_array_equal(first[key], second[key])
+
+
+def test_sum_of_squares_flags_non_finite_values() -> None:
+    from fedtune.strategies.kernels import sum_of_squares
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert sum_of_squares(x) == pytest.approx(float((x.astype(np.float64) ** 2).sum()))
+    x[1, 1] = np.nan
+    assert np.isnan(sum_of_squares(x))
+    x[1, 1] = np.inf
+    assert np.isinf(sum_of_squares(x))
