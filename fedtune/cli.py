@@ -1,15 +1,16 @@
-"""The ``fedtune`` command: simulate a federation, fetch the demo model."""
+"""The ``fedtune`` command: simulate, keys, server, client, fetch-model."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-from fedtune.config import parse_assignments
+from fedtune.config import Scalar, parse_assignments
 from fedtune.errors import FedtuneError
 from fedtune.logs import quiet_libraries, setup_logging
 from fedtune.strategies.plan import Plan
@@ -17,22 +18,22 @@ from fedtune.strategies.plan import Plan
 log = logging.getLogger("fedtune.cli")
 
 
-def _simulate(args: argparse.Namespace) -> None:
+def _plan(args: argparse.Namespace, extra: dict[str, Scalar] | None = None) -> Plan:
+    """The run's plan from --resume, or from --preset, --rounds/--clients/--seed and --set."""
     from fedtune.server.checkpoint import saved_plan
     from fedtune.simulations.presets import TINY_MODEL_DIR, build_tiny_model, preset
-    from fedtune.simulations.run import simulate
 
     if args.resume:
         # The run's own config, as its last checkpoint recorded it; only --set may change it.
-        flat = {**saved_plan(Path(args.resume)), **parse_assignments(args.set)}
-        flat["output.dir"] = str(Path(args.resume).resolve())
-        simulate(Plan.from_flat(flat), resume=True)
-        return
+        out = Path(args.resume).resolve()
+        flat = {**saved_plan(out), **parse_assignments(args.set), "output.dir": str(out), "output.resume": True}
+        return Plan.from_flat(flat)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     flat = preset(args.preset) if args.preset else {}
+    flat.update(extra or {})
     for key, value in (
         ("num-server-rounds", args.rounds),
-        ("simulation.num-supernodes", args.clients),
+        ("simulation.num-supernodes", getattr(args, "clients", None)),
         ("seed", args.seed),
     ):
         if value is not None:
@@ -41,9 +42,64 @@ def _simulate(args: argparse.Namespace) -> None:
     flat["output.dir"] = str(out)
     plan = Plan.from_flat(flat)  # validate everything before building or writing anything
     if args.preset == "tiny" and "model.name" not in flat:
-        model_dir = build_tiny_model(out / TINY_MODEL_DIR, seed=plan.base.seed)
-        plan = plan.override({"model.name": str(model_dir)})
-    simulate(plan)
+        plan = plan.override({"model.name": str(build_tiny_model(out / TINY_MODEL_DIR))})
+    return plan
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from fedtune.simulations.run import simulate
+
+    simulate(_plan(args), resume=bool(args.resume))
+
+
+def _keys(args: argparse.Namespace) -> None:
+    from fedtune.deploy.keys import make_keys
+
+    layout = make_keys(Path(args.out), args.nodes, args.hosts.split(","))
+    print(f"Wrote {layout.ca}, {layout.server_cert}, {layout.server_key}")
+    print(f"and {args.nodes} SuperNode key pair(s) in {layout.root / 'nodes'} (private keys: mode 0600)")
+
+
+def _server(args: argparse.Namespace) -> None:
+    from fedtune.deploy.keys import KeyLayout
+    from fedtune.deploy.server import serve
+
+    out = serve(_plan(args), KeyLayout(Path(args.keys)), args.address, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"Run finished: {out}")
+
+
+def _client(args: argparse.Namespace) -> None:
+    from fedtune.deploy import client
+
+    for flag, path in (("--root-cert", args.root_cert), ("--auth-key", args.auth_key)):
+        if path is not None and not Path(path).is_file():
+            raise FedtuneError(f"`{flag}`: no such file: {path}")
+    if args.root_cert is None and not args.insecure:
+        raise FedtuneError("`--root-cert` is required (the CA that signed the server certificate), or --insecure.")
+    config = client.build_node_config(
+        data=Path(args.data) if args.data else None,
+        preset=args.preset,
+        auth_key=Path(args.auth_key),
+        share=args.share,
+        device=args.device,
+        sets=parse_assignments(args.set),
+    )
+    root = None if args.insecure else Path(args.root_cert).resolve()
+    cmd = client.supernode_command(
+        args.superlink, root, Path(args.auth_key).resolve(), config, args.port or client.free_port(), args.max_retries
+    )
+    if args.dry_run:
+        print(procs_show(cmd))
+        return
+    client.join(cmd)
+
+
+def procs_show(cmd: list[str]) -> str:
+    """A command as one shell line, with the environment fedtune sets."""
+    from fedtune.deploy import procs
+
+    return " ".join(f"{k}={v}" for k, v in procs.SAFE_ENV.items()) + " " + procs.show(cmd)
 
 
 def _fetch_model(args: argparse.Namespace) -> None:
@@ -70,10 +126,49 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last complete checkpoint")
     sim.set_defaults(func=_simulate)
 
+    keys = sub.add_parser("keys", help="create a CA, the server's TLS certificate and one auth key pair per site")
+    keys.add_argument("--out", required=True, help="directory to create (must be new or empty)")
+    keys.add_argument("--nodes", type=int, required=True, help="number of sites")
+    keys.add_argument("--hosts", default="localhost,127.0.0.1", help="server names/IPs for the certificate")
+    keys.set_defaults(func=_keys)
+
+    srv = sub.add_parser("server", help="run the aggregation server: flower-superlink (TLS + node auth) and the run")
+    srv.add_argument("--keys", required=True, help="directory written by `fedtune keys`")
+    srv.add_argument("--address", default="127.0.0.1:8000", help="HOST:PORT the SuperLink listens on")
+    srv.add_argument("--preset", choices=["tiny", "smollm2"], help="starting config, as for simulate")
+    srv.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    srv.add_argument("--rounds", type=int, help="num-server-rounds")
+    srv.add_argument("--seed", type=int, help="seed for everything")
+    srv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key (repeatable)")
+    srv.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last complete checkpoint")
+    srv.add_argument("--dry-run", action="store_true", help="print the Flower commands instead of running them")
+    srv.set_defaults(func=_server)
+
+    cli = sub.add_parser("client", help="join a federation from a data site: flower-supernode with TLS and its key")
+    cli.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    cli.add_argument("--root-cert", help="CA certificate (ca.pem from `fedtune keys`)")
+    cli.add_argument("--auth-key", required=True, help="this site's private key (nodes/node-K.key)")
+    cli.add_argument("--data", help="this site's data file (JSONL/CSV/Parquet); it never leaves the site")
+    cli.add_argument("--preset", choices=["tiny", "smollm2"], help="use the built-in demo share for this node")
+    cli.add_argument("--share", help="K/N: which demo share (default: K from node-K.key)")
+    cli.add_argument("--device", choices=["cpu", "cuda"], help="where this site trains")
+    cli.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a site setting, e.g. train.batch-size=8"
+    )
+    cli.add_argument("--port", type=int, help="local port of the SuperNode's runtime API (default: a free one)")
+    cli.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
+    cli.add_argument("--insecure", action="store_true", help="no TLS (development only)")
+    cli.add_argument("--dry-run", action="store_true", help="print the flower-supernode command instead of running it")
+    cli.set_defaults(func=_client)
+
     fetch = sub.add_parser("fetch-model", help="cache the demo model locally (dequantized once)")
     fetch.add_argument("name", choices=["smollm2"])
     fetch.set_defaults(func=_fetch_model)
     return parser
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     setup_logging()
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the Flower processes fedtune started are stopped too.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
     except FedtuneError as exc:

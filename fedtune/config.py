@@ -23,6 +23,18 @@ if TYPE_CHECKING:
 
 Scalar = bool | int | float | str
 
+# Settings a data site may choose for itself in its node config; they override the server's round
+# spec at that site (``lora.r`` sets the site's own rank, see ``simulation.site-ranks``).
+SITE_KEYS = (
+    "model.name",
+    "model.gguf-file",
+    "model.dtype",
+    "train.batch-size",
+    "train.device",
+    "train.num-threads",
+    "lora.r",
+)
+
 
 def _require(ok: bool, key: str, msg: str) -> None:
     """Raise a ConfigError naming ``key`` unless ``ok``."""
@@ -298,6 +310,8 @@ class OutputConfig:
 
     dir: str = ""
     """Run directory; empty means ``runs/<timestamp>``."""
+    resume: bool = False
+    """Continue the run in ``output.dir`` from its last complete checkpoint."""
 
 
 @dataclass(frozen=True, kw_only=True)

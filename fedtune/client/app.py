@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from fedtune import keys
 from fedtune.client.site import Site, open_site
 from fedtune.client.trainer import heldout_loss, train_local
-from fedtune.config import RunConfig
+from fedtune.config import SITE_KEYS, RunConfig
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.logs import quiet_libraries
 from fedtune.lora import rank_slice, sent_keys
@@ -37,7 +37,8 @@ def _open(msg: Message, context: Context) -> tuple[RunConfig, int, Site, Any]:
     rnd = spec.pop(keys.ROUND)
     if not isinstance(rnd, int):
         raise ConfigError(f"round spec: `{keys.ROUND}` must be an integer, got {rnd!r}.")
-    cfg = RunConfig.from_flat(spec)
+    local = {k: v for k, v in context.node_config.items() if k in SITE_KEYS and k != "lora.r"}
+    cfg = RunConfig.from_flat({**spec, **local})  # the site's own settings win over the spec
     site = open_site(cfg, context.node_config)
     model = site.model(cfg)
     load_adapter_arrays(model, rank_slice(arrays_from_record(msg.content.array_records[keys.ADAPTER]), site.rank))

@@ -38,6 +38,7 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     every round, write outputs; returns the summary extras."""
     compat.check(plan)
     cfg = plan.base
+    resume = resume or cfg.output.resume
     out = output_dir(cfg)
     reporter = Reporter(out)
     if not resume and reporter.path.exists():

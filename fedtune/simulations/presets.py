@@ -52,6 +52,7 @@ def preset(name: str) -> dict[str, Scalar]:
 
 
 def build_tiny_model(directory: Path, seed: int = 0, chat_template: bool = True) -> Path:
+    # The seed is the model's own (default 0), not the run's: every site must build the same base.
     """Build (once) a tiny Llama and a BPE tokenizer trained on the demo data, saved to ``directory``."""
     if (directory / "config.json").is_file():
         return directory

@@ -1,0 +1,1 @@
+"""Deployment: keys and certificates, and thin wrappers around Flower's SuperLink and SuperNode."""

@@ -1,0 +1,137 @@
+"""``fedtune client``: a real ``flower-supernode`` at a data site, with TLS and its auth key.
+
+The site's data path and its local settings travel as node config; only the ClientApp's replies
+(adapter deltas and metrics) leave the site. ``--dry-run`` prints the command.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from fedtune import keys
+from fedtune.config import SITE_KEYS, RunConfig, Scalar
+from fedtune.deploy import procs
+from fedtune.deploy.server import _toml
+from fedtune.errors import ConfigError, FedtuneError
+from fedtune.models import fedtune_home
+
+PRESET_SITES = {"tiny": 3, "smollm2": 5}  # sites the built-in demo data is split into
+
+
+def site_settings(sets: dict[str, Scalar]) -> dict[str, Scalar]:
+    """Validate ``--set`` for a site: only SITE_KEYS, with values of the right type."""
+    for key in sets:
+        if key not in SITE_KEYS:
+            raise ConfigError(f"`--set {key}`: a site may set only {', '.join(SITE_KEYS)}.")
+    probe = {k: v for k, v in sets.items() if k != "lora.r"}
+    RunConfig().override(probe)  # raises naming the key if a value has the wrong type
+    if "lora.r" in sets and (not isinstance(sets["lora.r"], int) or isinstance(sets["lora.r"], bool)):
+        raise ConfigError(f"`lora.r` must be an integer, got {sets['lora.r']!r}.")
+    return sets
+
+
+def node_index(auth_key: Path) -> int | None:
+    """K of a ``node-K.key`` file, else None."""
+    stem = auth_key.stem
+    return int(stem.split("-", 1)[1]) if stem.startswith("node-") and stem.split("-", 1)[1].isdigit() else None
+
+
+def build_node_config(
+    *,
+    data: Path | None,
+    preset: str | None,
+    auth_key: Path,
+    share: str | None,
+    device: str | None,
+    sets: dict[str, Scalar],
+) -> dict[str, Scalar]:
+    """The SuperNode's node config: the site's data, its demo share (presets), its own settings."""
+    config: dict[str, Scalar] = dict(site_settings(sets))
+    if device:
+        config["train.device"] = device
+    if preset is not None:
+        if preset == "tiny" and "model.name" not in config:
+            from fedtune.simulations.presets import build_tiny_model
+
+            config["model.name"] = str(build_tiny_model(fedtune_home() / "tiny" / "base-model"))
+        k, n = _share(share, auth_key, PRESET_SITES[preset])
+        config[keys.PARTITION_ID], config[keys.NUM_PARTITIONS] = k - 1, n
+    if data is not None:
+        if not data.is_file() and not data.is_dir():
+            raise FedtuneError(f"`--data`: no such file or directory: {data}")
+        config[keys.DATA_PATH] = str(data.resolve())
+    if keys.DATA_PATH not in config and keys.PARTITION_ID not in config:
+        raise ConfigError("`--data` is required (or `--preset tiny|smollm2` for the built-in demo share).")
+    return config
+
+
+def _share(share: str | None, auth_key: Path, default_n: int) -> tuple[int, int]:
+    if share:
+        k_text, _, n_text = share.partition("/")
+        if not (k_text.isdigit() and n_text.isdigit() and 1 <= int(k_text) <= int(n_text)):
+            raise ConfigError(f"`--share` must be K/N with 1 <= K <= N, got {share!r}.")
+        return int(k_text), int(n_text)
+    k = node_index(auth_key)
+    if k is None or k > default_n:
+        raise ConfigError(f"`--share K/N` is needed: {auth_key.name} is not node-1..node-{default_n}.")
+    return k, default_n
+
+
+def free_port() -> int:
+    """A free local TCP port for the SuperNode's runtime API."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def supernode_command(
+    superlink: str,
+    root_cert: Path | None,
+    auth_key: Path,
+    node_config: dict[str, Scalar],
+    port: int,
+    max_retries: int | None,
+) -> list[str]:
+    """The ``flower-supernode`` command line."""
+    cmd = [procs.flower_bin("flower-supernode"), "--superlink", superlink]
+    cmd += ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
+    if root_cert is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    cmd += ["--port", str(port), "--node-config", " ".join(f"{k}={_toml(v)}" for k, v in node_config.items())]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    return cmd
+
+
+HINTS = {
+    "2004": "the SuperLink refused this node: its public key is not registered there",
+    "2001": "the SuperLink requires SuperNode authentication: pass this site's --auth-key",
+    "CERTIFICATE_VERIFY_FAILED": "TLS verification failed: --root-cert is not the CA of the server certificate",
+    "Giving up reconnection": "could not reach the SuperLink (wrong address, or it needs TLS and --insecure was given)",
+}
+
+
+def join(cmd: list[str]) -> None:
+    """Run the SuperNode in the foreground, echoing its output; a failure ends in one clear line."""
+    tail: collections.deque[str] = collections.deque(maxlen=50)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=procs.env(), start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            tail.append(line)
+        proc.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            procs.stop(proc)  # type: ignore[arg-type]
+    if proc.returncode:
+        text = "".join(tail)
+        hint = next((h for needle, h in HINTS.items() if needle in text), "see its output above")
+        raise FedtuneError(f"flower-supernode exited with status {proc.returncode}: {hint}.")

@@ -1,0 +1,175 @@
+"""``fedtune server``: a real ``flower-superlink`` with TLS and SuperNode authentication, the sites'
+keys registered, and the fedtune run submitted with ``flwr run``; the SuperLink is always stopped.
+
+fedtune writes the run as a Flower app (``OUT/app/pyproject.toml`` whose config is the run's flat
+config) and a ``flwr`` connection (``OUT/.flwr/config.toml``); the commands it runs are exactly what
+a Flower user would type, and ``--dry-run`` prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from fedtune.config import Scalar
+from fedtune.data.loaders import eval_source, load_records
+from fedtune.data.prompts import check_format
+from fedtune.deploy import procs
+from fedtune.deploy.keys import KeyLayout
+from fedtune.errors import FedtuneError
+from fedtune.models import load_tokenizer, resolve_model
+from fedtune.privacy import compat
+from fedtune.server.report import SUMMARY_FILE
+from fedtune.strategies.plan import Plan
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "fedtune"
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    """Where ``fedtune server`` keeps its Flower plumbing inside the run directory."""
+
+    out: Path
+
+    @property
+    def app(self) -> Path:
+        return self.out / "app"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.out / ".flwr"
+
+    @property
+    def database(self) -> Path:
+        return self.out / "superlink.db"
+
+    @property
+    def superlink_log(self) -> Path:
+        return self.out / "superlink.log"
+
+
+def check_keys(layout: KeyLayout) -> list[Path]:
+    """The TLS files must exist and parse; returns the sites' public keys (at least one)."""
+    for path, kind in [(layout.ca, "cert"), (layout.server_cert, "cert"), (layout.server_key, "key")]:
+        try:
+            data = path.read_bytes()
+            if kind == "cert":
+                x509.load_pem_x509_certificate(data)
+            else:
+                load_pem_private_key(data, password=None)
+        except OSError as exc:
+            raise FedtuneError(
+                f"`--keys`: cannot read {path}: {exc.strerror} (create keys with `fedtune keys`)."
+            ) from None
+        except ValueError:
+            raise FedtuneError(f"`--keys`: {path} is not a valid PEM {kind}.") from None
+    pubs = layout.node_pubs()
+    if not pubs:
+        raise FedtuneError(f"`--keys`: {layout.root / 'nodes'} holds no node-K.pub; nothing could join.")
+    return pubs
+
+
+def app_pyproject(plan: Plan) -> str:
+    """A Flower app whose components are fedtune's and whose config is this run's flat config."""
+    lines = [
+        "# Written by `fedtune server`: fedtune's ServerApp/ClientApp with this run's config.",
+        "[project]",
+        'name = "fedtune-run"',
+        'version = "1.0.0"',
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedtune"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "fedtune.server.app:app"',
+        'clientapp = "fedtune.client.app:app"',
+        "",
+        "[tool.flwr.app.config]",
+    ]
+    lines += [f"{key} = {_toml(value)}" for key, value in plan.to_flat().items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    return repr(value)
+
+
+def commands(files: ServerFiles, layout: KeyLayout, host: str, port: int) -> dict[str, list[str]]:
+    """The Flower commands ``fedtune server`` runs, by step."""
+    superlink = [
+        procs.flower_bin("flower-superlink"),
+        *("--ssl-ca-certfile", str(layout.ca), "--ssl-certfile", str(layout.server_cert)),
+        *("--ssl-keyfile", str(layout.server_key), "--enable-supernode-auth"),
+        *("--database", str(files.database), "--host", host, "--port", str(port)),
+        "--disable-runtime-dependency-installation",
+    ]
+    register = [[procs.flower_bin("flwr"), "supernode", "register", str(p), CONNECTION] for p in layout.node_pubs()]
+    run = [procs.flower_bin("flwr"), "run", str(files.app), CONNECTION, "--stream"]
+    return {"superlink": superlink, **{f"register-{i + 1}": c for i, c in enumerate(register)}, "run": run}
+
+
+def precheck(plan: Plan) -> None:
+    """What the server can check before anything starts: plan, model, prompt format, eval data."""
+    compat.check(plan)
+    cfg = plan.base
+    check_format(cfg.data, load_tokenizer(resolve_model(cfg.model)), cfg.model.name)
+    source = eval_source(cfg.data)
+    if source is not None and cfg.eval.centralized:
+        load_records(source, cfg.data, key="data.eval-path" if cfg.data.eval_path else "data.path")
+
+
+def serve(plan: Plan, layout: KeyLayout, address: str, *, dry_run: bool = False) -> Path:
+    """Run the whole server side; returns the run directory."""
+    host, port = procs.split_address(address, "--address")
+    files = ServerFiles(Path(plan.base.output.dir))
+    cmds = commands(files, layout, host, port)
+    if dry_run:
+        print(f"export {' '.join(f'{k}={v}' for k, v in procs.SAFE_ENV.items())} FLWR_HOME={files.flwr_home}")
+        for cmd in cmds.values():
+            print(procs.show(cmd))
+        return files.out
+    check_keys(layout)
+    precheck(plan)
+    if not procs.port_free(host, port):
+        raise FedtuneError(f"`--address`: {host}:{port} is already in use.")
+    files.app.mkdir(parents=True, exist_ok=True)
+    (files.app / "pyproject.toml").write_text(app_pyproject(plan))
+    files.flwr_home.mkdir(parents=True, exist_ok=True)
+    (files.flwr_home / "config.toml").write_text(
+        f'[superlink.{CONNECTION}]\naddress = "{host}:{port}"\nroot-certificates = "{layout.ca.resolve()}"\n'
+    )
+    extra = {"FLWR_HOME": str(files.flwr_home)}
+    with procs.running(cmds["superlink"], files.superlink_log, extra) as superlink:
+        (files.out / "superlink.pid").write_text(f"{superlink.pid}\n")  # for tools that must stop it
+        procs.wait_for_port(superlink, "flower-superlink", host, port, files.superlink_log)
+        log.info("SuperLink up on %s:%d (TLS, SuperNode authentication on); log: %s", host, port, files.superlink_log)
+        for name, cmd in cmds.items():
+            if name.startswith("register-"):
+                _register(cmd, extra)
+        result = subprocess.run(cmds["run"], env=procs.env(extra), check=False)
+    if not (files.out / SUMMARY_FILE).exists():
+        raise FedtuneError(f"the run did not finish (flwr run exited {result.returncode}); see {files.superlink_log}")
+    return files.out
+
+
+def _register(cmd: list[str], extra: dict[str, str]) -> None:
+    proc = subprocess.run(cmd, env=procs.env(extra), capture_output=True, text=True, check=False)
+    text = (proc.stdout + proc.stderr).strip()
+    if "registered successfully" in text:
+        log.info("Registered %s", Path(cmd[3]).name)
+    elif "already in use" in text:
+        log.info("%s was registered before", Path(cmd[3]).name)  # registrations persist in the database
+    else:
+        raise FedtuneError(f"registering {cmd[3]} failed: {text.splitlines()[-1] if text else proc.returncode}")
