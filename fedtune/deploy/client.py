@@ -7,10 +7,10 @@ The site's data path and its local settings travel as node config; only the Clie
 from __future__ import annotations
 
 import collections
-import contextlib
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from fedtune import keys
@@ -122,15 +122,20 @@ def join(cmd: list[str]) -> None:
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=procs.env(), start_new_session=True
     )
-    try:
+
+    def forward() -> None:
         assert proc.stdout is not None
-        for line in proc.stdout:
+        for line in proc.stdout:  # ends when every process of the group has closed the pipe
             sys.stdout.write(line)
             tail.append(line)
-        proc.wait()
+
+    reader = threading.Thread(target=forward, daemon=True)
+    reader.start()
+    try:
+        proc.wait()  # the SuperNode itself; its SuperExec child would keep the pipe open
     finally:
-        with contextlib.suppress(Exception):
-            procs.stop(proc)  # type: ignore[arg-type]
+        procs.stop(proc)  # type: ignore[arg-type]  # the whole group, SuperExec included
+        reader.join(timeout=5)
     if proc.returncode:
         text = "".join(tail)
         hint = next((h for needle, h in HINTS.items() if needle in text), "see its output above")

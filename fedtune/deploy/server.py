@@ -84,6 +84,8 @@ def app_pyproject(plan: Plan) -> str:
         "[project]",
         'name = "fedtune-run"',
         'version = "1.0.0"',
+        'description = "A fedtune run"',
+        'license = "Apache-2.0"',
         "",
         "[tool.flwr.app]",
         'publisher = "fedtune"',

@@ -1,0 +1,154 @@
+"""A real deployment on 127.0.0.1: flower-superlink with TLS and SuperNode auth, three SuperNodes.
+
+Everything goes through the user-facing commands (`fedtune keys`, `fedtune server`, `fedtune
+client`); every process the test starts is stopped by its process group, even when it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Processes:
+    """Starts fedtune commands in their own sessions and stops them all at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedtune.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=ENV,
+            start_new_session=True,
+        )
+        self.started.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for proc in self.started:  # SIGTERM first: fedtune stops the Flower processes it started
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for pidfile in self.root.rglob("superlink.pid"):  # belt and braces
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_tls_authenticated_deployment_trains_and_refuses_an_unregistered_node(
+    processes: Processes, tmp_path: Path
+) -> None:
+    # Prepare: keys for 3 sites, and one key pair the server never heard of
+    for out, n in (("keys", 3), ("intruder", 1)):
+        subprocess.run(
+            [sys.executable, "-m", "fedtune.cli", "keys", "--out", str(tmp_path / out), "--nodes", str(n)],
+            check=True,
+            env=ENV,
+        )
+    address = f"127.0.0.1:{free_port()}"
+    run = tmp_path / "run"
+
+    # Execute
+    server = processes.start(
+        "server",
+        *("server", "--keys", str(tmp_path / "keys"), "--preset", "tiny", "--out", str(run), "--address", address),
+        *("--rounds", "2", "--set", "server.min-clients=3", "--set", "eval.federated=false"),
+    )
+    wait_for(lambda: (run / "superlink.pid").exists() or server.poll() is not None, 120, "the SuperLink")
+    assert server.poll() is None, processes.log("server")
+    tls = ("--superlink", address, "--root-cert", str(tmp_path / "keys" / "ca.pem"))
+    for k in (1, 2, 3):
+        processes.start(
+            f"client-{k}",
+            "client",
+            *tls,
+            "--auth-key",
+            str(tmp_path / "keys" / "nodes" / f"node-{k}.key"),
+            "--preset",
+            "tiny",
+        )
+    intruder = processes.start(
+        "intruder",
+        "client",
+        *tls,
+        "--auth-key",
+        str(tmp_path / "intruder" / "nodes" / "node-1.key"),
+        "--preset",
+        "tiny",
+    )
+    assert intruder.wait(timeout=120) != 0
+    assert server.wait(timeout=400) == 0, processes.log("server")[-3000:]
+
+    # Assert: the refused node got one clear line
+    assert "its public key is not registered" in processes.log("intruder"), processes.log("intruder")[-2000:]
+    # the run trained with all three sites and wrote a vanilla PEFT adapter
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["replied"] == 3 and r["failed"] == 0 for r in rows[1:])
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), str(run / "adapter")
+    )
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    # and the SuperLink was stopped with the server
+    assert not alive(int((run / "superlink.pid").read_text()))
