@@ -95,7 +95,7 @@ def round_content(arrays: Arrays, cfg: RunConfig, rnd: int) -> RecordDict:
 
 def _send(
     grid: GridLike, state: ServerState, cfg: RunConfig, nodes: list[int], kind: str, rnd: int
-) -> tuple[Iterator[Message], int]:
+) -> tuple[Iterator[tuple[int, Message]], int]:
     """Send each node the global adapter at its own rank (once known) with the round's spec;
     return the replies as a stream, and the bytes sent."""
     full = rank_of(state.global_arrays)
@@ -112,21 +112,30 @@ def _send(
     return stream_replies(grid, messages, cfg.server.round_timeout), down
 
 
-def stream_replies(grid: GridLike, messages: list[Message], timeout: float) -> Iterator[Message]:
-    """Push ``messages`` and yield replies as they arrive, so the caller can fold each one into
-    its aggregate and drop it: server memory then does not grow with the number of clients."""
+def stream_replies(grid: GridLike, messages: list[Message], timeout: float) -> Iterator[tuple[int, Message]]:
+    """Push ``messages`` and yield (node id, reply) as replies arrive, so the caller can fold each
+    one into its aggregate and drop it: server memory then does not grow with the number of clients.
+
+    The node is the one the original message went to: Flower answers for an unreachable node with
+    an error reply from the SuperLink itself, whose source is not that node.
+    """
     push, pull = getattr(grid, "push_messages", None), getattr(grid, "pull_messages", None)
     if push is None or pull is None:  # a grid that only offers the batch call
-        yield from grid.send_and_receive(messages, timeout=timeout)
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            yield int(reply.metadata.src_node_id), reply
         return
-    pending = set(push(messages))
+    destinations = [m.metadata.dst_node_id for m in messages]
+    ids = list(push(messages))
+    node_of = dict(zip(ids, destinations, strict=True))
+    pending = set(ids)
     del messages
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         arrived = list(pull(pending))
         for reply in arrived:
-            pending.discard(reply.metadata.reply_to_message_id)
-            yield reply
+            origin = reply.metadata.reply_to_message_id
+            pending.discard(origin)
+            yield int(node_of.get(origin, reply.metadata.src_node_id)), reply
         if pending and not arrived:
             time.sleep(PULL_INTERVAL)
 
@@ -141,13 +150,12 @@ def _train_round(
     accepted: list[validation.Accepted] = []
     up = 0
     answered = set()
-    for reply in replies:  # streamed: each reply is folded in, then dropped
-        node = int(reply.metadata.src_node_id)
+    for node, reply in replies:  # streamed: each reply is folded in, then dropped
         answered.add(node)
         if not reply.has_error() and keys.DELTA in reply.content.array_records:
             up += payload_bytes(reply.content.array_records[keys.DELTA])
         try:
-            ok = validation.accept_reply(reply, cfg, state.global_arrays)
+            ok = validation.accept_reply(node, reply, cfg, state.global_arrays)
             if ok.masks is not None:
                 if not isinstance(aggregator, WeightedMean):
                     raise UpdateRejected(f"`strategy.name` = {cfg.strategy.name} has no rule for rank {ok.rank}")
@@ -165,6 +173,7 @@ def _train_round(
         log.warning("round %d: node %d failed: %s", rnd, node, reason)
         failures.append({"node": node, "reason": reason})
     row.update(replied=len(accepted), failed=len(failures), failures=failures, bytes_up=up, bytes_down=down)
+    row["replied_nodes"] = sorted(a.node for a in accepted)
     weight = sum(a.weight for a in accepted)
     row["train_loss"] = sum(a.train_loss * a.weight for a in accepted) / weight if accepted else None
     if len(accepted) < cfg.server.min_replies:
@@ -198,9 +207,9 @@ def _federated_eval(cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int
     replies, down = _send(grid, state, cfg, nodes, MessageType.EVALUATE, rnd)
     row["bytes_down"] = row.get("bytes_down", 0) + down
     total, weight = 0.0, 0.0
-    for reply in replies:
+    for node, reply in replies:
         if reply.has_error():
-            log.warning("round %d: eval failed on node %d: %s", rnd, reply.metadata.src_node_id, reply.error.reason)
+            log.warning("round %d: eval failed on node %d: %s", rnd, node, reply.error.reason)
             continue
         metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
         loss, n = metrics.get(keys.EVAL_LOSS), metrics.get(keys.NUM_EXAMPLES)

@@ -67,9 +67,8 @@ def expected_keys(global_arrays: Arrays, cfg: RunConfig) -> Arrays:
     return {k: global_arrays[k] for k in sent_keys(global_arrays, cfg.lora.freeze_a)}
 
 
-def accept_reply(reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accepted:
-    """Check one train reply end to end; raise UpdateRejected naming the reason."""
-    node = int(reply.metadata.src_node_id)
+def accept_reply(node: int, reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accepted:
+    """Check one train reply from ``node`` end to end; raise UpdateRejected naming the reason."""
     if reply.has_error():
         raise UpdateRejected(f"client error: {reply.error.reason}")
     record = reply.content.array_records.get(keys.DELTA)

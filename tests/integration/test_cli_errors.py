@@ -89,3 +89,51 @@ def test_chat_format_without_template(tiny_model_no_template: Path, tmp_path: Pa
     assert_clean_failure(
         proc.stderr, proc.returncode, '`data.format` = "chat" needs a tokenizer with a chat template', out
     )
+
+
+def test_server_with_missing_keys_names_the_file(tmp_path: Path) -> None:
+    proc = fedtune("server", "--keys", str(tmp_path / "nokeys"), "--preset", "tiny", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"`--keys`: cannot read {tmp_path / 'nokeys' / 'ca.pem'}" in proc.stderr
+
+
+def test_server_port_already_in_use(tmp_path: Path) -> None:
+    import socket
+
+    assert fedtune("keys", "--out", str(tmp_path / "keys"), "--nodes", "1").returncode == 0
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = fedtune(
+            "server",
+            "--keys",
+            str(tmp_path / "keys"),
+            "--preset",
+            "tiny",
+            "--out",
+            str(tmp_path / "run"),
+            "--address",
+            f"127.0.0.1:{port}",
+        )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"`--address`: 127.0.0.1:{port} is already in use." in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--data", "/nonexistent/site.jsonl"], "`--data`: no such file or directory: /nonexistent/site.jsonl"),
+        (
+            ["--data", "/etc/hostname", "--root-cert", "/nonexistent/ca.pem"],
+            "`--root-cert`: no such file: /nonexistent/ca.pem",
+        ),
+        (["--preset", "tiny", "--set", "strategy.name=krum"], "`--set strategy.name`: a site may set only"),
+    ],
+)
+def test_client_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:
+    assert fedtune("keys", "--out", str(tmp_path / "keys"), "--nodes", "1").returncode == 0
+    base = ["client", "--superlink", "127.0.0.1:1", "--root-cert", str(tmp_path / "keys" / "ca.pem")]
+    proc = fedtune(*base, "--auth-key", str(tmp_path / "keys" / "nodes" / "node-1.key"), *args)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert needle in proc.stderr, proc.stderr

@@ -172,3 +172,46 @@ def test_plan_switches_strategy_and_fraction_per_round(task_identity: None) -> N
     assert "adam" in state.optimizer_states
     sent = [m for m in grid.sent if m.metadata.message_type == "train" and m.metadata.group_id == "3"]
     assert sent[0].content.config_records[keys.SPEC]["strategy.name"] == "fedadam"
+
+
+class PushPullGrid(FakeGrid):
+    """Flower's push/pull interface; node 3 is unreachable, so the SuperLink (node 1) answers."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        super().__init__(nodes, honest)
+        self.pending: dict[str, Message] = {}
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}-{i}"
+            self.sent.append(msg)
+            self.pending[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        out = []
+        for mid in list(message_ids):
+            msg = self.pending.pop(mid, None)
+            if msg is None:
+                continue
+            if msg.metadata.dst_node_id == 3:
+                reply = Message(Error(code=3, reason="Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 1  # what Flower's SuperLink sends
+            else:
+                reply = honest(msg)
+            out.append(reply)
+        return out
+
+
+def test_an_unreachable_node_is_blamed_not_the_superlink(task_identity: None) -> None:
+    # Execute
+    _, rows = run_loop(
+        Plan.from_flat({"num-server-rounds": 1, "server.min-clients": 3, "eval.federated": False}),
+        PushPullGrid([2, 3, 4]),
+    )
+
+    # Assert
+    assert (rows[1]["replied"], rows[1]["failed"]) == (2, 1)
+    assert rows[1]["failures"] == [{"node": 3, "reason": "client error: Node Unavailable"}]
