@@ -137,6 +137,7 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -150,6 +151,7 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", label=label)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss per response token")
     ax.set_title("fedtune: loss per round")
     ax.grid(alpha=0.3)
