@@ -35,15 +35,20 @@ ClientFn = Callable[[Message, Context], Message]
 
 
 class RecordingGrid(LocalGrid):
-    """The shared backend, keeping every message it carried both ways."""
+    """The shared backend, keeping every message sent and a copy of each reply's delta (the server
+    releases a reply's arrays once they are aggregated)."""
 
     def __init__(self, client: ClientFn, num_sites: int) -> None:
         super().__init__(client, num_sites)
-        self.log: list[tuple[Message, Message]] = []
+        self.log: list[tuple[Message, dict[str, np.ndarray]]] = []
 
     def _handle(self, msg: Message) -> Message:
         reply = super()._handle(msg)
-        self.log.append((msg, reply))
+        records = reply.content.array_records if reply.has_content() else {}
+        delta = (
+            {k: v.copy() for k, v in arrays_from_record(records[keys.DELTA]).items()} if keys.DELTA in records else {}
+        )
+        self.log.append((msg, delta))
         return reply
 
 
@@ -144,8 +149,7 @@ def test_ffa_sends_exactly_the_b_matrices(tiny_model: Path, tmp_path: Path) -> N
     b_bytes = sum(m.out_features * r * 4 for m in modules.values())
     all_bytes = sum((m.in_features + m.out_features) * r * 4 for m in modules.values())
     train = [(m, rep) for m, rep in grid.log if m.metadata.message_type == "train"]
-    for _, reply in train:
-        delta = arrays_from_record(reply.content.array_records[keys.DELTA])
+    for _, delta in train:
         assert delta and all(".lora_B." in k for k in delta)
         assert sum(v.nbytes for v in delta.values()) == b_bytes
     sent = arrays_from_record(train[0][0].content.array_records[keys.ADAPTER])
@@ -175,11 +179,10 @@ def test_three_ranks_train_and_each_site_gets_its_own_slice(tiny_model: Path, tm
 
     # Assert: each site's delta has its own rank, and round 2 sends each site its own slice
     want = {1: 8, 2: 4, 3: 2}  # node id = partition id + 1
-    for msg, reply in grid.log:
+    for msg, delta in grid.log:
         node = msg.metadata.dst_node_id
         if msg.metadata.message_type != "train":
             continue
-        delta = arrays_from_record(reply.content.array_records[keys.DELTA])
         assert {v.shape[0] for k, v in delta.items() if ".lora_A." in k} == {want[node]}
         if msg.metadata.group_id == "2":
             sent = arrays_from_record(msg.content.array_records[keys.ADAPTER])

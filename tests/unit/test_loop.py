@@ -215,3 +215,38 @@ def test_an_unreachable_node_is_blamed_not_the_superlink(task_identity: None) ->
     # Assert
     assert (rows[1]["replied"], rows[1]["failed"]) == (2, 1)
     assert rows[1]["failures"] == [{"node": 3, "reason": "client error: Node Unavailable"}]
+
+
+def test_server_memory_does_not_grow_with_the_number_of_replies(task_identity: None) -> None:
+    # Prepare: 40 clients, each replying with a 4 MiB delta made only when its reply is pulled
+    import tracemalloc
+
+    big = {"m.lora_A.weight": np.zeros((256, 2048), np.float32), "m.lora_B.weight": np.zeros((2048, 256), np.float32)}
+
+    class LazyGrid(PushPullGrid):
+        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+            for mid in list(message_ids):
+                msg = self.pending.pop(mid, None)
+                if msg is not None:
+                    node = msg.metadata.dst_node_id
+                    delta = {k: np.full(v.shape, node, np.float32) for k, v in big.items()}
+                    metrics = MetricRecord({keys.NUM_EXAMPLES: 1})
+                    return [
+                        Message(
+                            RecordDict({keys.DELTA: record_from_arrays(delta), keys.METRICS: metrics}), reply_to=msg
+                        )
+                    ]
+            return []
+
+    plan = Plan.from_flat({"num-server-rounds": 1, "server.min-clients": 40, "eval.federated": False})
+    state = loop.ServerState(round=0, global_arrays=dict(big), rng=np.random.default_rng(0), history=[{"round": 0}])
+
+    # Execute
+    tracemalloc.start()
+    state = loop.run(plan, LazyGrid(list(range(1, 41))), state, evaluate=lambda a: None, on_round=lambda s, r: None)
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+
+    # Assert: the mean of node ids 1..40 is 20.5, and the peak is a few deltas, not 40 (160 MiB)
+    np.testing.assert_allclose(state.global_arrays["m.lora_A.weight"], 20.5)
+    assert peak < 40, peak
