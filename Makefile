@@ -29,8 +29,8 @@ demo: model
 	$(BIN)/fedtune simulate --preset smollm2 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 lint: setup
-	$(BIN)/ruff check fedtune tests
-	$(BIN)/ruff format --check fedtune tests
+	$(BIN)/ruff check fedtune tests benchmarks
+	$(BIN)/ruff format --check fedtune tests benchmarks
 	$(BIN)/mypy fedtune
 
 test: lint
