@@ -13,7 +13,7 @@ from fedtune import keys
 from fedtune.config import RunConfig
 from fedtune.data.loaders import load_records, train_source
 from fedtune.data.partition import site_partition, train_heldout
-from fedtune.data.prompts import Example, check_format, tokenize
+from fedtune.data.prompts import IGNORE, Example, check_format, tokenize
 from fedtune.errors import ConfigError
 from fedtune.models import LoadedModel, load_base, pick_device, set_trainable, wrap_lora
 
@@ -99,6 +99,12 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
         train=tokenize(train, cfg.data, loaded.tokenizer),
         heldout=tokenize(held, cfg.data, loaded.tokenizer),
     )
+    lost = sum(1 for e in site.train + site.heldout if all(t == IGNORE for t in e.labels))
+    if lost:
+        log.warning(
+            "%s: %d example(s) lose their whole response to `data.max-seq-len` = %d and teach nothing; raise it.",
+            *(name, lost, cfg.data.max_seq_len),
+        )
     log.info(
         "%s: %d train / %d held-out examples, LoRA rank %d, on %s",
         *(name, len(site.train), len(site.heldout), rank, loaded.device),
