@@ -7,10 +7,9 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
-from fedtune.config import Scalar, parse_assignments
+from fedtune.config import Scalar, default_output_dir, parse_assignments
 from fedtune.errors import FedtuneError
 from fedtune.logs import quiet_libraries, setup_logging
 from fedtune.strategies.plan import Plan
@@ -28,7 +27,7 @@ def _plan(args: argparse.Namespace, extra: dict[str, Scalar] | None = None) -> P
         out = Path(args.resume).resolve()
         flat = {**saved_plan(out), **parse_assignments(args.set), "output.dir": str(out), "output.resume": True}
         return Plan.from_flat(flat)
-    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    out = Path(args.out or default_output_dir()).resolve()
     flat = preset(args.preset) if args.preset else {}
     flat.update(extra or {})
     for key, value in (

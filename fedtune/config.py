@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import time
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -427,6 +429,20 @@ def _coerce(key: str, value: Any, ftype: Any) -> Any:
         _require(isinstance(value, str), key, f"must be a string, got {value!r}.")
         return value
     raise AssertionError(f"unsupported field type {ftype!r} for {key}")
+
+
+def toml_scalar(value: Scalar) -> str:
+    """A scalar as a TOML value (what Flower parses in app config, run config and node config)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    return repr(value)
+
+
+def default_output_dir() -> str:
+    """``runs/<timestamp>``: where a run goes when ``output.dir`` / ``--out`` is not given."""
+    return time.strftime("runs/%Y%m%d-%H%M%S")
 
 
 def flat_defaults() -> dict[str, Scalar]:

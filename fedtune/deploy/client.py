@@ -14,9 +14,8 @@ import threading
 from pathlib import Path
 
 from fedtune import keys
-from fedtune.config import SITE_KEYS, RunConfig, Scalar
+from fedtune.config import SITE_KEYS, RunConfig, Scalar, toml_scalar
 from fedtune.deploy import procs
-from fedtune.deploy.server import _toml
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.models import fedtune_home
 
@@ -102,7 +101,7 @@ def supernode_command(
     cmd += ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
     if root_cert is not None:
         cmd += ["--auth-supernode-private-key", str(auth_key)]
-    cmd += ["--port", str(port), "--node-config", " ".join(f"{k}={_toml(v)}" for k, v in node_config.items())]
+    cmd += ["--port", str(port), "--node-config", " ".join(f"{k}={toml_scalar(v)}" for k, v in node_config.items())]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     return cmd

@@ -8,7 +8,6 @@ a Flower user would type, and ``--dry-run`` prints them.
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from fedtune.config import Scalar
+from fedtune.config import toml_scalar
 from fedtune.data.loaders import eval_source, load_records
 from fedtune.data.prompts import check_format
 from fedtune.deploy import procs
@@ -96,16 +95,8 @@ def app_pyproject(plan: Plan) -> str:
         "",
         "[tool.flwr.app.config]",
     ]
-    lines += [f"{key} = {_toml(value)}" for key, value in plan.to_flat().items()]
+    lines += [f"{key} = {toml_scalar(value)}" for key, value in plan.to_flat().items()]
     return "\n".join(lines) + "\n"
-
-
-def _toml(value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string
-    return repr(value)
 
 
 def commands(files: ServerFiles, layout: KeyLayout, host: str, port: int) -> dict[str, list[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.config import RunConfig, from_run_config
+from fedtune.config import RunConfig, default_output_dir, from_run_config
 from fedtune.errors import ConfigError
 from fedtune.logs import quiet_libraries, setup_logging
 from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora, write_adapter
@@ -30,7 +29,7 @@ quiet_libraries()  # this module is the process entry point under `flwr run` / d
 
 def output_dir(cfg: RunConfig) -> Path:
     """``output.dir``, or ``runs/<timestamp>`` when it is empty."""
-    return Path(cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    return Path(cfg.output.dir or default_output_dir())
 
 
 def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict[str, Any]:

@@ -155,7 +155,7 @@ def _train_round(
         if not reply.has_error() and keys.DELTA in reply.content.array_records:
             up += payload_bytes(reply.content.array_records[keys.DELTA])
         try:
-            ok = validation.accept_reply(node, reply, cfg, state.global_arrays)
+            ok = validation.accept_reply(reply, cfg, state.global_arrays)
             if ok.masks is not None:
                 if not isinstance(aggregator, WeightedMean):
                     raise UpdateRejected(f"`strategy.name` = {cfg.strategy.name} has no rule for rank {ok.rank}")

@@ -52,7 +52,6 @@ def validate_delta(delta: Arrays, reference: Arrays, max_norm: float) -> Arrays:
 class Accepted:
     """A reply that passed validation, ready for the aggregator."""
 
-    node: int
     delta: Arrays
     """At the global rank (zero-padded when the site trained at a lower one)."""
     weight: float
@@ -67,8 +66,8 @@ def expected_keys(global_arrays: Arrays, cfg: RunConfig) -> Arrays:
     return {k: global_arrays[k] for k in sent_keys(global_arrays, cfg.lora.freeze_a)}
 
 
-def accept_reply(node: int, reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accepted:
-    """Check one train reply from ``node`` end to end; raise UpdateRejected naming the reason."""
+def accept_reply(reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accepted:
+    """Check one train reply end to end; raise UpdateRejected naming the reason."""
     if reply.has_error():
         raise UpdateRejected(f"client error: {reply.error.reason}")
     record = reply.content.array_records.get(keys.DELTA)
@@ -89,7 +88,6 @@ def accept_reply(node: int, reply: Message, cfg: RunConfig, global_arrays: Array
         delta, masks = pad_rank(delta, expected)
     loss = metrics.get(keys.TRAIN_LOSS, math.nan)
     return Accepted(
-        node=node,
         delta=delta,
         weight=float(examples) if cfg.strategy.weighting == "examples" else 1.0,
         masks=masks,
