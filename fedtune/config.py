@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 Scalar = bool | int | float | str
 
 # Settings a data site may choose for itself in its node config; they override the server's round
-# spec at that site (``lora.r`` sets the site's own rank, see ``simulation.site-ranks``).
+# spec at that site (``lora.r`` sets the site's own rank, see ``simulation.site-ranks``). The privacy
+# keys set a site's own DP-SGD noise or budget and apply under ``privacy.mechanism = dp-sgd`` only,
+# where each site accounts for itself.
 SITE_KEYS = (
     "model.name",
     "model.gguf-file",
@@ -35,7 +37,10 @@ SITE_KEYS = (
     "train.device",
     "train.num-threads",
     "lora.r",
+    "privacy.noise-multiplier",
+    "privacy.target-epsilon",
 )
+SITE_PRIVACY_KEYS = ("privacy.noise-multiplier", "privacy.target-epsilon")
 
 
 def _require(ok: bool, key: str, msg: str) -> None:
@@ -211,10 +216,47 @@ class StrategyConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PrivacyConfig:
-    """``privacy.*``: differential privacy."""
+    """``privacy.*``: differential privacy (see README, "Privacy")."""
 
-    mechanism: Literal["none"] = "none"
-    """DP mechanism; ``none`` gives no formal privacy guarantee."""
+    mechanism: Literal["none", "dp-sgd", "central", "local"] = "none"
+    """``none`` (no formal guarantee), ``dp-sgd`` (sample-level, Opacus at each site), ``central``
+    (user-level DP-FedAvg: clip, noise on the sum at a trusted server) or ``local`` (each client
+    clips and noises its own delta)."""
+    target_epsilon: float = 0.0
+    """The budget: per site for ``dp-sgd``, for the federation otherwise; 0 means no budget."""
+    delta: float = 1e-5
+    """The delta every epsilon is reported at."""
+    noise_multiplier: float = -1.0
+    """Gaussian noise std in units of the clip norm; -1 solves it from ``privacy.target-epsilon``
+    for the planned rounds."""
+    clip_norm: float = 1.0
+    """C: per-example gradient clip (``dp-sgd``) or per-client delta clip (``central``, ``local``);
+    the starting value under adaptive clipping."""
+    clip_on: Literal["client", "server"] = "client"
+    """Where ``central`` clips deltas: at the client (the server checks the norm) or at the server."""
+    adaptive_clip: bool = False
+    """``central``: adapt C towards a quantile of the update norms (Andrew et al. 2021)."""
+    target_quantile: float = 0.5
+    """Adaptive clipping: the share of client updates that should fall under C."""
+    clip_lr: float = 0.2
+    """Adaptive clipping: the geometric step size of C."""
+    clip_count_stddev: float = 0.0
+    """Adaptive clipping: noise std on the count of clipped updates; 0 means expected clients / 20."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    """Opacus accountant that turns the privacy events into epsilon."""
+
+    def __post_init__(self) -> None:
+        _require(self.target_epsilon >= 0, "privacy.target-epsilon", "must be >= 0 (0 means no budget).")
+        _require(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}.")
+        _require(
+            self.noise_multiplier == -1 or self.noise_multiplier >= 0,
+            "privacy.noise-multiplier",
+            f"must be >= 0, or -1 to solve it from `privacy.target-epsilon`; got {self.noise_multiplier}.",
+        )
+        _require(self.clip_norm > 0, "privacy.clip-norm", f"must be > 0, got {self.clip_norm}.")
+        _require(0 < self.target_quantile < 1, "privacy.target-quantile", "must be in (0, 1).")
+        _require(self.clip_lr > 0, "privacy.clip-lr", "must be > 0.")
+        _require(self.clip_count_stddev >= 0, "privacy.clip-count-stddev", "must be >= 0.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,6 +275,9 @@ class ServerConfig:
     """Share of the connected clients sampled each round."""
     num_train: int = 0
     """Clients sampled each round; 0 uses ``server.fraction-train`` instead."""
+    sampling: Literal["fixed", "poisson"] = "fixed"
+    """``fixed``: a seeded choice of that many clients. ``poisson``: each connected client joins
+    independently with probability ``server.fraction-train`` (what DP amplification assumes)."""
     min_clients: int = 2
     """Clients that must be connected (and sampled) before a round starts."""
     min_replies: int = 1

@@ -23,3 +23,7 @@ class IncompatibleComponentsError(ConfigError):
 
 class UpdateRejected(FedtuneError):
     """A client's reply failed validation (wrong keys, shapes, dtypes, non-finite, too large)."""
+
+
+class PrivacyBudgetExceeded(FedtuneError):
+    """The next release would push epsilon past ``privacy.target-epsilon``."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,13 +14,16 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import keys
+from fedtune.client.dp_trainer import DPSettings, sample_rate, train_dp
 from fedtune.client.site import Site, open_site
-from fedtune.client.trainer import heldout_loss, train_local
-from fedtune.config import SITE_KEYS, RunConfig
+from fedtune.client.trainer import TrainResult, heldout_loss, train_local
+from fedtune.config import SITE_KEYS, SITE_PRIVACY_KEYS, RunConfig
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.logs import quiet_libraries
 from fedtune.lora import rank_slice, sent_keys
-from fedtune.models import adapter_arrays, load_adapter_arrays
+from fedtune.models import adapter_arrays, fedtune_home, load_adapter_arrays
+from fedtune.privacy import site as site_privacy
+from fedtune.privacy.central import clip, noise_rng, privatize_locally
 from fedtune.strategies import STRATEGIES
 from fedtune.wire import arrays_from_record, record_from_arrays
 
@@ -31,18 +36,20 @@ app = ClientApp()
 ERROR_CODE = 1  # Flower's Error.code for "failed precondition at the site"
 
 
-def _open(msg: Message, context: Context) -> tuple[RunConfig, int, Site, Any]:
+def _open(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Site, Any]:
     """Decode the round's spec, open the site, and load the global adapter (sliced to its rank)."""
     spec = dict(msg.content.config_records[keys.SPEC])
-    rnd = spec.pop(keys.ROUND)
-    if not isinstance(rnd, int):
-        raise ConfigError(f"round spec: `{keys.ROUND}` must be an integer, got {rnd!r}.")
+    extra = {k: spec.pop(k) for k in (keys.ROUND, keys.RUN_ID, keys.DP_PLANNED_STEPS) if k in spec}
+    if not isinstance(extra.get(keys.ROUND), int):
+        raise ConfigError(f"round spec: `{keys.ROUND}` must be an integer, got {extra.get(keys.ROUND)!r}.")
     local = {k: v for k, v in context.node_config.items() if k in SITE_KEYS and k != "lora.r"}
+    if spec.get("privacy.mechanism") != "dp-sgd":  # only DP-SGD sites account for themselves
+        local = {k: v for k, v in local.items() if k not in SITE_PRIVACY_KEYS}
     cfg = RunConfig.from_flat({**spec, **local})  # the site's own settings win over the spec
     site = open_site(cfg, context.node_config)
     model = site.model(cfg)
     load_adapter_arrays(model, rank_slice(arrays_from_record(msg.content.array_records[keys.ADAPTER]), site.rank))
-    return cfg, rnd, site, model
+    return cfg, extra, site, model
 
 
 def _refuse(msg: Message, exc: FedtuneError) -> Message:
@@ -50,36 +57,68 @@ def _refuse(msg: Message, exc: FedtuneError) -> Message:
     return Message(Error(code=ERROR_CODE, reason=str(exc)), reply_to=msg)
 
 
+def _budget_path(context: Context, extra: dict[str, Any], site: Site) -> Path:
+    state_dir = Path(str(context.node_config.get(keys.STATE_DIR) or fedtune_home() / "site-state"))
+    return site_privacy.state_file(state_dir.expanduser(), str(extra.get(keys.RUN_ID, "run")), site.name)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter locally and reply with the delta (local - global)."""
     try:
-        cfg, rnd, site, model = _open(msg, context)
+        cfg, extra, site, model = _open(msg, context)
     except FedtuneError as exc:
         return _refuse(msg, exc)
+    rnd = extra[keys.ROUND]
+    mechanism = cfg.privacy.mechanism
     start = adapter_arrays(model)
     seed = zlib.crc32(f"{cfg.seed}:{rnd}:{site.name}".encode())
     torch.manual_seed(seed)  # LoRA dropout; same result whichever process runs this site
-    result = train_local(
-        model,
-        site.train,
-        cfg.train,
-        pad_id=int(site.loaded.tokenizer.pad_token_id),
-        generator=torch.Generator().manual_seed(seed),
-        desc=f"{site.name} round {rnd}",
-        proximal_mu=cfg.strategy.proximal_mu if STRATEGIES.get(cfg.strategy.name).proximal else 0.0,
-    )
+    pad_id = int(site.loaded.tokenizer.pad_token_id)
+    desc = f"{site.name} round {rnd}"
+    metrics: dict[str, Any] = {keys.NUM_EXAMPLES: len(site.train), keys.LORA_RANK: site.rank}
+    if mechanism == "dp-sgd":
+        path = _budget_path(context, extra, site)
+        budget = site_privacy.restore(context.state, path)
+        q = sample_rate(len(site.train), cfg.train.batch_size)
+        spend = site_privacy.plan_round(budget, cfg, q, int(extra.get(keys.DP_PLANNED_STEPS, cfg.train.local_steps)))
+        if spend.exhausted:
+            site_privacy.save(budget, context.state, path)
+            log.warning(
+                "%s: round %d would raise this site's epsilon from %.3f to %.3f, past `privacy.target-epsilon` "
+                "= %g; declining (budget exhausted).",
+                *(site.name, rnd, spend.epsilon_before, spend.epsilon_after, cfg.privacy.target_epsilon),
+            )
+            metrics.update({keys.BUDGET_EXHAUSTED: 1, keys.EPSILON: spend.epsilon_before})
+            return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
+        dp = DPSettings(spend.event.noise_multiplier, cfg.privacy.clip_norm, q, spend.event.steps)
+        result: TrainResult = train_dp(model, site.train, cfg.train, dp, pad_id=pad_id, desc=desc)
+        budget.ledger.add(spend.event)
+        site_privacy.save(budget, context.state, path)  # before the delta leaves the site
+        metrics.update({keys.EPSILON: spend.epsilon_after, keys.NOISE_MULTIPLIER: dp.noise_multiplier})
+    else:
+        result = train_local(
+            model,
+            site.train,
+            cfg.train,
+            pad_id=pad_id,
+            generator=torch.Generator().manual_seed(seed),
+            desc=desc,
+            proximal_mu=cfg.strategy.proximal_mu if STRATEGIES.get(cfg.strategy.name).proximal else 0.0,
+        )
     end = adapter_arrays(model)
     delta = {k: (end[k] - start[k]).astype(np.float32) for k in sent_keys(start, cfg.lora.freeze_a)}
-    metrics = MetricRecord(
-        {
-            keys.TRAIN_LOSS: result.loss,
-            keys.NUM_EXAMPLES: result.examples,
-            keys.STEPS: result.steps,
-            keys.LORA_RANK: site.rank,
-        }
+    if mechanism == "central" and cfg.privacy.clip_on == "client":
+        delta, norm = clip(delta, cfg.privacy.clip_norm)
+        metrics[keys.UNDER_CLIP] = int(norm <= cfg.privacy.clip_norm)
+    elif mechanism == "local":
+        delta = privatize_locally(delta, cfg.privacy.clip_norm, cfg.privacy.noise_multiplier, noise_rng())
+    if mechanism == "none" and not math.isnan(result.loss):
+        metrics[keys.TRAIN_LOSS] = result.loss  # under DP a clear-text training loss would leak
+    metrics[keys.STEPS] = result.steps
+    return Message(
+        RecordDict({keys.DELTA: record_from_arrays(delta), keys.METRICS: MetricRecord(metrics)}), reply_to=msg
     )
-    return Message(RecordDict({keys.DELTA: record_from_arrays(delta), keys.METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()

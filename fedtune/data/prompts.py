@@ -99,3 +99,19 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
     return loss, (target != IGNORE).sum()
+
+
+def example_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each example's mean next-token cross-entropy over its own response tokens, shape (B,).
+
+    Unlike :func:`token_losses`, one example's value depends on that example alone, however the
+    batch is padded: what DP-SGD's per-example clipping needs.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted = logits[:, :-1, :].float()  # (B, T-1, V)
+    target = batch["labels"][:, 1:]  # (B, T-1)
+    per_token = torch.nn.functional.cross_entropy(
+        shifted.transpose(1, 2), target, ignore_index=IGNORE, reduction="none"
+    )  # (B, T-1); 0 where ignored
+    counts = (target != IGNORE).sum(dim=1).clamp(min=1)
+    return per_token.sum(dim=1) / counts

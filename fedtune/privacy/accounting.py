@@ -45,7 +45,13 @@ def _check_delta(delta: float) -> None:
 def make_accountant(kind: Accountant, events: Iterable[GaussianEvent]) -> IAccountant:
     """An Opacus accountant holding ``events`` as its history."""
     accountant: IAccountant = RDPAccountant() if kind == "rdp" else PRVAccountant()
-    accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0]
+    # Composition is commutative, so releases of the same mechanism become one entry with their
+    # steps summed: the same epsilon, computed once per distinct mechanism.
+    steps: dict[tuple[float, float], int] = {}
+    for e in events:
+        if e.steps > 0:
+            steps[(e.noise_multiplier, e.sample_rate)] = steps.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
+    accountant.history = [(z, q, n) for (z, q), n in steps.items()]
     return accountant
 
 

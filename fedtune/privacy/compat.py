@@ -68,7 +68,119 @@ def _hetero_ranks(cfg: RunConfig) -> list[str]:
     return []
 
 
-RULES: list[Rule] = [_strategy_known, _krum_quorum, _trimmed_keeps_some, _exact_vs_ffa, _hetero_ranks]
+def _dp_noise_source(cfg: RunConfig) -> list[str]:
+    p = cfg.privacy
+    if p.mechanism == "none":
+        return []
+    if p.noise_multiplier == -1 and p.target_epsilon == 0:
+        return [f"`privacy.mechanism` = {p.mechanism} needs `privacy.noise-multiplier` or `privacy.target-epsilon`."]
+    if p.noise_multiplier == 0 and p.target_epsilon > 0:
+        return [
+            "`privacy.noise-multiplier` = 0 makes epsilon infinite, which no `privacy.target-epsilon` allows; "
+            "drop the target or add noise."
+        ]
+    return []
+
+
+def _central_sensitivity(cfg: RunConfig) -> list[str]:
+    """DP-FedAvg's noise covers a sum of clipped deltas, each client weighted 1."""
+    if cfg.privacy.mechanism != "central":
+        return []
+    out = []
+    if cfg.strategy.weighting == "examples":
+        out.append(
+            "`privacy.mechanism` = central needs `strategy.weighting` = uniform: weighting by examples lets one "
+            "client move the sum by more than `privacy.clip-norm`."
+        )
+    if cfg.strategy.name in STRATEGIES and STRATEGIES.get(cfg.strategy.name).individual_updates:
+        out.append(
+            f"`strategy.name` = {cfg.strategy.name} under `privacy.mechanism` = central: the noise covers a sum of "
+            "clipped deltas, not this rule's output; use a fedavg-family strategy (or `privacy.mechanism` = local)."
+        )
+    if cfg.simulation.site_ranks:
+        out.append(
+            "`simulation.site-ranks` under `privacy.mechanism` = central: per-entry averaging over different ranks "
+            "has no single sensitivity; use one rank."
+        )
+    return out
+
+
+def _central_only_settings(cfg: RunConfig) -> list[str]:
+    p = cfg.privacy
+    out = []
+    if p.mechanism != "central" and p.clip_on == "server":
+        out.append("`privacy.clip-on` = server applies to `privacy.mechanism` = central only.")
+    if p.mechanism != "central" and p.adaptive_clip:
+        out.append("`privacy.adaptive-clip` applies to `privacy.mechanism` = central only.")
+    if (
+        p.adaptive_clip
+        and p.clip_count_stddev > 0
+        and p.noise_multiplier > 0
+        and 2 * p.clip_count_stddev <= p.noise_multiplier
+    ):
+        out.append(
+            f"`privacy.clip-count-stddev` = {p.clip_count_stddev} must exceed half of `privacy.noise-multiplier` "
+            f"= {p.noise_multiplier} (Andrew et al.'s noise split)."
+        )
+    return out
+
+
+def _dpsgd_fedprox(cfg: RunConfig) -> list[str]:
+    if (
+        cfg.privacy.mechanism == "dp-sgd"
+        and cfg.strategy.name in STRATEGIES
+        and STRATEGIES.get(cfg.strategy.name).proximal
+    ):
+        return [
+            "`strategy.name` = fedprox with `privacy.mechanism` = dp-sgd: the proximal term's gradient bypasses "
+            "per-example clipping; use fedavg."
+        ]
+    return []
+
+
+def _poisson_count(cfg: RunConfig) -> list[str]:
+    if cfg.server.sampling == "poisson" and cfg.server.num_train:
+        return [
+            "`server.num-train` fixes the sample size, which `server.sampling` = poisson does not; "
+            "use `server.fraction-train`."
+        ]
+    return []
+
+
+RULES: list[Rule] = [
+    _strategy_known,
+    _krum_quorum,
+    _trimmed_keeps_some,
+    _exact_vs_ffa,
+    _hetero_ranks,
+    _dp_noise_source,
+    _central_sensitivity,
+    _central_only_settings,
+    _dpsgd_fedprox,
+    _poisson_count,
+]
+
+
+def _one_guarantee(plan: Plan) -> list[str]:
+    """A run has one DP unit; a budget needs every round to be noised."""
+    by_round = [(rnd, plan.for_round(rnd).privacy.mechanism) for rnd in range(1, plan.base.num_server_rounds + 1)]
+    used = sorted({m for _, m in by_round if m != "none"})
+    target = plan.base.privacy.target_epsilon
+    if len(used) > 1:
+        return [f"one run uses one DP mechanism (`privacy.mechanism`), this plan mixes {', '.join(used)}."]
+    if target > 0 and not used:
+        return ["`privacy.target-epsilon` is set but no round uses DP (`privacy.mechanism` = none)."]
+    bare = [rnd for rnd, m in by_round if m == "none"]
+    if target > 0 and bare:
+        text = (
+            "un-noised updates (`privacy.mechanism` = none) make epsilon infinite, so `privacy.target-epsilon` "
+            "cannot hold; noise every round or drop the target."
+        )
+        return group_rounds([(r, text) for r in bare])
+    return []
+
+
+PLAN_RULES: list[Callable[[Plan], list[str]]] = [_one_guarantee]
 
 
 def problems(plan: Plan) -> list[str]:
@@ -79,7 +191,7 @@ def problems(plan: Plan) -> list[str]:
         for rule in RULES
         for text in rule(plan.for_round(rnd))
     ]
-    return group_rounds(found)
+    return group_rounds(found) + [text for rule in PLAN_RULES for text in rule(plan)]
 
 
 def check(plan: Plan) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device,
 from fedtune.privacy import compat
 from fedtune.server import checkpoint, loop
 from fedtune.server.evaluation import CentralEvaluator
-from fedtune.server.report import Reporter
+from fedtune.server.report import Reporter, privacy_line, privacy_summary
 from fedtune.strategies.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     loaded = load_base(cfg.model, pick_device("auto"))
     model = wrap_lora(loaded, cfg.lora)
     init_adapter(model, cfg.seed)  # seeded: the same initial global adapter whatever ran before
-    state = loop.ServerState(round=0, global_arrays=adapter_arrays(model), rng=np.random.default_rng(cfg.seed))
+    state = loop.ServerState(
+        round=0, global_arrays=adapter_arrays(model), rng=np.random.default_rng(cfg.seed), run_id=secrets.token_hex(8)
+    )
     if resume:
         state = checkpoint.load(checkpoint.latest(out))
         reporter.truncate(state.round)
@@ -63,7 +66,8 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     checkpoint.write_atomic_dir(
         out / "adapter", lambda tmp: write_adapter(tmp, state.global_arrays, cfg.lora, loaded.path)
     )
-    extra: dict[str, Any] = {"base_model": loaded.path, "adapter": str(out / "adapter")}
+    extra: dict[str, Any] = {"base_model": loaded.path, "adapter": str(out / "adapter"), "run_id": state.run_id}
+    extra["privacy"] = privacy_summary(plan, state)
     record = evaluator.sample_prompt()
     if record is not None:
         base = evaluator.answer(record, None)
@@ -79,6 +83,7 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
             *extra["sample"].values(),
         )
     reporter.finish(cfg, state.history, extra)
+    log.info("%s", privacy_line(extra["privacy"]))
     log.info("Outputs in %s (metrics.jsonl, rounds.md, plots/, adapter/, summary.json)", out)
     return extra
 

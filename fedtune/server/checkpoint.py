@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedtune.errors import FedtuneError
 from fedtune.models import write_adapter
+from fedtune.privacy.rounds import PrivacyState
 from fedtune.server.loop import ServerState
 from fedtune.strategies.plan import Plan
 
@@ -54,8 +55,9 @@ def round_dir(out: Path, rnd: int) -> Path:
 
 
 def save(out: Path, state: ServerState, plan: Plan, base_path: str) -> Path:
-    """Checkpoint the global adapter (vanilla PEFT folder), round, RNG, optimizer state, node
-    ranks, the plan and the metrics history: everything the next round depends on."""
+    """Checkpoint the global adapter (vanilla PEFT folder), round, RNGs, optimizer state, node
+    ranks, the privacy ledger, the plan and the metrics history: everything the next round
+    depends on."""
 
     def fill(tmp: Path) -> None:
         write_adapter(tmp / ADAPTER_DIR, state.global_arrays, plan.base.lora, base_path)
@@ -64,6 +66,9 @@ def save(out: Path, state: ServerState, plan: Plan, base_path: str) -> Path:
             "rng": state.rng.bit_generator.state,
             "config": plan.to_flat(),
             "node_ranks": {str(k): v for k, v in state.node_ranks.items()},
+            "run_id": state.run_id,
+            "privacy": state.privacy.to_dict(),
+            "noise_rng": state.noise_rng.bit_generator.state,
             "history": state.history,
         }
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -81,6 +86,9 @@ def load(directory: Path) -> ServerState:
     meta = json.loads((directory / STATE_FILE).read_text())
     rng = np.random.default_rng()
     rng.bit_generator.state = meta["rng"]
+    noise = np.random.default_rng()
+    if "noise_rng" in meta:
+        noise.bit_generator.state = meta["noise_rng"]
     arrays = load_file(str(directory / ADAPTER_DIR / "adapter_model.safetensors"))
     optimizer_states: dict[str, dict[str, np.ndarray]] = {}
     if (directory / OPTIMIZER_FILE).is_file():
@@ -94,6 +102,9 @@ def load(directory: Path) -> ServerState:
         history=meta["history"],
         optimizer_states=optimizer_states,
         node_ranks={int(k): int(v) for k, v in meta.get("node_ranks", {}).items()},
+        run_id=str(meta.get("run_id", "")),
+        privacy=PrivacyState.from_dict(meta.get("privacy", {})),
+        noise_rng=noise,
     )
 
 

@@ -19,9 +19,12 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedtune import keys
 from fedtune.config import RunConfig
-from fedtune.errors import FedtuneError, UpdateRejected
+from fedtune.errors import FedtuneError, PrivacyBudgetExceeded, UpdateRejected
 from fedtune.lora import rank_of, rank_slice
+from fedtune.privacy import rounds as privacy
+from fedtune.privacy.central import noise_rng
 from fedtune.server import validation
+from fedtune.server.report import json_number
 from fedtune.strategies import STRATEGIES, make_aggregator, make_optimizer
 from fedtune.strategies.aggregators import WeightedMean
 from fedtune.strategies.plan import Plan
@@ -54,6 +57,11 @@ class ServerState:
     """Server-optimizer state (momentum, Adam moments) by optimizer name, kept across rounds."""
     node_ranks: dict[int, int] = field(default_factory=dict)
     """LoRA rank each node trained at (learned from its replies); it gets that slice next time."""
+    run_id: str = ""
+    """This fedtune run's id (kept across resumes); sites key their privacy ledgers by it."""
+    privacy: privacy.PrivacyState = field(default_factory=privacy.PrivacyState.new)
+    noise_rng: np.random.Generator = field(default_factory=noise_rng)
+    """Central DP noise: seeded from OS entropy, never from ``seed``; checkpointed."""
 
 
 Evaluate = Callable[[Arrays], float | None]
@@ -77,7 +85,12 @@ def wait_for_nodes(grid: GridLike, count: int, timeout: float) -> list[int]:
 
 def sample_nodes(nodes: list[int], cfg: RunConfig, rng: np.random.Generator) -> list[int]:
     """Seeded choice of ``server.num-train`` nodes, or ``ceil(fraction-train * connected)``, and at
-    least ``server.min-clients``."""
+    least ``server.min-clients``; under ``server.sampling = poisson`` each node independently with
+    probability ``fraction-train``."""
+    if cfg.server.sampling == "poisson":
+        return sorted(
+            n for n, draw in zip(nodes, rng.random(len(nodes)), strict=True) if draw < cfg.server.fraction_train
+        )
     if cfg.server.num_train:
         want = max(cfg.server.min_clients, cfg.server.num_train)
     else:
@@ -87,14 +100,20 @@ def sample_nodes(nodes: list[int], cfg: RunConfig, rng: np.random.Generator) -> 
     return sorted(nodes[int(i)] for i in picked)
 
 
-def round_content(arrays: Arrays, cfg: RunConfig, rnd: int) -> RecordDict:
-    """The global adapter plus the round's flat spec, as clients receive them."""
-    spec = ConfigRecord({**cfg.to_flat(), keys.ROUND: rnd})
+def round_content(arrays: Arrays, cfg: RunConfig, rnd: int, extra: Mapping[str, int | str] | None = None) -> RecordDict:
+    """The global adapter plus the round's flat spec (and ``extra`` entries), as clients receive them."""
+    spec = ConfigRecord({**cfg.to_flat(), keys.ROUND: rnd, **(extra or {})})
     return RecordDict({keys.ADAPTER: record_from_arrays(arrays), keys.SPEC: spec})
 
 
 def _send(
-    grid: GridLike, state: ServerState, cfg: RunConfig, nodes: list[int], kind: str, rnd: int
+    grid: GridLike,
+    state: ServerState,
+    cfg: RunConfig,
+    nodes: list[int],
+    kind: str,
+    rnd: int,
+    extra: Mapping[str, int | str] | None = None,
 ) -> tuple[Iterator[tuple[int, Message]], int]:
     """Send each node the global adapter at its own rank (once known) with the round's spec;
     return the replies as a stream, and the bytes sent."""
@@ -105,7 +124,7 @@ def _send(
         rank = state.node_ranks.get(node, full)
         if rank not in by_rank:
             arrays = rank_slice(state.global_arrays, rank) if rank and rank != full else state.global_arrays
-            by_rank[rank] = round_content(arrays, cfg, rnd)
+            by_rank[rank] = round_content(arrays, cfg, rnd, {keys.RUN_ID: state.run_id, **(extra or {})})
         content = by_rank[rank]
         down += payload_bytes(content.array_records[keys.ADAPTER])
         messages.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)))
@@ -141,13 +160,26 @@ def stream_replies(grid: GridLike, messages: list[Message], timeout: float) -> I
 
 
 def _train_round(
-    cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, nodes: list[int], row: dict[str, Any]
+    cfg: RunConfig,
+    grid: GridLike,
+    state: ServerState,
+    rnd: int,
+    nodes: list[int],
+    row: dict[str, Any],
+    extra: Mapping[str, int | str],
+    denominator: float,
 ) -> None:
-    """Send train messages, validate and aggregate the replies into ``state``; fill ``row``."""
-    replies, down = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd)
+    """Send train messages, validate and aggregate the replies into ``state``; fill ``row``.
+
+    ``denominator`` is what ``central`` DP divides the noised sum by (the expected number of
+    clients), fixed before any reply arrives.
+    """
+    replies, down = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd, extra)
+    central = privacy.central_round(cfg, denominator, state.noise_rng) if cfg.privacy.mechanism == "central" else None
     aggregator = make_aggregator(cfg.strategy, state.global_arrays)
     failures: list[dict[str, Any]] = []
     accepted: list[tuple[int, float, float]] = []  # (node, weight, train loss): never the delta
+    exhausted: list[int] = []
     up = 0
     answered = set()
     for node, reply in replies:  # streamed: each reply is folded in, then dropped
@@ -155,13 +187,22 @@ def _train_round(
         if not reply.has_error() and keys.DELTA in reply.content.array_records:
             up += payload_bytes(reply.content.array_records[keys.DELTA])
         try:
+            if _declined(reply, node, state):
+                exhausted.append(node)
+                continue
             ok = validation.accept_reply(reply, cfg, state.global_arrays)
-            if ok.masks is not None:
+            if central is not None:
+                try:
+                    central.noised.add(ok.delta, ok.norm, fits=bool(ok.metrics.get(keys.UNDER_CLIP, 0)))
+                except ValueError as exc:
+                    raise UpdateRejected(str(exc)) from None
+            elif ok.masks is not None:
                 if not isinstance(aggregator, WeightedMean):
                     raise UpdateRejected(f"`strategy.name` = {cfg.strategy.name} has no rule for rank {ok.rank}")
                 aggregator.add_masked(ok.delta, ok.weight, ok.masks)
             else:
                 aggregator.add(ok.delta, ok.weight)
+            _record_site_epsilon(ok.metrics, node, state)
         except UpdateRejected as exc:
             log.warning("round %d: rejected reply from node %d: %s", rnd, node, exc)
             failures.append({"node": node, "reason": str(exc)})
@@ -176,8 +217,11 @@ def _train_round(
         failures.append({"node": node, "reason": reason})
     row.update(replied=len(accepted), failed=len(failures), failures=failures, bytes_up=up, bytes_down=down)
     row["replied_nodes"] = sorted(node for node, _, _ in accepted)
-    weight = sum(w for _, w, _ in accepted)
-    row["train_loss"] = sum(loss * w for _, w, loss in accepted) / weight if accepted else None
+    if exhausted:
+        row["budget_exhausted_nodes"] = sorted(exhausted)
+    losses = [(loss, w) for _, w, loss in accepted if not math.isnan(loss)]
+    row["train_loss"] = sum(loss * w for loss, w in losses) / sum(w for _, w in losses) if losses else None
+    _account(cfg, state, rnd, released=bool(accepted))
     if len(accepted) < cfg.server.min_replies:
         log.warning(
             "round %d: %d valid repl%s < `server.min-replies` = %d; global adapter unchanged.",
@@ -185,10 +229,43 @@ def _train_round(
         )
         row["updated"] = False
         return
-    delta = aggregator.result()  # only the keys clients train (B alone under FFA-LoRA)
+    if central is not None:
+        delta = central.noised.result(validation.expected_keys(state.global_arrays, cfg))
+        row.update(clip_norm=cfg.privacy.clip_norm, **privacy.adapt_clip(cfg, state.privacy, central, state.noise_rng))
+    else:
+        delta = aggregator.result()  # only the keys clients train (B alone under FFA-LoRA)
+        row.update(aggregator.metrics())
     state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}
-    row.update(aggregator.metrics())
     row["updated"] = True
+
+
+def _declined(reply: Message, node: int, state: ServerState) -> bool:
+    """A "budget exhausted" reply: not an error; the node is never sampled again."""
+    if reply.has_error():
+        return False
+    metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
+    if metrics.get(keys.BUDGET_EXHAUSTED) != 1:
+        return False
+    _record_site_epsilon(metrics, node, state)
+    if node not in state.privacy.exhausted:
+        state.privacy.exhausted.append(node)
+    log.info("node %d has spent its privacy budget and will not be sampled again", node)
+    return True
+
+
+def _record_site_epsilon(metrics: Mapping[str, Any], node: int, state: ServerState) -> None:
+    eps = metrics.get(keys.EPSILON)
+    if isinstance(eps, int | float) and not isinstance(eps, bool):
+        state.privacy.site_epsilon[node] = max(float(eps), state.privacy.site_epsilon.get(node, 0.0))
+
+
+def _account(cfg: RunConfig, state: ServerState, rnd: int, *, released: bool) -> None:
+    """Charge the round to the run's ledger: a user-level event, or an un-noised release."""
+    event = privacy.user_event(cfg, cfg.privacy.noise_multiplier)
+    if event is not None:
+        state.privacy.ledger.add(event)
+    elif cfg.privacy.mechanism == "none" and released:
+        state.privacy.ledger.add_unprotected(rnd)
 
 
 def release(reply: Message) -> None:
@@ -249,9 +326,27 @@ def evaluate_round(
 def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, on_round: OnRound) -> ServerState:
     """Run rounds ``state.round + 1 .. num-server-rounds``, each with its plan's config.
 
-    Round 0 (before any training) is evaluation only, with the base config.
+    Round 0 (before any training) is evaluation only, with the base config. Before each round the
+    privacy budget is checked: a round whose release would pass ``privacy.target-epsilon`` is never
+    started; the run stops there and says why (``state.privacy.stopped``).
     """
     base = plan.base
+    family = privacy.unit(plan)
+    solved = privacy.solved_noise(plan)
+    if solved is not None:
+        log.info(
+            "privacy: noise multiplier %.4f keeps the planned rounds within epsilon %g",
+            solved,
+            base.privacy.target_epsilon,
+        )
+    projected = privacy.projected_epsilon(plan, solved)
+    if projected is not None:
+        log.info(
+            "privacy: the planned %d rounds reach user-level epsilon %.3f at delta %g (%s)%s",
+            *(base.num_server_rounds, projected, base.privacy.delta, base.privacy.accountant),
+            "; the budget will stop the run earlier" if 0 < base.privacy.target_epsilon < projected else "",
+        )
+    extra = {keys.DP_PLANNED_STEPS: privacy.dpsgd_planned_steps(plan)}
     if state.round == 0 and not state.history:
         start = time.monotonic()
         wait_for_nodes(grid, base.server.min_clients, base.server.wait_for_clients)
@@ -266,18 +361,40 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         }
         evaluate_round(base, grid, state, 0, row, evaluate)
         row["seconds"] = time.monotonic() - start
+        row["epsilon"] = json_number(state.privacy.epsilon(base, family))
         state.history.append(row)
         on_round(state, row)
     for rnd in range(state.round + 1, base.num_server_rounds + 1):
-        cfg = plan.for_round(rnd)
+        if state.privacy.stopped:
+            break
+        cfg = privacy.round_config(plan.for_round(rnd), state.privacy, solved)
         start = time.monotonic()
-        nodes = wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients)
+        try:
+            privacy.check_budget(cfg, state.privacy, rnd)
+            nodes = _eligible(wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients), cfg, state)
+        except PrivacyBudgetExceeded as exc:
+            state.privacy.stopped = str(exc)
+            log.warning("%s", exc)
+            break
         sampled = sample_nodes(nodes, cfg, state.rng)
+        denominator = cfg.server.fraction_train * len(nodes) if cfg.server.sampling == "poisson" else len(sampled)
         row = {"round": rnd, "sampled": len(sampled), "sampled_nodes": sampled, "spec": plan.spec(rnd)}
-        _train_round(cfg, grid, state, rnd, sampled, row)
+        _train_round(cfg, grid, state, rnd, sampled, row, extra, max(denominator, 1e-12))
         evaluate_round(cfg, grid, state, rnd, row, evaluate)
         row["seconds"] = time.monotonic() - start
+        row["epsilon"] = json_number(state.privacy.epsilon(cfg, family))
         state.round = rnd
         state.history.append(row)
         on_round(state, row)
     return state
+
+
+def _eligible(nodes: list[int], cfg: RunConfig, state: ServerState) -> list[int]:
+    """Connected nodes that have not spent their privacy budget; stop when too few are left."""
+    left = [n for n in nodes if n not in state.privacy.exhausted]
+    if len(left) < cfg.server.min_clients and state.privacy.exhausted:
+        raise PrivacyBudgetExceeded(
+            f"stopped: only {len(left)} site(s) have privacy budget left, fewer than `server.min-clients` = "
+            f"{cfg.server.min_clients} ({len(state.privacy.exhausted)} spent their `privacy.target-epsilon`)."
+        )
+    return left

@@ -6,13 +6,17 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.tree import Tree
 
 from fedtune.config import RunConfig
+from fedtune.privacy import rounds as privacy
 from fedtune.strategies.plan import Plan
+
+if TYPE_CHECKING:
+    from fedtune.server.loop import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,7 @@ COLUMNS: list[tuple[str, str, int, str]] = [
     ("failed", "failed", 6, "d"),
     ("train_loss", "train_loss", 10, ".4f"),
     ("eval_loss", "eval_loss", 9, ".4f"),
+    ("epsilon", "epsilon", 7, ".3f"),
     ("up", "bytes_up", 9, "bytes"),
     ("down", "bytes_down", 9, "bytes"),
     ("seconds", "seconds", 7, ".1f"),
@@ -46,6 +51,8 @@ def human_bytes(n: float) -> str:
 def _cell(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, str):
+        return value
     if fmt == "bytes":
         return human_bytes(float(value))
     return format(value, fmt)
@@ -159,3 +166,77 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+TRUST = {
+    "central": "the server sees each clipped update in the clear and adds the noise: the guarantee holds "
+    "against anyone who sees the released adapters, not against the server",
+    "local": "each site clips and noises its own update before sending: the guarantee holds against the server too",
+    "dp-sgd": "each site clips and noises its own training steps (Opacus): the guarantee holds for each "
+    "training example against the server too",
+}
+NOT_COVERED = (
+    "Not covered: dataset sizes (public, as in Opacus), and the per-site held-out loss that federated "
+    "evaluation (`eval.federated`) reports without noise."
+)
+
+
+def json_number(value: float | None) -> float | str | None:
+    """``value`` for JSON: infinity as the string "inf" (JSON has no infinity)."""
+    return "inf" if value is not None and math.isinf(value) else value
+
+
+def privacy_summary(plan: Plan, state: ServerState) -> dict[str, Any]:
+    """``summary.json``'s privacy section: each guarantee with its unit, or why there is none."""
+    family = privacy.unit(plan)
+    if family is None:
+        return {"mechanism": "none", "guarantee": "none: updates were sent and released without noise"}
+    p = plan.base.privacy
+    eps = state.privacy.epsilon(plan.base, family)
+    out: dict[str, Any] = {
+        "mechanism": family,
+        "unit": privacy.UNITS[family],
+        "epsilon": json_number(eps),
+        "delta": p.delta,
+        "accountant": p.accountant,
+        "target_epsilon": p.target_epsilon or None,
+        "guarantee_holds": eps is not None and math.isfinite(eps),
+        "trust": TRUST[family],
+        "covers": (
+            "each training example of each site. " if family == "dp-sgd" else "each site's training data as a whole. "
+        )
+        + NOT_COVERED,
+        "stopped": state.privacy.stopped,
+    }
+    if state.privacy.ledger.unprotected:
+        out["why_not"] = (
+            f"rounds {state.privacy.ledger.unprotected} released un-noised updates (`privacy.mechanism` = none)"
+        )
+    elif eps is not None and math.isinf(eps):
+        out["why_not"] = "a round used `privacy.noise-multiplier` = 0"
+    if family == "dp-sgd":
+        out["sites"] = {str(k): json_number(v) for k, v in sorted(state.privacy.site_epsilon.items())}
+        out["sites_exhausted"] = sorted(state.privacy.exhausted)
+    else:
+        out["events"] = [
+            {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "rounds": e.steps}
+            for e in state.privacy.ledger.events
+        ]
+        out["client_sampling"] = (
+            f"poisson, q = {plan.base.server.fraction_train}"
+            if plan.base.server.sampling == "poisson"
+            else "fixed-size: no amplification claimed (q = 1)"
+        )
+    return out
+
+
+def privacy_line(section: dict[str, Any]) -> str:
+    """One plain sentence for the log."""
+    if section["mechanism"] == "none":
+        return "Privacy: no formal guarantee (privacy.mechanism = none)."
+    if not section["guarantee_holds"]:
+        return f"Privacy: NO finite guarantee ({section.get('why_not', 'epsilon is infinite')})."
+    return (
+        f"Privacy ({section['mechanism']}): epsilon = {section['epsilon']:.3f} at delta = {section['delta']:g} "
+        f"({section['accountant']}), {section['unit']}."
+    )

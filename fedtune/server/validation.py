@@ -20,9 +20,9 @@ from fedtune.wire import arrays_from_record
 Arrays = dict[str, np.ndarray]
 
 
-def validate_delta(delta: Arrays, reference: Arrays, max_norm: float) -> Arrays:
-    """Return ``delta`` if it matches ``reference``'s keys, shapes and dtypes, is finite, and its
-    L2 norm is at most ``max_norm`` (0 = no bound); raise UpdateRejected with the reason otherwise.
+def validate_delta(delta: Arrays, reference: Arrays, max_norm: float) -> float:
+    """``delta``'s L2 norm, if it matches ``reference``'s keys, shapes and dtypes, is finite, and
+    its norm is at most ``max_norm`` (0 = no bound); raise UpdateRejected with the reason otherwise.
     """
     missing = sorted(set(reference) - set(delta))
     extra = sorted(set(delta) - set(reference))
@@ -45,7 +45,7 @@ def validate_delta(delta: Arrays, reference: Arrays, max_norm: float) -> Arrays:
     norm = math.sqrt(squares)
     if max_norm > 0 and norm > max_norm:
         raise UpdateRejected(f"update norm {norm:.4g} exceeds server.max-update-norm {max_norm:.4g}")
-    return delta
+    return norm
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,10 @@ class Accepted:
     """Which entries a lower-rank site trained (1) or not (0); None at the global rank."""
     train_loss: float
     rank: int
+    norm: float
+    """L2 norm of the delta as sent."""
+    metrics: Mapping[str, Any]
+    """The reply's metrics (privacy fields among them)."""
 
 
 def expected_keys(global_arrays: Arrays, cfg: RunConfig) -> Arrays:
@@ -82,7 +86,8 @@ def accept_reply(reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accep
     rank = metrics.get(keys.LORA_RANK, full_rank)
     if not isinstance(rank, int) or not 1 <= rank <= max(full_rank, 1):
         raise UpdateRejected(f"'{keys.LORA_RANK}' = {rank!r} is outside 1..{full_rank}")
-    delta = validate_delta(arrays_from_record(record), rank_slice(expected, rank), cfg.server.max_update_norm)
+    delta = arrays_from_record(record)
+    norm = validate_delta(delta, rank_slice(expected, rank), cfg.server.max_update_norm)
     masks = None
     if rank < full_rank:
         delta, masks = pad_rank(delta, expected)
@@ -93,4 +98,6 @@ def accept_reply(reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accep
         masks=masks,
         train_loss=float(loss) if isinstance(loss, int | float) else math.nan,
         rank=rank,
+        norm=norm,
+        metrics=metrics,
     )

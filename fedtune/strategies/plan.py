@@ -26,6 +26,8 @@ from fedtune.errors import ConfigError
 PREFIX = "plan."
 # The model, the adapter's shape and the data stay fixed for a run.
 FIXED_PREFIXES = ("model.", "lora.", "data.", "simulation.", "output.")
+# One budget for the run: its target, delta and accountant cannot change halfway.
+FIXED_KEYS = ("num-server-rounds", "seed", "privacy.target-epsilon", "privacy.delta", "privacy.accountant")
 _RANGE = re.compile(r"^(\d+)(?:-(\d*))?$")
 
 
@@ -60,7 +62,7 @@ def _parse_entry(raw: str, value: Any) -> Entry:
         raise ConfigError(f"`{raw}`: round range {span!r} is empty or starts below 1.")
     if key not in flat_defaults():
         raise ConfigError(f"`{raw}`: unknown config key `{key}`.")
-    if key.startswith(FIXED_PREFIXES) or key in ("num-server-rounds", "seed"):
+    if key.startswith(FIXED_PREFIXES) or key in FIXED_KEYS:
         raise ConfigError(f"`{raw}`: `{key}` is fixed for the whole run and cannot change per round.")
     return Entry(first=first, last=last, key=key, value=value, raw=raw)
 

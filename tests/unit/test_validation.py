@@ -15,9 +15,10 @@ def _ok() -> dict[str, np.ndarray]:
     return {k: np.full(v.shape, 0.1, np.float32) for k, v in REF.items()}
 
 
-def test_valid_delta_passes() -> None:
+def test_valid_delta_passes_and_its_norm_is_returned() -> None:
     delta = _ok()
-    assert validate_delta(delta, REF, max_norm=10.0) is delta
+    reference = float(np.sqrt(sum(np.square(v.astype(np.float64)).sum() for v in delta.values())))
+    assert validate_delta(delta, REF, max_norm=10.0) == pytest.approx(reference, rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -42,4 +43,4 @@ def test_bad_delta_is_rejected(mutate: object, match: str) -> None:
 def test_norm_bound_off_when_zero() -> None:
     delta = _ok()
     delta["x.lora_B.weight"][0, 0] = 1e6
-    assert validate_delta(delta, REF, max_norm=0.0) is delta
+    assert validate_delta(delta, REF, max_norm=0.0) > 1e5

@@ -1,0 +1,220 @@
+"""The server's side of privacy, round by round: resolve the noise, check the budget before a round,
+and record what each round released in the run's one ledger.
+
+Guarantees and their units:
+
+- ``central``: user-level, for the federation. Each round is one subsampled Gaussian release of
+  the sum with sensitivity C; with ``server.sampling = poisson`` the client sampling rate q
+  amplifies it, with fixed-size sampling fedtune claims no amplification (q = 1).
+- ``local``: user-level, for the federation, with the server untrusted. Each client's own noised
+  delta is a Gaussian release; changing that client's data moves its delta by up to 2C, so each
+  round is accounted as noise multiplier z/2 and no amplification (the server sees who replied).
+- ``dp-sgd``: sample-level, per site. Each site keeps its own ledger (``privacy/site.py``) and
+  reports its epsilon; the server records the largest.
+- A round with ``none`` releases an un-noised update: every guarantee of the run is infinite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedtune.config import RunConfig
+from fedtune.errors import PrivacyBudgetExceeded
+from fedtune.privacy.accounting import GaussianEvent
+from fedtune.privacy.central import NoisedSum, next_clip_norm, split_noise
+from fedtune.privacy.ledger import Ledger, solve_noise
+from fedtune.strategies.plan import Plan
+
+USER_LEVEL = ("central", "local")
+UNITS = {
+    "central": "user-level: one site's whole data, for the federation (the server is trusted)",
+    "local": "user-level: one site's whole data, for the federation (no trusted server)",
+    "dp-sgd": "sample-level: one training example at one site, per site",
+}
+
+
+def client_sample_rate(cfg: RunConfig) -> float:
+    """The client sampling rate the accountant may use: q under Poisson sampling, else 1."""
+    return cfg.server.fraction_train if cfg.server.sampling == "poisson" else 1.0
+
+
+def user_event(cfg: RunConfig, noise_multiplier: float) -> GaussianEvent | None:
+    """The user-level release one round of ``cfg`` makes, or None if it makes none."""
+    if cfg.privacy.mechanism == "central":
+        return GaussianEvent(noise_multiplier, client_sample_rate(cfg), 1)
+    if cfg.privacy.mechanism == "local":
+        return GaussianEvent(noise_multiplier / 2, 1.0, 1)
+    return None
+
+
+def mechanisms(plan: Plan) -> list[str]:
+    """Each round's ``privacy.mechanism``, round 1 first."""
+    return [plan.for_round(r).privacy.mechanism for r in range(1, plan.base.num_server_rounds + 1)]
+
+
+def unit(plan: Plan) -> str | None:
+    """The run's DP mechanism family (``central``/``local``/``dp-sgd``), None without DP."""
+    used = [m for m in mechanisms(plan) if m != "none"]
+    return used[0] if used else None
+
+
+def solved_noise(plan: Plan) -> float | None:
+    """The noise multiplier for ``central``/``local`` rounds that leave it at -1: the smallest
+    whose planned rounds stay within ``privacy.target-epsilon``; None if no round needs one."""
+    rounds = [plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1)]
+    dp = [c for c in rounds if c.privacy.mechanism in USER_LEVEL]
+    if not any(c.privacy.noise_multiplier == -1 for c in dp):
+        return None
+    p = plan.base.privacy
+
+    def events_for(z: float) -> list[GaussianEvent]:
+        chosen = [(c, z if c.privacy.noise_multiplier == -1 else c.privacy.noise_multiplier) for c in dp]
+        return [e for c, zz in chosen if (e := user_event(c, zz)) is not None]
+
+    return solve_noise(events_for, p.target_epsilon, p.delta, p.accountant)
+
+
+def projected_epsilon(plan: Plan, solved: float | None) -> float | None:
+    """User-level epsilon after every planned round (``central``/``local``), None otherwise."""
+    events = []
+    for r in range(1, plan.base.num_server_rounds + 1):
+        cfg = plan.for_round(r)
+        z = solved if cfg.privacy.noise_multiplier == -1 and solved is not None else cfg.privacy.noise_multiplier
+        if (event := user_event(cfg, z)) is not None:
+            events.append(event)
+    if not events:
+        return None
+    p = plan.base.privacy
+    return Ledger(events=events).epsilon(p.delta, p.accountant)
+
+
+def dpsgd_planned_steps(plan: Plan) -> int:
+    """Local steps over every ``dp-sgd`` round of the plan: what a site solves its noise for."""
+    rounds = [plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1)]
+    return sum(c.train.local_steps for c in rounds if c.privacy.mechanism == "dp-sgd")
+
+
+@dataclass
+class PrivacyState:
+    """The run's privacy state; checkpointed with the adapter."""
+
+    ledger: Ledger
+    """User-level events (``central``/``local``) and un-noised rounds."""
+    site_epsilon: dict[int, float]
+    """Sample-level epsilon each ``dp-sgd`` site reported last, by node id."""
+    exhausted: list[int]
+    """Nodes that answered "budget exhausted"; never sampled again."""
+    clip_norm: float | None = None
+    """The current C under adaptive clipping."""
+    stopped: str | None = None
+    """Why the run stopped early, if it did."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ledger": self.ledger.to_dict(),
+            "site_epsilon": {str(k): v for k, v in self.site_epsilon.items()},
+            "exhausted": self.exhausted,
+            "clip_norm": self.clip_norm,
+            "stopped": self.stopped,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrivacyState:
+        return cls(
+            ledger=Ledger.from_dict(data.get("ledger", {})),
+            site_epsilon={int(k): float(v) for k, v in data.get("site_epsilon", {}).items()},
+            exhausted=[int(n) for n in data.get("exhausted", [])],
+            clip_norm=data.get("clip_norm"),
+            stopped=data.get("stopped"),
+        )
+
+    @classmethod
+    def new(cls) -> PrivacyState:
+        return cls(ledger=Ledger(), site_epsilon={}, exhausted=[])
+
+    def epsilon(self, cfg: RunConfig, family: str | None) -> float | None:
+        """Epsilon so far in the run's unit (None without DP)."""
+        if family is None:
+            return None
+        if family == "dp-sgd":
+            if self.ledger.unprotected:
+                return math.inf
+            return max(self.site_epsilon.values(), default=0.0)
+        return self.ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+
+
+def round_config(cfg: RunConfig, state: PrivacyState, solved: float | None) -> RunConfig:
+    """This round's config with the noise multiplier and clip norm the round actually uses."""
+    changes: dict[str, Any] = {}
+    if cfg.privacy.mechanism in USER_LEVEL and cfg.privacy.noise_multiplier == -1 and solved is not None:
+        changes["privacy.noise-multiplier"] = solved
+    if cfg.privacy.mechanism == "central" and cfg.privacy.adaptive_clip and state.clip_norm is not None:
+        changes["privacy.clip-norm"] = state.clip_norm
+    return cfg.override(changes) if changes else cfg
+
+
+def check_budget(cfg: RunConfig, state: PrivacyState, rnd: int) -> GaussianEvent | None:
+    """The user-level event round ``rnd`` would release; raise PrivacyBudgetExceeded if it would
+    push epsilon past ``privacy.target-epsilon``."""
+    event = user_event(cfg, cfg.privacy.noise_multiplier)
+    target = cfg.privacy.target_epsilon
+    if event is None or target <= 0:
+        return event
+    before = state.ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+    after = state.ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant, extra=event)
+    if after > target:
+        raise PrivacyBudgetExceeded(
+            f"stopped before round {rnd}: its release would raise user-level epsilon from {before:.3f} to "
+            f"{after:.3f}, past `privacy.target-epsilon` = {target:g} (delta {cfg.privacy.delta:g})."
+        )
+    return event
+
+
+def count_stddev(cfg: RunConfig, expected_clients: float) -> float:
+    """Adaptive clipping's count noise: ``privacy.clip-count-stddev``, or by default expected
+    clients / 20 (Andrew et al.'s choice), raised to at least the noise multiplier so the delta
+    keeps most of the budget."""
+    if cfg.privacy.clip_count_stddev > 0:
+        return cfg.privacy.clip_count_stddev
+    return max(expected_clients / 20, cfg.privacy.noise_multiplier)
+
+
+@dataclass
+class CentralRound:
+    """One ``central`` round's aggregate and what adaptive clipping needs after it."""
+
+    noised: NoisedSum
+    count_stddev: float
+
+
+def central_round(cfg: RunConfig, denominator: float, rng: np.random.Generator) -> CentralRound:
+    """The round's noised-sum aggregator; under adaptive clipping part of the noise budget goes to
+    the count of unclipped updates."""
+    z = cfg.privacy.noise_multiplier
+    std_b = count_stddev(cfg, denominator) if cfg.privacy.adaptive_clip else 0.0
+    noised = NoisedSum(
+        cfg.privacy.clip_norm,
+        split_noise(z, std_b),
+        denominator,
+        rng,
+        clip_on_server=cfg.privacy.clip_on == "server",
+        sum_dtype=cfg.strategy.sum_dtype,
+    )
+    return CentralRound(noised, std_b)
+
+
+def adapt_clip(cfg: RunConfig, state: PrivacyState, central: CentralRound, rng: np.random.Generator) -> dict[str, Any]:
+    """After a ``central`` round with adaptive clipping: move C; the row fields it produced."""
+    if not cfg.privacy.adaptive_clip:
+        return {}
+    p = cfg.privacy
+    noised = central.noised
+    new, share = next_clip_norm(
+        p.clip_norm, noised.unclipped, noised.denominator, central.count_stddev, p.target_quantile, p.clip_lr, rng
+    )
+    state.clip_norm = new
+    return {"clip_norm_next": new, "unclipped_share_noised": share}
