@@ -2,8 +2,10 @@
 
 For each model (the tiny preset, SmolLM2-135M-Instruct) and LoRA target (q,v and all linear
 layers), it times fedtune's plain trainer (``train_local``) and its DP-SGD trainer (``train_dp``,
-Opacus hooks, Poisson batches of expected size B) for the same number of steps, alternating the
-two, and prints the ratio of medians. Usage:
+Opacus hooks) for the same number of steps on the same B examples, alternating the two, and prints
+the ratio of medians. DP-SGD runs at sample rate 1 on those B examples, so every step sees exactly
+the batch the plain step sees (Poisson batches of expected size B would add batch-size noise to a
+few steps' timing). Usage:
 
     python benchmarks/dp_step.py [--models tiny,smollm2] [--steps 8] [--repeats 3] [--batch 8]
 """
@@ -40,11 +42,11 @@ def bench(name: str, target: str, steps: int, repeats: int, batch: int) -> tuple
     model = wrap_lora(loaded, LoraSection(r=8, alpha=16, dropout=0.0, target_modules=TARGETS[target]))
     init_adapter(model, seed=0)
     set_trainable(model, freeze_a=False)
-    records = [json.loads(line) for line in DEMO_TRAIN.read_text().splitlines()[:256]]
-    examples = tokenize(records, DataConfig(format="chat", max_seq_len=256), loaded.tokenizer)
+    records = [json.loads(line) for line in DEMO_TRAIN.read_text().splitlines()[:batch]]
+    examples = tokenize(records, DataConfig(format="chat", max_seq_len=256), loaded.tokenizer)[:batch]
     cfg = TrainConfig(local_steps=steps, batch_size=batch, max_grad_norm=0.0)
     pad = int(loaded.tokenizer.pad_token_id)
-    dp = DPSettings(1.0, 1.0, batch / len(examples), steps)
+    dp = DPSettings(1.0, 1.0, 1.0, steps)
     plain_times, dp_times = [], []
     for i in range(repeats + 1):  # the first pair warms up
         start = time.perf_counter()

@@ -81,6 +81,11 @@ def train(msg: Message, context: Context) -> Message:
         path = _budget_path(context, extra, site)
         budget = site_privacy.restore(context.state, path)
         q = sample_rate(len(site.train), cfg.train.batch_size)
+        if cfg.privacy.delta >= 1 / len(site.train):
+            log.warning(
+                "%s: `privacy.delta` = %g is not below 1 / its %d examples; a guarantee at that delta is weak.",
+                *(site.name, cfg.privacy.delta, len(site.train)),
+            )
         spend = site_privacy.plan_round(budget, cfg, q, int(extra.get(keys.DP_PLANNED_STEPS, cfg.train.local_steps)))
         if spend.exhausted:
             site_privacy.save(budget, context.state, path)

@@ -68,7 +68,6 @@ def save(out: Path, state: ServerState, plan: Plan, base_path: str) -> Path:
             "node_ranks": {str(k): v for k, v in state.node_ranks.items()},
             "run_id": state.run_id,
             "privacy": state.privacy.to_dict(),
-            "noise_rng": state.noise_rng.bit_generator.state,
             "history": state.history,
         }
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -86,9 +85,6 @@ def load(directory: Path) -> ServerState:
     meta = json.loads((directory / STATE_FILE).read_text())
     rng = np.random.default_rng()
     rng.bit_generator.state = meta["rng"]
-    noise = np.random.default_rng()
-    if "noise_rng" in meta:
-        noise.bit_generator.state = meta["noise_rng"]
     arrays = load_file(str(directory / ADAPTER_DIR / "adapter_model.safetensors"))
     optimizer_states: dict[str, dict[str, np.ndarray]] = {}
     if (directory / OPTIMIZER_FILE).is_file():
@@ -104,7 +100,6 @@ def load(directory: Path) -> ServerState:
         node_ranks={int(k): int(v) for k, v in meta.get("node_ranks", {}).items()},
         run_id=str(meta.get("run_id", "")),
         privacy=PrivacyState.from_dict(meta.get("privacy", {})),
-        noise_rng=noise,
     )
 
 

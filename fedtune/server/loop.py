@@ -61,7 +61,8 @@ class ServerState:
     """This fedtune run's id (kept across resumes); sites key their privacy ledgers by it."""
     privacy: privacy.PrivacyState = field(default_factory=privacy.PrivacyState.new)
     noise_rng: np.random.Generator = field(default_factory=noise_rng)
-    """Central DP noise: seeded from OS entropy, never from ``seed``; checkpointed."""
+    """Central DP noise: seeded from OS entropy, never from ``seed``, and never checkpointed (its
+    state would let anyone holding a checkpoint subtract the noise); a resumed run reseeds it."""
 
 
 Evaluate = Callable[[Arrays], float | None]

@@ -170,7 +170,8 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
 
 TRUST = {
     "central": "the server sees each clipped update in the clear and adds the noise: the guarantee holds "
-    "against anyone who sees the released adapters, not against the server",
+    "against anyone who sees the released adapters, not against the server (nor against whoever reads "
+    "metrics.jsonl, which names the sampled nodes that amplification assumes secret)",
     "local": "each site clips and noises its own update before sending: the guarantee holds against the server too",
     "dp-sgd": "each site clips and noises its own training steps (Opacus): the guarantee holds for each "
     "training example against the server too",

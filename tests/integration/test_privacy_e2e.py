@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from flwr.app import Message
 from opacus.accountants import RDPAccountant
@@ -43,7 +44,11 @@ class MetricsGrid(LocalGrid):
         reply = super()._handle(msg)
         if msg.metadata.message_type.startswith("train") and reply.has_content():
             node = msg.metadata.dst_node_id
-            self.metrics.setdefault(node, []).append(dict(reply.content.metric_records[keys.METRICS]))
+            metrics = dict(reply.content.metric_records[keys.METRICS])
+            if keys.DELTA in reply.content.array_records:
+                flat = np.concatenate([a.numpy().ravel() for a in reply.content.array_records[keys.DELTA].values()])
+                metrics["delta-std"] = float(flat.std())
+            self.metrics.setdefault(node, []).append(metrics)
         return reply
 
 
@@ -160,3 +165,26 @@ def test_site_epsilon_continues_across_a_client_restart_and_a_server_resume(
     assert [r["round"] for r in history] == [0, 1, 2, 3]
     assert history[3]["epsilon"] > first[2]["epsilon"]
     assert json.loads((out / "summary.json").read_text())["run_id"]
+
+
+@pytest.mark.parametrize("mechanism", ["dp-sgd", "local"])
+def test_a_site_sets_its_own_dpsgd_noise_and_only_under_dpsgd(
+    mechanism: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDTUNE_HOME", str(tmp_path / "home"))
+    grid = MetricsGrid(2)
+    grid.contexts[1].node_config["privacy.noise-multiplier"] = 3.0  # this site's own choice
+    flat = {
+        "num-server-rounds": 1,
+        "simulation.num-supernodes": 2,
+        "privacy.mechanism": mechanism,
+        "privacy.noise-multiplier": 0.7,
+        "privacy.clip-norm": 1e-4,  # local: the delta is then almost only noise, of std 0.7 * C
+    }
+    run_server(make_plan(tiny_model, tmp_path / "run", flat), grid)
+    if mechanism == "dp-sgd":
+        assert grid.metrics[1][0][keys.NOISE_MULTIPLIER] == 3.0 and grid.metrics[2][0][keys.NOISE_MULTIPLIER] == 0.7
+    else:  # the server accounts for local DP: a site's own privacy keys do not apply
+        assert rows(tmp_path / "run")[1]["epsilon"] == pytest.approx(opacus_epsilon([(0.35, 1.0, 1)]), rel=1e-6)
+        for node in (1, 2):
+            assert grid.metrics[node][0]["delta-std"] == pytest.approx(0.7 * 1e-4, rel=0.05)
