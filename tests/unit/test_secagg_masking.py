@@ -11,6 +11,7 @@ from scipy.stats import chisquare
 
 from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.privacy.secagg.masking import add, expand, mask, round_context, unmask
+from fedtune.privacy.secagg.quantize import wire_dtype
 
 CTX = round_context(1, b"run-a")
 
@@ -109,3 +110,17 @@ def test_mask_refuses_itself_as_a_neighbour_and_short_seeds() -> None:
         mask(np.zeros(4, np.uint32), seed(1), {1: seed(2)}, 1, 12, CTX)
     with pytest.raises(SecAggError, match="32 bytes"):
         expand(b"short", 4, 12, CTX)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_narrow_wire_dtypes_sum_and_unmask_like_uint32(bits: int) -> None:
+    # Prepare: masked vectors cast to the smallest wire dtype before "sending"
+    rng = np.random.default_rng(bits)
+    xs = {i: rng.integers(0, 2 ** (bits - 2), size=400, dtype=np.uint32) for i in (1, 2, 3)}
+    keys = {1: {2: seed(12)}, 2: {1: seed(12)}, 3: {}}
+    wire = [mask(xs[i], seed(i), keys[i], i, bits, CTX).astype(wire_dtype(bits)) for i in xs]
+    # Execute
+    out = unmask(add(wire, bits), {i: seed(i) for i in xs}, {}, bits, CTX)
+    # Assert
+    assert all(v.dtype.itemsize == bits // 8 for v in wire)
+    np.testing.assert_array_equal(out, np.sum([x.astype(np.int64) for x in xs.values()], axis=0))
