@@ -20,3 +20,4 @@ ROUND = "round"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
+WORKER = "worker"  # the site worker's Unix socket; the ClientApp forwards each message to it

@@ -91,7 +91,7 @@ def app_pyproject(plan: Plan) -> str:
         "",
         "[tool.flwr.app.components]",
         'serverapp = "fedtune.server.app:app"',
-        'clientapp = "fedtune.client.app:app"',
+        'clientapp = "fedtune.client.edge:app"',
         "",
         "[tool.flwr.app.config]",
     ]
