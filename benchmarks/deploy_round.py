@@ -31,7 +31,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# One torch thread per process: the server and the sites share this machine's cores (see
+# tests/integration/test_deploy.py); both variants run with the same environment.
+ENV = {
+    **os.environ,
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": "1",
+}
 CLI = [sys.executable, "-m", "fedtune.cli"]
 
 
@@ -76,7 +84,7 @@ def run_variant(keys: Path, out: Path, args: argparse.Namespace, worker: bool) -
     server = Stamped(cmd, t0)
     clients: list[Stamped] = []
     try:
-        while not (run / "superlink.pid").exists():
+        while not any("sites can join now" in line for _, line in server.lines):
             if server.proc.poll() is not None:
                 raise SystemExit("\n".join(line for _, line in server.lines[-20:]))
             time.sleep(0.2)
@@ -96,17 +104,26 @@ def run_variant(keys: Path, out: Path, args: argparse.Namespace, worker: bool) -
 
 
 def site_timings(lines: list[tuple[float, str]]) -> dict[int, dict[str, float]]:
-    """Per round: seconds from the SuperNode's "Receiving" to its "Sending" line, and the worker's
-    handler/decode/encode seconds (worker variant only)."""
+    """Per round, from the SuperNode's lines: pulling the message from the SuperLink ("Receiving"
+    to "Received successfully"), the ClientApp ("Received" to "Sending": SuperExec's poll, the
+    process, the handler) and pushing the reply ("Sending" to "Sent successfully"); and the
+    worker's handler/decode/encode seconds (worker variant only)."""
     out: dict[int, dict[str, float]] = {}
-    rnd, received = 0, 0.0
+    rnd, mark, sending = 0, 0.0, False
     for t, line in lines:
         if m := re.search(r"ROUND (\d+)\]", line):
             rnd = int(m.group(1))
         elif "Receiving: train" in line:
-            received = t
+            mark = t
+        elif "Received successfully" in line:
+            out.setdefault(rnd, {})["pull"] = t - mark
+            mark = t
         elif "Sending: train" in line:
-            out.setdefault(rnd, {})["at_site"] = t - received
+            out.setdefault(rnd, {})["clientapp"] = t - mark
+            mark, sending = t, True
+        elif "Sent successfully" in line and sending:
+            out.setdefault(rnd, {})["push"] = t - mark
+            sending = False
         elif m := re.search(r"site worker: train \(round (\d+)\) in ([\d.]+) s: decode ([\d.]+) s, handler ([\d.]+) s, "
                             r"encode ([\d.]+) s", line):  # fmt: skip
             entry = out.setdefault(int(m.group(1)), {})
@@ -216,15 +233,21 @@ def report(
         rows = result["rows"][1:]
         ratio = " / ".join(f"{r['seconds'] / b['seconds']:.2f}" for r, b in zip(rows, base[1:], strict=True))
         print(f"| {name} | " + " | ".join(f"{r['seconds']:.1f}" for r in rows) + f" | {ratio} |")
-    print("\n| variant | round | at site: Receiving -> Sending (s, per site) | worker handler (s) | codec (s) |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| variant | round | pull message (s) | ClientApp: SuperExec poll + process + handler (s) "
+        "| of which worker handler (s) | worker decode + encode (s) | push reply (s) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, result in results.items():
         for rnd in range(1, args.rounds + 1):
             per = [s.get(rnd, {}) for s in result["sites"]]
-            at = ", ".join(f"{p['at_site']:.1f}" for p in per if "at_site" in p)
-            handler = ", ".join(f"{p['handler']:.2f}" for p in per if "handler" in p) or "-"
+
+            def col(key: str, fmt: str = ".1f", per: list[dict[str, float]] = per) -> str:
+                return ", ".join(f"{p[key]:{fmt}}" for p in per if key in p) or "-"
+
             codec = ", ".join(f"{p['decode'] + p['encode']:.3f}" for p in per if "decode" in p) or "-"
-            print(f"| {name} | {rnd} | {at} | {handler} | {codec} |")
+            cells = [col("pull"), col("clientapp"), col("handler", ".2f"), codec, col("push")]
+            print(f"| {name} | {rnd} | " + " | ".join(cells) + " |")
     print("\n| stage | seconds |\n|---|---|")
     for name, value in {**imports, **stages}.items():
         print(f"| {name} | {value:.3f} |")

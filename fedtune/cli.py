@@ -103,7 +103,7 @@ def procs_show(cmd: list[str]) -> str:
     """A command as one shell line, with the environment fedtune sets."""
     from fedtune.deploy import procs
 
-    return " ".join(f"{k}={v}" for k, v in procs.SAFE_ENV.items()) + " " + procs.show(cmd)
+    return procs.exported() + " " + procs.show(cmd)
 
 
 def _privacy(args: argparse.Namespace) -> None:

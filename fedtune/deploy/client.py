@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -26,13 +25,9 @@ from fedtune import keys
 from fedtune.config import SITE_KEYS, RunConfig, Scalar, toml_scalar
 from fedtune.deploy import channel, procs
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.models import fedtune_home
+from fedtune.paths import tiny_model_dir
 
 PRESET_SITES = {"tiny": 3, "smollm2": 5}  # sites the built-in demo data is split into
-# Flower's SuperExec looks for a new ClientApp task every 1 s by default; a local HTTP call every
-# 0.1 s costs little and takes up to 0.9 s off every message. (The SuperNode's own 3 s pause
-# between pulls from the SuperLink is hardcoded in Flower 1.41.)
-FAST_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 WORKER_START_TIMEOUT = 60.0  # seconds until the worker must listen (it binds before heavy imports)
 
 
@@ -69,9 +64,11 @@ def build_node_config(
         config["train.device"] = device
     if preset is not None:
         if preset == "tiny" and "model.name" not in config:
-            from fedtune.simulations.presets import build_tiny_model
+            if not (tiny_model_dir() / "config.json").is_file():  # the builder imports torch: only once
+                from fedtune.simulations.presets import build_tiny_model
 
-            config["model.name"] = str(build_tiny_model(fedtune_home() / "tiny" / "base-model"))
+                build_tiny_model(tiny_model_dir())
+            config["model.name"] = str(tiny_model_dir())
         k, n = _share(share, auth_key, PRESET_SITES[preset])
         config[keys.PARTITION_ID], config[keys.NUM_PARTITIONS] = k - 1, n
     if data is not None:
@@ -188,15 +185,15 @@ def join(cmd: list[str], worker: Path | None = None) -> None:
 
 def _supernode(cmd: list[str], worker: subprocess.Popen[bytes] | None) -> None:
     tail: collections.deque[str] = collections.deque(maxlen=50)
-    extra = {k: v for k, v in FAST_POLL.items() if k not in os.environ}  # a user's own setting wins
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=procs.env(extra), start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=procs.env(), start_new_session=True
     )
 
     def forward() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:  # ends when every process of the group has closed the pipe
             sys.stdout.write(line)
+            sys.stdout.flush()  # line by line also when stdout is a file (a site's log)
             tail.append(line)
 
     reader = threading.Thread(target=forward, daemon=True)
