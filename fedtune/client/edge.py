@@ -94,6 +94,8 @@ def _explain(exc: grpc.RpcError, socket: Path, timeout: float) -> str:
     code = exc.code() if isinstance(exc, grpc.Call) else None
     details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
     first = details.strip().splitlines()[0] if details.strip() else ""
+    if code == grpc.StatusCode.UNAVAILABLE and "SETTINGS frame" in first:  # connected, never answered
+        return f"the site worker at {socket} accepted the connection but does not answer (stopped or hung): {first}"
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"the site worker at {socket} is unreachable (is `fedtune client` still running?): {first}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
