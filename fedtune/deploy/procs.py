@@ -18,6 +18,11 @@ from fedtune.errors import FedtuneError
 # Flower's SuperLink otherwise runs `uv sync` for every run, which downloads packages or fails
 # offline; telemetry is off as well.
 SAFE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
+# Flower's SuperExec (the SuperLink's, which starts the ServerApp, and each SuperNode's, which
+# starts a ClientApp per message) looks for a new task every 1 s by default. A local HTTP call every
+# 0.1 s costs little and takes up to 0.9 s off the run's start and off every message. A value the
+# user exported wins. (The SuperNode's 3 s pause between pulls from the SuperLink is hardcoded.)
+TUNED_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 def flower_bin(name: str) -> str:
@@ -28,9 +33,14 @@ def flower_bin(name: str) -> str:
 
 def env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment with the safe defaults (and the venv's bin first on PATH)."""
-    out = {**os.environ, **SAFE_ENV, **(extra or {})}
+    out = {**TUNED_ENV, **os.environ, **SAFE_ENV, **(extra or {})}
     out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
     return out
+
+
+def exported() -> str:
+    """The environment fedtune sets for Flower's processes, as ``K=V`` words (for --dry-run)."""
+    return " ".join(f"{k}={v}" for k, v in {**TUNED_ENV, **SAFE_ENV}.items())
 
 
 def show(cmd: list[str]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def app_pyproject(plan: Plan) -> str:
         "",
         "[tool.flwr.app.components]",
         'serverapp = "fedtune.server.app:app"',
-        'clientapp = "fedtune.client.app:app"',
+        'clientapp = "fedtune.client.edge:app"',
         "",
         "[tool.flwr.app.config]",
     ]
@@ -129,7 +130,7 @@ def serve(plan: Plan, layout: KeyLayout, address: str, *, dry_run: bool = False)
     files = ServerFiles(Path(plan.base.output.dir))
     cmds = commands(files, layout, host, port)
     if dry_run:
-        print(f"export {' '.join(f'{k}={v}' for k, v in procs.SAFE_ENV.items())} FLWR_HOME={files.flwr_home}")
+        print(f"export {procs.exported()} FLWR_HOME={files.flwr_home}")
         for cmd in cmds.values():
             print(procs.show(cmd))
         return files.out
@@ -148,9 +149,11 @@ def serve(plan: Plan, layout: KeyLayout, address: str, *, dry_run: bool = False)
         (files.out / "superlink.pid").write_text(f"{superlink.pid}\n")  # for tools that must stop it
         procs.wait_for_port(superlink, "flower-superlink", host, port, files.superlink_log)
         log.info("SuperLink up on %s:%d (TLS, SuperNode authentication on); log: %s", host, port, files.superlink_log)
-        for name, cmd in cmds.items():
-            if name.startswith("register-"):
-                _register(cmd, extra)
+        registers = [cmd for name, cmd in cmds.items() if name.startswith("register-")]
+        with ThreadPoolExecutor(max_workers=8) as pool:  # each `flwr` call spends seconds importing
+            list(pool.map(lambda cmd: _register(cmd, extra), registers))
+        # A site that connects before its key is registered is refused at once (Flower's 2004).
+        log.info("%d site key(s) registered: sites can join now", len(registers))
         result = subprocess.run(cmds["run"], env=procs.env(extra), check=False)
     if not (files.out / SUMMARY_FILE).exists():
         raise FedtuneError(f"the run did not finish (flwr run exited {result.returncode}); see {files.superlink_log}")
