@@ -25,7 +25,8 @@ from fedtune.config import DataConfig, LoraSection, ModelConfig, TrainConfig
 from fedtune.data.loaders import DEMO_TRAIN
 from fedtune.data.prompts import tokenize
 from fedtune.logs import quiet_libraries
-from fedtune.models import fedtune_home, init_adapter, load_base, set_trainable, wrap_lora
+from fedtune.models import init_adapter, load_base, set_trainable, wrap_lora
+from fedtune.paths import fedtune_home
 from fedtune.simulations.presets import build_tiny_model
 
 TARGETS = {"q,v": "q_proj,v_proj", "all-linear": "all-linear"}

@@ -21,7 +21,8 @@ from fedtune.config import SITE_KEYS, SITE_PRIVACY_KEYS, RunConfig
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.logs import quiet_libraries
 from fedtune.lora import rank_slice, sent_keys
-from fedtune.models import adapter_arrays, fedtune_home, load_adapter_arrays
+from fedtune.models import adapter_arrays, load_adapter_arrays
+from fedtune.paths import fedtune_home
 from fedtune.privacy import site as site_privacy
 from fedtune.privacy.central import clip, noise_rng, privatize_locally
 from fedtune.strategies import STRATEGIES
