@@ -85,6 +85,8 @@ def _client(args: argparse.Namespace) -> None:
         device=args.device,
         sets=parse_assignments(args.set),
     )
+    if args.state_dir:
+        config[keys.STATE_DIR] = str(Path(args.state_dir).expanduser().resolve())
     root = None if args.insecure else Path(args.root_cert).resolve()
     with client.worker_dir(not args.no_worker, args.dry_run) as worker:
         if worker is not None:
@@ -182,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--device", choices=["cpu", "cuda"], help="where this site trains")
     cli.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a site setting, e.g. train.batch-size=8"
+    )
+    cli.add_argument(
+        "--state-dir",
+        help="where this site keeps its DP-SGD privacy ledger across restarts (default ~/.cache/fedtune/site-state)",
     )
     cli.add_argument("--port", type=int, help="local port of the SuperNode's runtime API (default: a free one)")
     cli.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
