@@ -277,7 +277,7 @@ class SecaggConfig:
     clip: float = 0.0
     """Per-coordinate quantization range [-clip, clip]; 0 = auto: the most an AdamW coordinate can move
     in the round, 3.17 * `train.local-steps` * `train.lr` (plus 4 noise std under `local` DP)."""
-    stage_timeout: float = 120.0
+    stage_timeout: float = 300.0
     """Seconds each key/share/unmask stage waits for replies (the training stage waits
     `server.round-timeout`)."""
 

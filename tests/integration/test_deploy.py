@@ -256,3 +256,26 @@ def test_server_killed_after_round_1_resumes_and_equals_an_uninterrupted_run(
     resumed_adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     for key, value in straight.items():
         assert abs(resumed_adapter[key] - value).max() <= 1e-6, key
+
+
+def test_secure_aggregation_runs_deployed(processes: Processes, tmp_path: Path) -> None:
+    # Prepare: three authenticated sites over TLS, each message handled by a fresh ClientApp process, so
+    # a site's keys, seed and shares must survive between stages in its context state
+    server, _, run = start_federation(
+        processes,
+        tmp_path,
+        *("--rounds", "1", "--set", "server.min-clients=3", "--set", "eval.federated=false"),
+        *("--set", "secagg.protocol=secagg"),
+    )
+
+    # Execute
+    assert server.wait(timeout=500) == 0, processes.log("server")[-3000:]
+
+    # Assert: the round unmasked the sum of all three sites' inputs
+    rows = rows_of(run)
+    assert [r["round"] for r in rows] == [0, 1]
+    for row in rows[1:]:
+        info = row["secagg"]
+        assert row["updated"] and row["replied"] == 3 and row["failed"] == 0, row
+        assert isinstance(info, dict) and info["survivors"] == 3 and info["threshold"] == 2
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]  # type: ignore[operator]
