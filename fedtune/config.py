@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import time
 import tomllib
 import typing
@@ -263,8 +264,38 @@ class PrivacyConfig:
 class SecaggConfig:
     """``secagg.*``: secure aggregation."""
 
-    protocol: Literal["none"] = "none"
-    """Secure-aggregation protocol; ``none`` sends updates in the clear."""
+    protocol: Literal["none", "secagg"] = "none"
+    """``none`` sends updates in the clear; ``secagg`` runs SecAgg+ (Bell et al. 2020): the server
+    learns only the (weighted) sum of the round's deltas."""
+    degree: int = 0
+    """Neighbours each client masks with; 0 = auto: the complete graph for up to 16 clients, else an
+    even k = 2 * ceil(2 log2 N), O(log N) as Bell et al. suggest. An explicit value must be even."""
+    threshold: int = 0
+    """Shares needed to rebuild a client's secrets; 0 = a strict majority of its degree + 1 holders."""
+    quant_bits: int = 16
+    """Fixed-point bits per value; the modulus is 2^(bits + ceil(log2 N)) and must fit 32 bits."""
+    clip: float = 0.0
+    """Per-coordinate quantization range [-clip, clip]; 0 = auto: the most an AdamW coordinate can move
+    in the round, 3.17 * `train.local-steps` * `train.lr` (plus 4 noise std under `local` DP)."""
+    stage_timeout: float = 300.0
+    """Seconds each key/share/unmask stage waits for replies (the training stage waits
+    `server.round-timeout`)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.degree == 0 or (self.degree >= 2 and self.degree % 2 == 0),
+            "secagg.degree",
+            f"must be 0 (auto) or an even number >= 2 (no odd-degree regular graph on an odd number of clients "
+            f"exists), got {self.degree}.",
+        )
+        _require(self.threshold >= 0, "secagg.threshold", f"must be >= 0 (0 = auto), got {self.threshold}.")
+        _require(1 <= self.quant_bits <= 31, "secagg.quant-bits", f"must be in 1..31, got {self.quant_bits}.")
+        _require(
+            math.isfinite(self.clip) and self.clip >= 0,
+            "secagg.clip",
+            f"must be a finite number >= 0 (0 = auto), got {self.clip}.",
+        )
+        _require(self.stage_timeout > 0, "secagg.stage-timeout", f"must be > 0, got {self.stage_timeout}.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from fedtune.paths import fedtune_home
 from fedtune.privacy import site as site_privacy
 from fedtune.privacy.central import clip, noise_rng, privatize_locally
 from fedtune.strategies import STRATEGIES
-from fedtune.wire import arrays_from_record, record_from_arrays
+from fedtune.wire import Arrays, arrays_from_record, record_from_arrays
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ app = ClientApp()
 ERROR_CODE = 1  # Flower's Error.code for "failed precondition at the site"
 
 
-def _open(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Site, Any]:
-    """Decode the round's spec, open the site, and load the global adapter (sliced to its rank)."""
+def _open_site(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Site]:
+    """Decode the round's spec and open the site (no adapter needed)."""
     spec = dict(msg.content.config_records[keys.SPEC])
     extra = {k: spec.pop(k) for k in (keys.ROUND, keys.RUN_ID, keys.DP_PLANNED_STEPS) if k in spec}
     if not isinstance(extra.get(keys.ROUND), int):
@@ -47,7 +48,12 @@ def _open(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Si
     if spec.get("privacy.mechanism") != "dp-sgd":  # only DP-SGD sites account for themselves
         local = {k: v for k, v in local.items() if k not in SITE_PRIVACY_KEYS}
     cfg = RunConfig.from_flat({**spec, **local})  # the site's own settings win over the spec
-    site = open_site(cfg, context.node_config)
+    return cfg, extra, open_site(cfg, context.node_config)
+
+
+def _open(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Site, Any]:
+    """Decode the round's spec, open the site, and load the global adapter (sliced to its rank)."""
+    cfg, extra, site = _open_site(msg, context)
     model = site.model(cfg)
     load_adapter_arrays(model, rank_slice(arrays_from_record(msg.content.array_records[keys.ADAPTER]), site.rank))
     return cfg, extra, site, model
@@ -63,13 +69,34 @@ def _budget_path(context: Context, extra: dict[str, Any], site: Site) -> Path:
     return site_privacy.state_file(state_dir.expanduser(), str(extra.get(keys.RUN_ID, "run")), site.name)
 
 
+@dataclass(frozen=True)
+class LocalUpdate:
+    """One round of local training: the delta (None when a dp-sgd site declines) and its metrics."""
+
+    cfg: RunConfig
+    extra: dict[str, Any]
+    site: Site
+    delta: Arrays | None
+    """local - global per PEFT key (only B under FFA-LoRA), clipped / noised as the mechanism says."""
+    metrics: dict[str, Any]
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter locally and reply with the delta (local - global)."""
     try:
-        cfg, extra, site, model = _open(msg, context)
+        update = local_update(msg, context)
     except FedtuneError as exc:
         return _refuse(msg, exc)
+    records: dict[str, Any] = {keys.METRICS: MetricRecord(update.metrics)}
+    if update.delta is not None:
+        records = {keys.DELTA: record_from_arrays(update.delta), **records}
+    return Message(RecordDict(records), reply_to=msg)
+
+
+def local_update(msg: Message, context: Context) -> LocalUpdate:
+    """Open the site, train the global adapter locally (plain or DP-SGD) and compute the delta."""
+    cfg, extra, site, model = _open(msg, context)
     rnd = extra[keys.ROUND]
     mechanism = cfg.privacy.mechanism
     start = adapter_arrays(model)
@@ -96,7 +123,7 @@ def train(msg: Message, context: Context) -> Message:
                 *(site.name, rnd, spend.epsilon_before, spend.epsilon_after, cfg.privacy.target_epsilon),
             )
             metrics.update({keys.BUDGET_EXHAUSTED: 1, keys.EPSILON: spend.epsilon_before})
-            return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
+            return LocalUpdate(cfg, extra, site, None, metrics)
         dp = DPSettings(spend.event.noise_multiplier, cfg.privacy.clip_norm, q, spend.event.steps)
         result: TrainResult = train_dp(model, site.train, cfg.train, dp, pad_id=pad_id, desc=desc)
         budget.ledger.add(spend.event)
@@ -122,9 +149,7 @@ def train(msg: Message, context: Context) -> Message:
     if mechanism == "none" and not math.isnan(result.loss):
         metrics[keys.TRAIN_LOSS] = result.loss  # under DP a clear-text training loss would leak
     metrics[keys.STEPS] = result.steps
-    return Message(
-        RecordDict({keys.DELTA: record_from_arrays(delta), keys.METRICS: MetricRecord(metrics)}), reply_to=msg
-    )
+    return LocalUpdate(cfg, extra, site, delta, metrics)
 
 
 @app.evaluate()
@@ -138,3 +163,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     loss = heldout_loss(model, site.heldout, batch_size=cfg.eval.batch_size, pad_id=pad_id)
     metrics = MetricRecord({keys.EVAL_LOSS: loss, keys.NUM_EXAMPLES: len(site.heldout)})
     return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
+
+
+# The SecAgg+ stages register their handlers on ``app`` (they reuse ``_open`` and ``local_update``).
+from fedtune.client import secagg as _secagg  # noqa: E402, F401

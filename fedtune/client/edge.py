@@ -59,6 +59,12 @@ def query(msg: Message, context: Context) -> Message:
     return handle(msg, context)
 
 
+# SecAgg+ stages (fedtune.client.secagg) travel as actions of their own; route them the same way.
+for _action in (keys.SECAGG_KEYS, keys.SECAGG_SHARE, keys.SECAGG_UNMASK):
+    app.query(_action)(handle)
+app.train(keys.SECAGG_TRAIN)(handle)
+
+
 def reply_timeout(msg: Message) -> float:
     """How long to wait for the worker: the server stops waiting after `server.round-timeout`."""
     spec: Mapping[str, Any] = msg.content.config_records.get(keys.SPEC, {}) if msg.has_content() else {}

@@ -123,6 +123,15 @@ class NoisedSum:
         self.count += 1
         self.unclipped += int(bool(fits))
 
+    def add_sum(self, total: Arrays, count: int) -> None:
+        """Add the sum of ``count`` deltas that the clients clipped to C themselves (secure aggregation
+        reveals only the sum, so its parts cannot be checked or counted under C here)."""
+        if self.clip_on_server:
+            raise ValueError("a sum of deltas cannot be clipped at the server; clip at the client")
+        for k, v in total.items():
+            self._sum[k] = self._sum[k] + v if k in self._sum else np.array(v, dtype=np.float64)
+        self.count += count
+
     def result(self, reference: Arrays) -> Arrays:
         """The noised mean, shaped like ``reference`` (zeros plus noise if no client replied)."""
         out = {}

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError, IncompatibleComponentsError
+from fedtune.privacy.secagg import settings as secagg_settings
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.plan import Plan, group_rounds
 
@@ -147,6 +148,40 @@ def _poisson_count(cfg: RunConfig) -> list[str]:
     return []
 
 
+def _secagg_composition(cfg: RunConfig) -> list[str]:
+    """Under secure aggregation the server sees only the sum, so nothing may need one client's update."""
+    if cfg.secagg.protocol == "none":
+        return []
+    why = "`secagg.protocol` = secagg reveals only the sum of the deltas"
+    out = []
+    if cfg.strategy.name in STRATEGIES and STRATEGIES.get(cfg.strategy.name).individual_updates:
+        out.append(f"{why}, and `strategy.name` = {cfg.strategy.name} needs each update; use a fedavg-family strategy.")
+    if cfg.privacy.clip_on == "server":
+        out.append(f"{why}, so the server cannot clip each one (`privacy.clip-on` = server); clip at the client.")
+    if cfg.privacy.adaptive_clip:
+        out.append(
+            f"{why}; `privacy.adaptive-clip` needs each client's clipped bit in the clear; use a fixed "
+            "`privacy.clip-norm`."
+        )
+    if cfg.server.max_update_norm > 0:
+        out.append(f"{why}, so `server.max-update-norm` cannot check one update; set it to 0.")
+    return out
+
+
+def _secagg_params(cfg: RunConfig) -> list[str]:
+    """The settings must work for the smallest (and any fixed) number of clients a round samples."""
+    if cfg.secagg.protocol == "none":
+        return []
+    counts = {cfg.server.min_clients}
+    if cfg.server.sampling == "fixed" and cfg.server.num_train:
+        counts.add(max(cfg.server.min_clients, cfg.server.num_train))
+    return [
+        f"`secagg.*` with {n} sampled client(s) (`server.min-clients`/`server.num-train`): {text}"
+        for n in sorted(counts)
+        for text in secagg_settings.problems(cfg, n)
+    ]
+
+
 RULES: list[Rule] = [
     _strategy_known,
     _krum_quorum,
@@ -158,6 +193,8 @@ RULES: list[Rule] = [
     _central_only_settings,
     _dpsgd_fedprox,
     _poisson_count,
+    _secagg_composition,
+    _secagg_params,
 ]
 
 

@@ -380,7 +380,12 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         sampled = sample_nodes(nodes, cfg, state.rng)
         denominator = cfg.server.fraction_train * len(nodes) if cfg.server.sampling == "poisson" else len(sampled)
         row = {"round": rnd, "sampled": len(sampled), "sampled_nodes": sampled, "spec": plan.spec(rnd)}
-        _train_round(cfg, grid, state, rnd, sampled, row, extra, max(denominator, 1e-12))
+        if cfg.secagg.protocol == "secagg":
+            from fedtune.server.secagg_round import secagg_round  # it builds on this module
+
+            secagg_round(cfg, grid, state, rnd, sampled, row, extra, max(denominator, 1e-12))
+        else:
+            _train_round(cfg, grid, state, rnd, sampled, row, extra, max(denominator, 1e-12))
         evaluate_round(cfg, grid, state, rnd, row, evaluate)
         row["seconds"] = time.monotonic() - start
         row["epsilon"] = json_number(state.privacy.epsilon(cfg, family))

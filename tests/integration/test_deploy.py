@@ -120,6 +120,7 @@ def test_tls_authenticated_deployment_trains_and_refuses_an_unregistered_node(
         "server",
         *("server", "--keys", str(keyset / "keys"), "--preset", "tiny", "--out", str(run), "--address", address),
         *("--rounds", "2", "--set", "server.min-clients=3", "--set", "eval.federated=false"),
+        *("--set", "plan.2.secagg.protocol=secagg"),  # round 2: SecAgg+, four exchanges per site
     )
     wait_for(lambda: "sites can join now" in processes.log("server") or server.poll() is not None, 120, "the SuperLink")
     assert server.poll() is None, processes.log("server")
@@ -148,8 +149,13 @@ def test_tls_authenticated_deployment_trains_and_refuses_an_unregistered_node(
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["replied"] == 3 and r["failed"] == 0 for r in rows[1:])
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    # round 2 unmasked the sum of all three sites' masked inputs; site 3 kept its SecAgg+ state
+    # between stages in context.state across Flower's fresh ClientApp processes
+    secure = rows[2]["secagg"]
+    assert rows[2]["updated"] and secure["survivors"] == 3 and not secure.get("abandoned"), secure
     # sites 1 and 2 trained in their site workers, site 3 in Flower's ClientApp processes
-    assert all("site worker: train (round 2)" in processes.log(f"client-{k}") for k in (1, 2))
+    assert all("site worker: train (round 1)" in processes.log(f"client-{k}") for k in (1, 2))
+    assert all("site worker: train.secagg (round 2)" in processes.log(f"client-{k}") for k in (1, 2))
     assert "site worker" not in processes.log("client-3") and "Sending: train" in processes.log("client-3")
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     model = PeftModel.from_pretrained(

@@ -1,0 +1,59 @@
+"""One flat vector per client: the delta at the global rank, in sorted PEFT-key order, and back.
+
+SecAgg+ masks one vector of integers, so every client lays its delta out the same way: a lower-rank
+site zero-pads to the global rank first (``lora.pad_rank``), and the server knows which entries each
+rank covers (ranks are public), so it can divide each entry by the weight of the sites that trained it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedtune.lora import LORA_A, LORA_B, pad_rank
+
+Arrays = dict[str, np.ndarray]
+
+
+def full_rank_like(arrays: Arrays, rank: int) -> Arrays:
+    """Zero-stride stand-ins shaped like ``arrays`` at LoRA rank ``rank``: A (rank, in), B (out, rank)."""
+    out = {}
+    for key, value in arrays.items():
+        shape = value.shape
+        if LORA_A in key:
+            shape = (rank, *value.shape[1:])
+        elif LORA_B in key:
+            shape = (value.shape[0], rank, *value.shape[2:])
+        out[key] = np.broadcast_to(np.float32(0), shape)
+    return out
+
+
+def length(like: Arrays) -> int:
+    """Entries of the flat vector for arrays shaped like ``like``."""
+    return sum(int(np.prod(v.shape)) for v in like.values())
+
+
+def flatten(arrays: Arrays, like: Arrays) -> np.ndarray:
+    """``arrays`` zero-padded to ``like``'s shapes and concatenated in sorted key order, float64 (L,)."""
+    if sorted(arrays) != sorted(like):
+        raise ValueError(f"keys differ from the global adapter's: {sorted(set(arrays) ^ set(like))[:3]}")
+    padded, _ = pad_rank(arrays, like)
+    return np.concatenate([padded[k].astype(np.float64).ravel() for k in sorted(like)])
+
+
+def unflatten(vector: np.ndarray, like: Arrays) -> Arrays:
+    """Inverse of :func:`flatten` at full rank: float32 arrays shaped like ``like``."""
+    out, start = {}, 0
+    for key in sorted(like):
+        shape = like[key].shape
+        size = int(np.prod(shape))
+        out[key] = vector[start : start + size].reshape(shape).astype(np.float32)
+        start += size
+    if start != vector.size:
+        raise ValueError(f"vector has {vector.size} entries, the adapter {start}")
+    return out
+
+
+def coverage(rank: int, like: Arrays) -> np.ndarray:
+    """1.0 for the flat entries a rank-``rank`` site trains, 0.0 for those it zero-pads, float64 (L,)."""
+    _, masks = pad_rank(full_rank_like(like, rank), like)
+    return np.concatenate([np.broadcast_to(masks[k], like[k].shape).ravel() for k in sorted(like)])
