@@ -19,7 +19,7 @@ from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device,
 from fedtune.privacy import compat
 from fedtune.server import checkpoint, loop
 from fedtune.server.evaluation import CentralEvaluator
-from fedtune.server.report import Reporter, privacy_line, privacy_summary
+from fedtune.server.report import Reporter, privacy_line, privacy_summary, secagg_summary
 from fedtune.strategies.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     )
     extra: dict[str, Any] = {"base_model": loaded.path, "adapter": str(out / "adapter"), "run_id": state.run_id}
     extra["privacy"] = privacy_summary(plan, state)
+    if (secure := secagg_summary(plan)) is not None:
+        extra["secure_aggregation"] = secure
     record = evaluator.sample_prompt()
     if record is not None:
         base = evaluator.answer(record, None)

@@ -231,6 +231,22 @@ def privacy_summary(plan: Plan, state: ServerState) -> dict[str, Any]:
     return out
 
 
+def secagg_summary(plan: Plan) -> dict[str, Any] | None:
+    """``summary.json``'s secure-aggregation section: which rounds, and what the server still learns."""
+    rounds = [r for r in range(1, plan.base.num_server_rounds + 1) if plan.for_round(r).secagg.protocol != "none"]
+    if not rounds:
+        return None
+    return {
+        "protocol": "secagg (SecAgg+, Bell et al. 2020)",
+        "rounds": rounds,
+        "trust": "honest-but-curious server: it learns the sum of the surviving clients' quantized updates "
+        "and nothing about any one update, as long as fewer than the threshold of a client's share holders "
+        "collude with it",
+        "server_still_learns": "who was sampled and who replied at each stage, each client's number of "
+        "examples and LoRA rank, and the sum",
+    }
+
+
 def privacy_line(section: dict[str, Any]) -> str:
     """One plain sentence for the log."""
     if section["mechanism"] == "none":

@@ -200,6 +200,10 @@ def test_secagg_fedavg_equals_the_plain_run_within_the_quantization_bound(plain_
     length = sum(v.size for v in one_secagg.values())
     assert info["stages"]["masked"]["bytes_up_per_client"] >= 4 * length  # uint32 on the wire: 18-bit modulus
     assert row["bytes_up"] == sum(s["bytes_up"] for s in info["stages"].values())
+    # summary.json states the protocol's rounds and trust assumption; the plain run has no such section
+    secure = json.loads((secagg / "summary.json").read_text())["secure_aggregation"]
+    assert secure["rounds"] == [1, 2] and "honest-but-curious" in secure["trust"]
+    assert "secure_aggregation" not in json.loads((plain / "summary.json").read_text())
 
 
 def test_the_server_never_receives_a_clear_delta_under_secagg(plain_and_secagg: dict[str, Any]) -> None:
