@@ -188,7 +188,7 @@ def _train_round(
         if not reply.has_error() and keys.DELTA in reply.content.array_records:
             up += payload_bytes(reply.content.array_records[keys.DELTA])
         try:
-            if _declined(reply, node, state):
+            if declined(reply, node, state):
                 exhausted.append(node)
                 continue
             ok = validation.accept_reply(reply, cfg, state.global_arrays)
@@ -203,7 +203,7 @@ def _train_round(
                 aggregator.add_masked(ok.delta, ok.weight, ok.masks)
             else:
                 aggregator.add(ok.delta, ok.weight)
-            _record_site_epsilon(ok.metrics, node, state)
+            record_site_epsilon(ok.metrics, node, state)
         except UpdateRejected as exc:
             log.warning("round %d: rejected reply from node %d: %s", rnd, node, exc)
             failures.append({"node": node, "reason": str(exc)})
@@ -222,7 +222,7 @@ def _train_round(
         row["budget_exhausted_nodes"] = sorted(exhausted)
     losses = [(loss, w) for _, w, loss in accepted if not math.isnan(loss)]
     row["train_loss"] = sum(loss * w for loss, w in losses) / sum(w for _, w in losses) if losses else None
-    _account(cfg, state, rnd, released=bool(accepted))
+    account_round(cfg, state, rnd, released=bool(accepted))
     if len(accepted) < cfg.server.min_replies:
         log.warning(
             "round %d: %d valid repl%s < `server.min-replies` = %d; global adapter unchanged.",
@@ -240,27 +240,27 @@ def _train_round(
     row["updated"] = True
 
 
-def _declined(reply: Message, node: int, state: ServerState) -> bool:
+def declined(reply: Message, node: int, state: ServerState) -> bool:
     """A "budget exhausted" reply: not an error; the node is never sampled again."""
     if reply.has_error():
         return False
     metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
     if metrics.get(keys.BUDGET_EXHAUSTED) != 1:
         return False
-    _record_site_epsilon(metrics, node, state)
+    record_site_epsilon(metrics, node, state)
     if node not in state.privacy.exhausted:
         state.privacy.exhausted.append(node)
     log.info("node %d has spent its privacy budget and will not be sampled again", node)
     return True
 
 
-def _record_site_epsilon(metrics: Mapping[str, Any], node: int, state: ServerState) -> None:
+def record_site_epsilon(metrics: Mapping[str, Any], node: int, state: ServerState) -> None:
     eps = metrics.get(keys.EPSILON)
     if isinstance(eps, int | float) and not isinstance(eps, bool):
         state.privacy.site_epsilon[node] = max(float(eps), state.privacy.site_epsilon.get(node, 0.0))
 
 
-def _account(cfg: RunConfig, state: ServerState, rnd: int, *, released: bool) -> None:
+def account_round(cfg: RunConfig, state: ServerState, rnd: int, *, released: bool) -> None:
     """Charge the round to the run's ledger: a user-level event, or an un-noised release."""
     event = privacy.user_event(cfg, cfg.privacy.noise_multiplier)
     if event is not None:

@@ -43,9 +43,9 @@ from fedtune.privacy.secagg.quantize import wire_dtype
 from fedtune.server.loop import (
     GridLike,
     ServerState,
-    _account,
-    _declined,
-    _record_site_epsilon,
+    account_round,
+    declined,
+    record_site_epsilon,
     release,
     server_step,
     stream_replies,
@@ -161,7 +161,7 @@ def secagg_round(
         log.warning("round %d: secure aggregation abandoned, global adapter unchanged: %s", rnd, exc)
         updated = False
     info["dropped"] = sorted(set(nodes) - set(survivors))
-    _account(cfg, state, rnd, released=updated)
+    account_round(cfg, state, rnd, released=updated)
     failures = [{"node": n, "reason": r} for n, r in sorted(ex.failures.items())]
     row.update(
         replied=len(survivors),
@@ -279,7 +279,7 @@ def _protocol(
     total: list[np.ndarray] = []
 
     def fold(node: int, reply: Message) -> bool | None:
-        if _declined(reply, node, state):
+        if declined(reply, node, state):
             exhausted.append(node)
             return None
         arrays = reply.content.array_records[keys.MASKED]
@@ -289,7 +289,7 @@ def _protocol(
         if vector.dtype != wire or vector.shape != (length,):
             raise SecAggError(f"masked input is {vector.dtype} {vector.shape}, expected {wire} ({length},)")
         total[:] = [add([*total, vector], params.modulus_bits)]
-        _record_site_epsilon(reply.content.metric_records.get(keys.METRICS, {}), node, state)
+        record_site_epsilon(reply.content.metric_records.get(keys.METRICS, {}), node, state)
         return True
 
     kind = _kind(MessageType.TRAIN, keys.SECAGG_TRAIN)
