@@ -4,12 +4,19 @@ One process holds one copy of the base model (``fedtune.models`` keeps it reside
 take turns on it: each message is handed to the real ClientApp with that site's own Context, so a
 site keeps its node config and its context state across rounds exactly as under Ray. This is the
 backend for many sites on one machine; the Ray backend stays for several processes and GPUs.
+
+Between turns a site keeps only what it needs for its next one: its Context (node config and
+``context.state``) and its tokenized data (``fedtune.client.site``). Its adapter, optimizer and RNG
+are rebuilt from the message each turn: the global adapter is loaded into the shared LoRA slot,
+AdamW starts fresh, and the torch RNG is seeded from (seed, round, site).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable, Iterable
+from typing import cast
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -20,6 +27,28 @@ log = logging.getLogger(__name__)
 
 ClientCallable = Callable[[Message, Context], Message]
 ERROR_CODE = 2  # the ClientApp raised instead of replying
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return cast(Callable[[int], int], ctypes.CDLL(None).malloc_trim)
+    except (AttributeError, OSError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_heap() -> None:
+    """Hand the heap pages freed by the last turn back to the OS (glibc ``malloc_trim``).
+
+    Each turn frees its activations, gradients and arrays, but glibc keeps the freed pages, and
+    the next site's differently sized batches fragment them further: without this, resident memory
+    of SmolLM2 on 30 sites climbs by about 0.6 GiB over the first round (BENCHMARKS.md). The call
+    takes microseconds.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def _set_task_identity() -> None:
@@ -83,3 +112,5 @@ class LocalGrid:
         except Exception as exc:  # a crashing site must not take the federation down
             log.exception("node %d raised", msg.metadata.dst_node_id)
             return Message(Error(code=ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        finally:
+            release_heap()

@@ -109,3 +109,25 @@ def test_same_seed_gives_the_same_adapter(run_dir: Path, tmp_path: Path) -> None
     assert first.keys() == second.keys()
     for key in first:
         assert abs(first[key] - second[key]).max() <= 1e-6, key
+
+
+def test_shared_backend_gives_the_ray_backends_adapter(run_dir: Path, tmp_path: Path) -> None:
+    # Prepare: the Ray run's settings and base model, on the in-process backend. Ray runs each site
+    # with train.num-threads = simulation.num-cpus = 1; the shared run pins the same thread count
+    cfg = json.loads((run_dir / "summary.json").read_text())["config"]
+
+    # Execute
+    proc = fedtune(
+        *("simulate", "--preset", "tiny", "--out", str(tmp_path / "shared"), "--rounds", "2", "--clients", "3"),
+        *("--seed", "3", "--set", "simulation.backend=shared", "--set", f"model.name={cfg['model.name']}"),
+        *("--set", "train.num-threads=1"),
+    )
+
+    # Assert: every saved PEFT tensor agrees to 1e-6
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ray = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    shared = load_file(str(tmp_path / "shared" / "adapter" / "adapter_model.safetensors"))
+    assert ray.keys() == shared.keys()
+    for key in ray:
+        assert abs(ray[key] - shared[key]).max() <= 1e-6, key
+    assert any(abs(ray[k]).max() > 0 for k in ray if "lora_B" in k)  # trained, not the zero init
