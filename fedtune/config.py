@@ -93,6 +93,43 @@ class LoraSection:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
 
+PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "prefix-tuning", "bitfit", "full")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeftSection:
+    """``peft.*``: which parameters a site trains and sends (see README, "PEFT methods")."""
+
+    method: Literal["lora", "ia3", "prompt-tuning", "prefix-tuning", "bitfit", "full"] = "lora"
+    """``lora`` (``lora.*``), ``ia3``, ``prompt-tuning``, ``prefix-tuning`` (PEFT's own configs),
+    ``bitfit`` (only the base model's bias parameters) or ``full`` (every parameter, no PEFT)."""
+    full_max_params: int = 200_000_000
+    """``full`` is refused for a model with more parameters than this (every round moves all of
+    them, 4 bytes each, to and from every site)."""
+    num_virtual_tokens: int = 16
+    """Virtual tokens of ``prompt-tuning`` and ``prefix-tuning``."""
+    ia3_target_modules: str = ""
+    """Comma-separated modules ``ia3`` rescales; empty: PEFT's default for the architecture
+    (k_proj, v_proj, down_proj for Llama)."""
+    ia3_feedforward_modules: str = ""
+    """The subset of ``peft.ia3-target-modules`` that are feed-forward (their input is rescaled);
+    empty: PEFT's default for the architecture."""
+
+    def __post_init__(self) -> None:
+        _require(self.full_max_params >= 1, "peft.full-max-params", f"must be >= 1, got {self.full_max_params}.")
+        _require(
+            self.num_virtual_tokens >= 1, "peft.num-virtual-tokens", f"must be >= 1, got {self.num_virtual_tokens}."
+        )
+
+    def ia3_modules(self) -> tuple[list[str] | None, list[str] | None]:
+        """IA3's target and feed-forward modules as PEFT expects them (None: PEFT's default)."""
+
+        def split(text: str) -> list[str] | None:
+            return [m.strip() for m in text.split(",") if m.strip()] or None
+
+        return split(self.ia3_target_modules), split(self.ia3_feedforward_modules)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """``data.*``: where the instruction data comes from and how it becomes token batches."""
@@ -402,6 +439,7 @@ class RunConfig:
     """Seeds the adapter init, client sampling, data order and partitioning."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    peft: PeftSection = field(default_factory=PeftSection)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

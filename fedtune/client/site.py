@@ -15,7 +15,8 @@ from fedtune.data.loaders import load_records, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import IGNORE, Example, check_format, tokenize
 from fedtune.errors import ConfigError
-from fedtune.models import LoadedModel, load_base, pick_device, set_trainable, wrap_lora
+from fedtune.methods import load_for, wrap
+from fedtune.models import LoadedModel, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,14 @@ class Site:
     name: str
     loaded: LoadedModel
     rank: int
-    """This site's LoRA rank (``lora.r`` in its node config, or its ``simulation.site-ranks`` entry)."""
+    """This site's LoRA rank (``lora.r`` in its node config, or its ``simulation.site-ranks`` entry);
+    0 for a ``peft.method`` other than lora."""
     train: list[Example]
     heldout: list[Example]
 
     def model(self, cfg: RunConfig) -> Any:
-        """The shared PeftModel with this site's adapter active and the right parameters trainable."""
-        model = wrap_lora(self.loaded, cfg.lora, self.rank)
-        set_trainable(model, cfg.lora.freeze_a)
-        return model
+        """The model with this site's method (adapter) active and the right parameters trainable."""
+        return wrap(self.loaded, cfg, self.rank or None)
 
 
 _SITES: dict[tuple[object, ...], Site] = {}
@@ -50,8 +50,13 @@ def _node_int(node_config: Mapping[str, Any], key: str) -> int:
 
 def site_rank(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:
     """The LoRA rank a site trains at: node config ``lora.r``, else ``simulation.site-ranks``
-    (cycled by partition id), else ``lora.r``; never above the global adapter's rank."""
+    (cycled by partition id), else ``lora.r``; never above the global adapter's rank. 0 when the
+    run's ``peft.method`` is not lora (a site's ``lora.r`` has nothing to set then)."""
     value = node_config.get("lora.r")
+    if cfg.peft.method != "lora":
+        if value is not None:
+            log.warning("node config `lora.r` is ignored: this run's `peft.method` is %s.", cfg.peft.method)
+        return 0
     if value is None and cfg.simulation.ranks() and keys.PARTITION_ID in node_config:
         ranks = cfg.simulation.ranks()
         value = ranks[_node_int(node_config, keys.PARTITION_ID) % len(ranks)]
@@ -76,12 +81,12 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
         pid = _node_int(node_config, keys.PARTITION_ID)
         where = ("partition", pid, _node_int(node_config, keys.NUM_PARTITIONS))
     rank = site_rank(cfg, node_config)
-    key = (where, cfg.data, cfg.model, cfg.lora, rank, cfg.train.device, cfg.seed)
+    key = (where, cfg.data, cfg.model, cfg.lora, cfg.peft, rank, cfg.train.device, cfg.seed)
     if key in _SITES:
         return _SITES[key]
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    loaded = load_base(cfg.model, pick_device(cfg.train.device))
+    loaded = load_for(cfg, pick_device(cfg.train.device))
     check_format(cfg.data, loaded.tokenizer, cfg.model.name)
     if where[0] == "file":
         name = f"site {own_path}"
@@ -106,8 +111,8 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
             *(name, lost, cfg.data.max_seq_len),
         )
     log.info(
-        "%s: %d train / %d held-out examples, LoRA rank %d, on %s",
-        *(name, len(site.train), len(site.heldout), rank, loaded.device),
+        "%s: %d train / %d held-out examples, %s, on %s",
+        *(name, len(site.train), len(site.heldout), f"LoRA rank {rank}" if rank else cfg.peft.method, loaded.device),
     )
     _SITES[key] = site
     return site

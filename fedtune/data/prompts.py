@@ -92,8 +92,7 @@ def collate(batch: Sequence[Example], pad_id: int, device: torch.device) -> dict
 
 def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over response tokens, and how many tokens it covers."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted = logits[:, :-1, :].float()  # (B, T-1, V)
+    shifted = _logits(model, batch)[:, :-1, :].float()  # (B, T-1, V)
     target = batch["labels"][:, 1:]  # (B, T-1)
     loss = torch.nn.functional.cross_entropy(
         shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
@@ -107,11 +106,16 @@ def example_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     Unlike :func:`token_losses`, one example's value depends on that example alone, however the
     batch is padded: what DP-SGD's per-example clipping needs.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted = logits[:, :-1, :].float()  # (B, T-1, V)
+    shifted = _logits(model, batch)[:, :-1, :].float()  # (B, T-1, V)
     target = batch["labels"][:, 1:]  # (B, T-1)
     per_token = torch.nn.functional.cross_entropy(
         shifted.transpose(1, 2), target, ignore_index=IGNORE, reduction="none"
     )  # (B, T-1); 0 where ignored
     counts = (target != IGNORE).sum(dim=1).clamp(min=1)
     return per_token.sum(dim=1) / counts
+
+
+def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits of the batch's own tokens, (B, T, V): prompt tuning prepends its virtual tokens'."""
+    logits: torch.Tensor = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, -batch["input_ids"].shape[1] :, :]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError, IncompatibleComponentsError
+from fedtune.methods import METHODS
 from fedtune.privacy.secagg import settings as secagg_settings
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.plan import Plan, group_rounds
@@ -67,6 +68,29 @@ def _hetero_ranks(cfg: RunConfig) -> list[str]:
             "(`simulation.site-ranks`); use a fedavg-family strategy."
         ]
     return []
+
+
+def _method_support(cfg: RunConfig) -> list[str]:
+    """What each ``peft.method`` supports: LoRA-only rules and settings, and DP-SGD through Opacus."""
+    method = cfg.peft.method
+    out = []
+    if method != "lora":
+        if cfg.strategy.name in STRATEGIES and STRATEGIES.get(cfg.strategy.name).lora_only:
+            out.append(
+                f"`strategy.name` = {cfg.strategy.name} is defined for LoRA adapters only, not `peft.method` = "
+                f"{method}; use a fedavg-family or robust strategy."
+            )
+        if cfg.lora.freeze_a:
+            out.append(f"`lora.freeze-a` (FFA-LoRA) needs `peft.method` = lora, got {method}.")
+        if cfg.simulation.site_ranks:
+            out.append(f"`simulation.site-ranks` (heterogeneous LoRA ranks) needs `peft.method` = lora, got {method}.")
+    why = METHODS[method].no_dp_sgd
+    if cfg.privacy.mechanism == "dp-sgd" and why:
+        out.append(
+            f"`privacy.mechanism` = dp-sgd with `peft.method` = {method}: {why}; use lora, prefix-tuning or "
+            "bitfit, or `privacy.mechanism` = central / local."
+        )
+    return out
 
 
 def _dp_noise_source(cfg: RunConfig) -> list[str]:
@@ -188,6 +212,7 @@ RULES: list[Rule] = [
     _trimmed_keeps_some,
     _exact_vs_ffa,
     _hetero_ranks,
+    _method_support,
     _dp_noise_source,
     _central_sensitivity,
     _central_only_settings,

@@ -50,7 +50,7 @@ from fedtune.server.loop import (
     server_step,
     stream_replies,
 )
-from fedtune.server.validation import expected_keys
+from fedtune.server.validation import expected_keys, rank_ok
 from fedtune.wire import payload_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def _protocol(
         examples, rank = metrics[keys.NUM_EXAMPLES], metrics[keys.LORA_RANK]
         if not (isinstance(enc, bytes) and isinstance(mask, bytes) and len(enc) == len(mask) == KEY_BYTES):
             raise SecAggError("public keys must be two 32-byte strings")
-        if not (isinstance(examples, int) and examples >= 1 and isinstance(rank, int) and 1 <= rank <= full_rank):
+        if not (isinstance(examples, int) and examples >= 1 and rank_ok(rank, full_rank)):
             raise SecAggError(f"'{keys.NUM_EXAMPLES}' = {examples!r} or '{keys.LORA_RANK}' = {rank!r} is invalid")
         weight = float(examples) if cfg.strategy.weighting == "examples" else 1.0
         return _Advert(stages.PublicKeys(enc, mask), weight, rank)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from flwr.app import Message
@@ -48,6 +48,19 @@ def validate_delta(delta: Arrays, reference: Arrays, max_norm: float) -> float:
     return norm
 
 
+def rank_ok(rank: Any, full_rank: int) -> TypeGuard[int]:
+    """A site's reported LoRA rank: 1..the global rank, or 0 when the global state has no LoRA
+    matrices (``peft.method`` other than lora)."""
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        return False
+    return 1 <= rank <= full_rank if full_rank else rank == 0
+
+
+def rank_range(full_rank: int) -> str:
+    """What :func:`rank_ok` accepts, in words."""
+    return f"1..{full_rank}" if full_rank else "0 (the run's `peft.method` has no LoRA rank)"
+
+
 @dataclass(frozen=True)
 class Accepted:
     """A reply that passed validation, ready for the aggregator."""
@@ -84,10 +97,10 @@ def accept_reply(reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accep
     expected = expected_keys(global_arrays, cfg)
     full_rank = rank_of(global_arrays) or 0
     rank = metrics.get(keys.LORA_RANK, full_rank)
-    if not isinstance(rank, int) or not 1 <= rank <= max(full_rank, 1):
-        raise UpdateRejected(f"'{keys.LORA_RANK}' = {rank!r} is outside 1..{full_rank}")
+    if not rank_ok(rank, full_rank):
+        raise UpdateRejected(f"'{keys.LORA_RANK}' = {rank!r} is outside {rank_range(full_rank)}")
     delta = arrays_from_record(record)
-    norm = validate_delta(delta, rank_slice(expected, rank), cfg.server.max_update_norm)
+    norm = validate_delta(delta, rank_slice(expected, rank) if full_rank else expected, cfg.server.max_update_norm)
     masks = None
     if rank < full_rank:
         delta, masks = pad_rank(delta, expected)

@@ -11,6 +11,7 @@ from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import check_format
 from fedtune.errors import ConfigError
 from fedtune.logs import quiet_flower, setup_logging
+from fedtune.methods import check_model_files
 from fedtune.models import load_tokenizer, resolve_model
 from fedtune.privacy import compat
 from fedtune.server.app import make_server_app, run_server
@@ -31,6 +32,7 @@ def precheck(plan: Plan) -> None:
             "(`simulation.num-supernodes` / --clients)."
         )
     path = resolve_model(cfg.model)
+    check_model_files(cfg, path)
     check_format(cfg.data, load_tokenizer(path), cfg.model.name)
     rows = load_records(train_source(cfg.data), cfg.data)
     for pid in range(n):
