@@ -512,8 +512,14 @@ def _attr(key: str) -> str:
     return key.replace("-", "_")
 
 
+_HINTS: dict[str, dict[str, Any]] = {}
+
+
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    # get_type_hints re-evaluates every annotation string (slow); from_flat asks once per key.
+    if cls.__qualname__ not in _HINTS:
+        _HINTS[cls.__qualname__] = typing.get_type_hints(cls)
+    return _HINTS[cls.__qualname__]
 
 
 def _coerce(key: str, value: Any, ftype: Any) -> Any:

@@ -64,11 +64,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "prefix-tuning": MethodSpec(peft=True),
     "bitfit": MethodSpec(peft=False),
-    "full": MethodSpec(
-        peft=False,
-        no_dp_sgd="Opacus's hooks cannot compute per-example gradients for every weight of a causal LM "
-        "(the tied input/output embedding fails)",
-    ),
+    "full": MethodSpec(peft=False),
 }
 
 

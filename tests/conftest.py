@@ -27,6 +27,12 @@ def tiny_model_no_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-nt") / "base-model", seed=0, chat_template=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_biases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny Llama built with attention and MLP biases (what ``peft.method = bitfit`` trains)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bias") / "base-model", seed=0, biases=True)
+
+
 @pytest.fixture
 def task_identity() -> None:
     """Messages can be built outside a Flower runtime once a task identity is set."""

@@ -86,9 +86,10 @@ def _method_support(cfg: RunConfig) -> list[str]:
             out.append(f"`simulation.site-ranks` (heterogeneous LoRA ranks) needs `peft.method` = lora, got {method}.")
     why = METHODS[method].no_dp_sgd
     if cfg.privacy.mechanism == "dp-sgd" and why:
+        able = ", ".join(name for name, spec in METHODS.items() if not spec.no_dp_sgd)
         out.append(
-            f"`privacy.mechanism` = dp-sgd with `peft.method` = {method}: {why}; use lora, prefix-tuning or "
-            "bitfit, or `privacy.mechanism` = central / local."
+            f"`privacy.mechanism` = dp-sgd with `peft.method` = {method}: {why}; use one of {able}, or "
+            "`privacy.mechanism` = central / local."
         )
     return out
 
