@@ -9,7 +9,7 @@ the ratios are against LoRA in the same run. A method the model cannot take (bit
 without biases) gets a row with the refusal. Usage:
 
     python benchmarks/peft_methods.py [--rounds 2] [--local-steps 2] [--methods lora,ia3,...]
-        [--out runs/bench-peft]
+        [--out runs/bench-peft] [--jobs 1]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,17 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--methods", default="lora,ia3,prompt-tuning,prefix-tuning,bitfit,full")
     parser.add_argument("--out", default="runs/bench-peft")
+    parser.add_argument("--jobs", type=int, default=1, help="methods run at once (seconds are then shared)")
     args = parser.parse_args()
-    results = []
-    for method in args.methods.split(","):
+    methods = args.methods.split(",")
+
+    def one(method: str) -> dict[str, Any]:
         result = run_method(method, args, Path(args.out) / method)
         print(json.dumps(result), flush=True)
-        results.append(result)
+        return result
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(one, methods))
     print(table(results))
 
 

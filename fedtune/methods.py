@@ -77,7 +77,7 @@ def peft_config(cfg: RunConfig, rank: int | None = None) -> PeftConfig:
         target, feedforward = cfg.peft.ia3_modules()
         return IA3Config(task_type="CAUSAL_LM", target_modules=target, feedforward_modules=feedforward)
     if method == "prompt-tuning":
-        # Lester et al. 2021: initializing from sampled vocabulary embeddings trains far better than N(0, 1).
+        # Lester et al. 2021 (https://arxiv.org/abs/2104.08691): sampled-vocabulary init beats random init.
         return PromptTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB
         )
