@@ -275,7 +275,9 @@ class SecaggConfig:
     threshold: int = 0
     """Shares needed to rebuild a client's secrets; 0 = a strict majority of its degree + 1 holders."""
     quant_bits: int = 16
-    """Fixed-point bits per value; the modulus is 2^(bits + ceil(log2 N)) and must fit 32 bits."""
+    """Fixed-point bits per value; the modulus is 2^(bits + ceil(log2 N)) and must fit 32 bits. Under
+    ``privacy.mechanism = distributed`` the clip norm C maps to 2^(bits - 1) integer units and the
+    modulus also holds the noise shares."""
     clip: float = 0.0
     """Per-coordinate quantization range [-clip, clip]; 0 = auto: the most an AdamW coordinate can move
     in the round, 3.17 * `train.local-steps` * `train.lr` (plus 4 noise std under `local` DP)."""

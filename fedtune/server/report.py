@@ -267,7 +267,12 @@ def secagg_summary(plan: Plan) -> dict[str, Any] | None:
         "and nothing about any one update, as long as fewer than the threshold of a client's share holders "
         "collude with it",
         "server_still_learns": "who was sampled and who replied at each stage, each client's number of "
-        "examples and LoRA rank, and the sum",
+        "examples and LoRA rank, and the sum"
+        + (
+            " (in `privacy.mechanism` = distributed rounds, a sum that already carries the clients' noise shares)"
+            if any(plan.for_round(r).privacy.mechanism == "distributed" for r in rounds)
+            else ""
+        ),
     }
 
 
