@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from fedtune.config import RunConfig
-from fedtune.errors import IncompatibleComponentsError
+from fedtune.errors import IncompatibleComponentsError, PrivacyBudgetExceeded
 from fedtune.privacy import compat, distributed
 from fedtune.privacy.accounting import epsilon
-from fedtune.privacy.rounds import check_distributed, solved_noise
+from fedtune.privacy.rounds import PrivacyState, check_budget, check_distributed, solved_noise
 from fedtune.privacy.secagg.masking import add
+from fedtune.privacy.skellam import SkellamEvent
 from fedtune.strategies.plan import Plan
 
 DIST = {
@@ -134,3 +135,21 @@ def test_a_noise_too_wide_for_32_bits_is_refused_before_round_1() -> None:
     with pytest.raises(IncompatibleComponentsError, match=r"rounds 1-2: .*lower `secagg.quant-bits`"):
         check_distributed(plan, None, arrays)
     check_distributed(Plan.from_flat({**DIST, "num-server-rounds": 2}), None, arrays)  # the default fits
+
+
+def test_the_budget_check_spends_the_floor_and_both_ledgers_survive_a_checkpoint() -> None:
+    # Prepare: two rounds released 1.5x the target noise (ledger), charged at the target (floor)
+    arrays = {"m.lora_A.weight": np.zeros((4, 64)), "m.lora_B.weight": np.zeros((64, 4))}
+    cfg = RunConfig.from_flat({**DIST, "privacy.target-epsilon": 1.0})
+    target = distributed.target_event(cfg, 1.0, 512)
+    state = PrivacyState.new()
+    for _ in range(2):
+        state.floor.add(target)
+        state.ledger.add(SkellamEvent(target.l1, target.l2, 1.5 * target.mu, 1))
+    released, floor = state.ledger.epsilon(1e-5, "rdp"), state.floor.epsilon(1e-5, "rdp")
+    # Execute / Assert: the floor is what a third round is checked against
+    assert released < floor
+    with pytest.raises(PrivacyBudgetExceeded, match=f"from {floor:.3f}"):
+        check_budget(cfg, state, 3, arrays)
+    restored = PrivacyState.from_dict(state.to_dict())
+    assert restored.floor.epsilon(1e-5, "rdp") == floor and restored.ledger.epsilon(1e-5, "rdp") == released
