@@ -4,8 +4,8 @@ shares, and their calibration to the clients that may drop.
 Each client clips its delta to L2 norm C (``privacy.clip-norm``), scales it so that C becomes
 S = 2^(quant-bits - 1) integer units, and rounds it to integers by conditional stochastic rounding
 (Kairouz, Liu and Steinke 2021, "The Distributed Discrete Gaussian Mechanism for Federated Learning
-with Secure Aggregation", https://arxiv.org/abs/2102.06387, §4): unbiased rounding, redrawn until the
-integer vector's L2 norm is at most
+with Secure Aggregation", https://arxiv.org/abs/2102.06387, "conditional randomized rounding"):
+unbiased rounding, redrawn until the integer vector's L2 norm is at most
 
     l2 = sqrt(min(S^2 + d/4 + sqrt(2 ln(1/beta)) (S + sqrt(d)/2), (S + sqrt(d))^2)),
 

@@ -3,7 +3,7 @@
 No library computes it: Opacus covers only the (subsampled) Gaussian, and Google's ``dp-accounting``
 0.6 has Gaussian, Laplace, discrete Laplace and discrete Gaussian but no Skellam. So this module holds
 the one published bound, Agarwal, Kairouz and Liu 2021, "The Skellam Mechanism for Differentially
-Private Federated Learning" (https://arxiv.org/abs/2110.04995), Theorem 3.5 (the multi-dimensional
+Private Federated Learning" (https://arxiv.org/abs/2110.04995), §3 (the RDP of the multi-dimensional
 Skellam mechanism), written for the noise Sk(mu, mu) = Poisson(mu) - Poisson(mu) of variance 2 mu per
 coordinate. Everything else (composition, RDP -> (epsilon, delta)) is Opacus's.
 """
@@ -24,7 +24,7 @@ ORDERS: tuple[float, ...] = tuple(float(a) for a in RDPAccountant.DEFAULT_ALPHAS
 
 def skellam_rdp(order: float, l1: float, l2: float, mu: float) -> float:
     """Renyi-DP of order ``order`` of adding Sk(mu, mu) noise to each coordinate of an integer vector
-    whose L1 and L2 sensitivities are ``l1`` and ``l2`` (Agarwal et al. 2021, Theorem 3.5):
+    whose L1 and L2 sensitivities are ``l1`` and ``l2`` (Agarwal et al. 2021, §3, multi-dimensional Skellam RDP):
 
         eps(a) <= a l2^2 / (4 mu) + min(((2a - 1) l2^2 + 6 l1) / (16 mu^2), 3 l1 / (4 mu))
 

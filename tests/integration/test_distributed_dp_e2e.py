@@ -24,7 +24,8 @@ def deltas(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[int, int], LocalUpdate
 
 
 def paper_rdp(order: float, l1: float, l2: float, mu: float) -> float:
-    """Agarwal et al. 2021, Theorem 3.5, written out again here (integer orders; round a fractional one up)."""
+    """Agarwal et al. 2021 (§3, multi-dimensional Skellam RDP), written out again here (integer orders;
+    a fractional one is rounded up)."""
     a = math.ceil(order)
     return a * l2 * l2 / (4 * mu) + min(((2 * a - 1) * l2 * l2 + 6 * l1) / (16 * mu * mu), 3 * l1 / (4 * mu))
 
