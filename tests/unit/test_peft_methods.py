@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from fedtune.config import PEFT_METHODS, RunConfig
 from fedtune.errors import IncompatibleComponentsError, ModelError
-from fedtune.methods import METHODS, check_model_files, load_for, wrap
+from fedtune.methods import METHODS, check_model_files, initial_state, load_for, wrap
+from fedtune.models import load_adapter_arrays
 from fedtune.privacy import compat
 from fedtune.server.validation import rank_ok
 from fedtune.strategies import STRATEGIES
@@ -135,3 +136,25 @@ def test_full_above_its_limit_is_refused_with_the_parameter_count(tiny_model: Pa
 @pytest.mark.parametrize(("rank", "full_rank", "ok"), [(0, 0, True), (1, 0, False), (0, 8, False), (8, 8, True)])
 def test_a_reported_rank_must_fit_the_method(rank: int, full_rank: int, ok: bool) -> None:
     assert rank_ok(rank, full_rank) == ok
+
+
+def test_prefix_init_makes_the_model_answer_as_after_reading_real_tokens(tiny_model: Path) -> None:
+    # Prepare: the initial global prefix, loaded into the site's model
+    cfg = config(tiny_model, "prefix-tuning")
+    loaded = load_for(cfg, torch.device("cpu"))
+    model = wrap(loaded, cfg)
+    load_adapter_arrays(model, initial_state(loaded, cfg))
+    words = model.get_input_embeddings().weight
+    ids = torch.randint(0, words.shape[0], (4,), generator=torch.Generator().manual_seed(cfg.seed))
+    tail = torch.tensor([[5, 17, 42, 99, 7]])
+
+    # Execute
+    with torch.no_grad():
+        prefixed = model.eval()(input_ids=tail, attention_mask=torch.ones_like(tail)).logits
+        with model.disable_adapter():
+            after_tokens = model(input_ids=torch.cat([ids[None], tail], dim=1)).logits[:, 4:]
+            without = model(input_ids=tail).logits
+
+    # Assert: the same as the base model reading those 4 tokens first, and not the bare base model
+    torch.testing.assert_close(prefixed, after_tokens, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(prefixed, without, atol=1e-3)
