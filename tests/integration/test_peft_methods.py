@@ -131,3 +131,33 @@ def test_each_method_federates_resumes_and_loads_with_vanilla_tools(
         for name, param in vanilla.named_parameters():
             if name not in expected:
                 torch.testing.assert_close(param, base.get_parameter(name), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if m != "lora" and not spec.no_dp_sgd])
+def test_dp_sgd_runs_with_the_methods_opacus_supports(
+    method: str, tiny_model: Path, tiny_model_biases: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    out = tmp_path / "run"
+    flat = {
+        **preset("tiny"),
+        "model.name": str(tiny_model_biases if method == "bitfit" else tiny_model),
+        "output.dir": str(out),
+        "simulation.backend": "shared",
+        "simulation.num-supernodes": 2,
+        "server.min-clients": 2,
+        "train.local-steps": 1,
+        "eval.federated": False,
+        "peft.method": method,
+        "peft.num-virtual-tokens": 4,
+        "privacy.mechanism": "dp-sgd",
+        "privacy.noise-multiplier": 1.0,
+    }
+
+    # Execute
+    extra = run_server(Plan.from_flat(flat), LocalGrid(client_app, 2))
+
+    # Assert: every round updated the global state and the sites' epsilon is reported
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["updated"] for r in rows[1:]] == [True, True] and all(r["failed"] == 0 for r in rows)
+    assert len(extra["privacy"]["sites"]) == 2 and all(float(e) > 0 for e in extra["privacy"]["sites"].values())
