@@ -133,12 +133,11 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
     else:
         mu = cfg.strategy.proximal_mu if STRATEGIES.get(cfg.strategy.name).proximal else 0.0
         if cfg.train.num_processes > 1:
-            node = dict(context.node_config)
             result = train_parallel(
                 model,
                 site.train,
                 cfg,
-                node_config=node,
+                lora_rank=site.rank,
                 start=start,
                 seed=seed,
                 pad_id=pad_id,

@@ -1,9 +1,9 @@
 """Data-parallel local training at a site with several accelerators: DDP over torch.distributed.
 
 With ``train.num-processes`` = P > 1 the ClientApp's own process is rank 0 (it already holds the
-base model and the global adapter) and it spawns ranks 1..P-1, each of which opens the same site
-(same base model, same data), loads the same global adapter and joins a process group (NCCL on
-CUDA, one GPU per rank; gloo on CPU). Every rank draws the same batches and trains on its shard of
+base model and the global adapter) and it spawns ranks 1..P-1; each loads the same base model,
+gets the site's tokenized examples and the global adapter from rank 0, and joins a process group
+(NCCL on CUDA, one GPU per rank; gloo on CPU). Every rank draws the same batches and trains on its shard of
 each micro-batch; DDP all-reduces the gradients, so all ranks take the same optimizer steps, and
 the delta is read from rank 0's adapter. The update equals a 1-process run with the same batches
 (see :func:`fedtune.client.trainer.train_local` for the loss scaling that makes this exact), up to
@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from fedtune.client.trainer import TrainResult, train_local
 from fedtune.config import RunConfig, Scalar
+from fedtune.data.prompts import Example
 from fedtune.errors import FedtuneError
 from fedtune.wire import Arrays
 
@@ -41,7 +42,11 @@ class Job:
 
     flat: dict[str, Scalar]
     """The site's effective config (round spec with the site's own keys over it)."""
-    node_config: dict[str, Any]
+    examples: list[Example]
+    """The site's tokenized training examples (sent, not re-read: every rank sees the same)."""
+    lora_rank: int
+    """The site's LoRA rank."""
+    pad_id: int
     start: Arrays
     """The global adapter as the site received it (sliced to its rank)."""
     seed: int
@@ -64,9 +69,8 @@ def _join(job: Job, rank: int, device: torch.device, timeout_s: float) -> None:
 
 
 def _rank_main(job: Job, rank: int, reports: Any) -> None:
-    """A spawned rank: open the site, load the global adapter, train its shards, report."""
-    from fedtune.client.site import open_site
-    from fedtune.models import load_adapter_arrays
+    """A spawned rank: load the base and the global adapter, train its shards, report."""
+    from fedtune.models import load_adapter_arrays, load_base, pick_device, set_trainable, wrap_lora
 
     try:
         cfg = RunConfig.from_flat(job.flat)
@@ -74,8 +78,8 @@ def _rank_main(job: Job, rank: int, reports: Any) -> None:
             torch.cuda.set_device(rank)  # "cuda" below then means this rank's GPU
         elif cfg.train.num_threads == 0:  # share the CPU with the other ranks
             torch.set_num_threads(max(1, torch.get_num_threads() // job.world))
-        site = open_site(cfg, job.node_config)
-        model = site.model(cfg)
+        model = wrap_lora(load_base(cfg.model, pick_device(cfg.train.device)), cfg.lora, job.lora_rank)
+        set_trainable(model, cfg.lora.freeze_a)
         load_adapter_arrays(model, job.start)
         reports.put((rank, "ready"))
         _join(job, rank, next(model.parameters()).device, cfg.server.round_timeout)
@@ -83,11 +87,11 @@ def _rank_main(job: Job, rank: int, reports: Any) -> None:
             torch.manual_seed(job.seed + rank)
             train_local(
                 model,
-                site.train,
+                job.examples,
                 cfg.train,
-                pad_id=int(site.loaded.tokenizer.pad_token_id),
+                pad_id=job.pad_id,
                 generator=torch.Generator().manual_seed(job.seed),
-                desc=f"{site.name} rank {rank}",
+                desc=f"rank {rank}",
                 proximal_mu=job.proximal_mu,
                 rank=rank,
                 world=job.world,
@@ -122,10 +126,10 @@ def _wait_ready(procs: list[Any], reports: Any, timeout_s: float, where: str) ->
 
 def train_parallel(
     model: Any,
-    examples: list[Any],
+    examples: list[Example],
     cfg: RunConfig,
     *,
-    node_config: dict[str, Any],
+    lora_rank: int,
     start: Arrays,
     seed: int,
     pad_id: int,
@@ -140,11 +144,11 @@ def train_parallel(
         Rank 0's PeftModel with the global adapter ``start`` loaded; it ends holding the trained
         adapter, whose difference from ``start`` is the site's delta.
     examples
-        The site's training examples (every rank loads the same ones itself).
+        The site's training examples (sent to every rank).
     cfg
         The site's effective config.
-    node_config
-        The site's node config (where the spawned ranks find the site's data and rank).
+    lora_rank
+        The site's LoRA rank.
     start
         The global adapter as loaded into ``model``.
     seed
@@ -159,7 +163,9 @@ def train_parallel(
     with tempfile.TemporaryDirectory(prefix="fedtune-ddp-") as tmp:
         job = Job(
             flat=cfg.to_flat(),
-            node_config=dict(node_config),
+            examples=examples,
+            lora_rank=lora_rank,
+            pad_id=pad_id,
             start=start,
             seed=seed,
             proximal_mu=proximal_mu,

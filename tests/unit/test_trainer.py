@@ -40,10 +40,10 @@ def test_proximal_term_keeps_the_update_closer_to_the_global_adapter(tiny_model:
     assert held < 0.5 * free, (held, free)
 
 
-def site_setup(tiny_model: Path, n: int = 24) -> tuple[Any, list[Example], Arrays]:
-    """The tiny model with a LoRA adapter whose B is non-zero (a global adapter after some rounds),
-    and ``n`` demo examples of uneven lengths."""
-    loaded = load_base(ModelConfig(name=str(tiny_model)), torch.device("cpu"))
+def site_setup(tiny_model: Path, n: int = 24, device: str = "cpu", **model: Any) -> tuple[Any, list[Example], Arrays]:
+    """The tiny model (``model.*`` settings ``model``) on ``device`` with a LoRA adapter whose B is
+    non-zero (a global adapter after some rounds), and ``n`` demo examples of uneven lengths."""
+    loaded = load_base(ModelConfig(name=str(tiny_model), **model), torch.device(device))
     model = wrap_lora(loaded, LoraSection(r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj"))
     init_adapter(model, seed=0)
     rng = np.random.default_rng(0)
