@@ -42,14 +42,17 @@ def check_site(cfg: RunConfig, where: str) -> None:
     where
         The site, as the message should name it (``site 2``, ``this site``).
     """
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"`train.device` = cuda at {where}, but no CUDA device is available.")
     cuda = on_cuda(cfg.train.device)
     why = "`train.device` is cpu" if cfg.train.device == "cpu" else "no CUDA device is available"
     quant = cfg.model.quantization
     if quant != "none":
         if not cuda:
             raise ConfigError(f"`model.quantization` = {quant} at {where} needs a CUDA GPU (bitsandbytes), but {why}.")
-        if not _has("bitsandbytes"):
-            raise ConfigError(f"`model.quantization` = {quant} at {where} needs bitsandbytes: {GPU_EXTRA}.")
+        for module in ("bitsandbytes", "accelerate"):
+            if not _has(module):
+                raise ConfigError(f"`model.quantization` = {quant} at {where} needs {module}: {GPU_EXTRA}.")
     if cfg.model.device_map:
         if not cuda:
             raise ConfigError(f"`model.device-map` = auto at {where} spreads the model over GPUs, but {why}.")

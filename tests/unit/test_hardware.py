@@ -38,6 +38,15 @@ def test_a_cpu_site_refuses_gpu_only_settings(flat: dict[str, Any], message: str
         hardware.check_site(cfg, "site 3")
 
 
+def test_cuda_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"^`train.device` = cuda at site 2, but no CUDA device is available\.$"):
+        hardware.check_site(RunConfig.from_flat({"train.device": "cuda"}), "site 2")
+
+
 def test_bf16_on_cpu_is_allowed() -> None:
     hardware.check_site(RunConfig.from_flat({"train.device": "cpu", "train.precision": "bf16"}), "site 3")
     assert hardware.autocast_dtype("bf16") is torch.bfloat16 and hardware.autocast_dtype("fp32") is None
@@ -45,6 +54,7 @@ def test_bf16_on_cpu_is_allowed() -> None:
 
 def test_quantization_without_bitsandbytes_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: a CUDA site on which bitsandbytes is not installed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(hardware, "_has", lambda module: module != "bitsandbytes")
     cfg = RunConfig.from_flat({"train.device": "cuda", "model.quantization": "4bit"})
 
@@ -55,6 +65,7 @@ def test_quantization_without_bitsandbytes_names_the_extra(monkeypatch: pytest.M
 
 def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     cfg = RunConfig.from_flat({"train.device": "cuda", "train.num-processes": 2})
 
