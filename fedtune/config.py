@@ -162,7 +162,8 @@ class TrainConfig:
     local_steps: int = 3
     """Optimizer steps per round at each site."""
     batch_size: int = 4
-    """Examples per step."""
+    """Examples per micro-batch, for the whole site (split over ``train.num-processes``); an
+    optimizer step takes ``train.grad-accum-steps`` micro-batches (DP-SGD: the expected batch)."""
     lr: float = 2e-3
     """AdamW learning rate."""
     weight_decay: float = 0.0

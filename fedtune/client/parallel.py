@@ -179,7 +179,10 @@ def train_parallel(
             proc.start()
         try:
             _wait_ready(procs, reports, cfg.server.round_timeout, where)
-            _join(job, 0, next(model.parameters()).device, cfg.server.round_timeout)
+            try:
+                _join(job, 0, next(model.parameters()).device, cfg.server.round_timeout)
+            except RuntimeError as exc:  # e.g. a rank that died between loading and joining
+                raise FedtuneError(f"{where}: data-parallel ranks could not meet: {str(exc).splitlines()[0]}") from None
             try:
                 result = train_local(
                     model,
