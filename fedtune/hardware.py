@@ -60,7 +60,8 @@ def check_site(cfg: RunConfig, where: str) -> None:
             raise ConfigError(f"`model.device-map` = auto at {where} needs accelerate: {GPU_EXTRA}.")
     if cfg.train.precision == "fp16" and not cuda:
         raise ConfigError(
-            f"`train.precision` = fp16 at {where} needs CUDA (CPU autocast is bf16 only), but {why}; use bf16 or fp32."
+            f"`train.precision` = fp16 at {where} is for CUDA GPUs (fp16 with a gradient scaler), but {why}; "
+            "use bf16 (same memory, no scaler) or fp32 on the CPU."
         )
     procs = cfg.train.num_processes
     if procs > 1 and cuda and torch.cuda.device_count() < procs:

@@ -26,7 +26,7 @@ from fedtune.errors import ConfigError
             "`model.quantization` = 8bit at site 3 needs a CUDA GPU (bitsandbytes), but `train.device` is cpu.",
         ),
         ({"model.device-map": "auto"}, "`model.device-map` = auto at site 3 spreads the model over GPUs, but"),
-        ({"train.precision": "fp16"}, "`train.precision` = fp16 at site 3 needs CUDA (CPU autocast is bf16 only)"),
+        ({"train.precision": "fp16"}, "`train.precision` = fp16 at site 3 is for CUDA GPUs (fp16 with a gradient"),
     ],
 )
 def test_a_cpu_site_refuses_gpu_only_settings(flat: dict[str, Any], message: str) -> None:
