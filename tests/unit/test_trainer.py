@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune.client.trainer import train_local
+from fedtune.client.trainer import response_tokens, shard, train_local
 from fedtune.config import DataConfig, LoraSection, ModelConfig, TrainConfig
 from fedtune.data.loaders import DEMO_TRAIN
-from fedtune.data.prompts import Example, tokenize
+from fedtune.data.prompts import Example, collate, token_losses, tokenize
 from fedtune.models import Arrays, adapter_arrays, init_adapter, load_adapter_arrays, load_base, wrap_lora
 
 
@@ -129,3 +129,28 @@ def test_bf16_autocast_on_cpu_computes_in_bf16_and_keeps_the_adapter_fp32(tiny_m
     flat, ref = (np.concatenate([d[k].ravel() for k in sorted(d)]) for d in (delta, reference))
     assert np.isfinite(flat).all()
     assert float(flat @ ref / (np.linalg.norm(flat) * np.linalg.norm(ref))) > 0.9
+
+
+def test_shards_are_disjoint_cover_the_batch_and_differ_by_at_most_one() -> None:
+    for size, world in [(5, 2), (8, 3), (4, 4), (7, 1)]:
+        # Prepare
+        idx = list(range(100, 100 + size))
+
+        # Execute
+        parts = [shard(idx, r, world) for r in range(world)]
+
+        # Assert
+        assert [i for p in parts for i in p] == idx
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_response_tokens_count_what_the_padded_batch_loss_covers(tiny_model: Path) -> None:
+    # Prepare: examples of uneven lengths, right-padded into one batch
+    model, examples, _ = site_setup(tiny_model, n=6)
+
+    # Execute
+    _, count = token_losses(model, collate(examples, 0, torch.device("cpu")))
+
+    # Assert: the per-example counts the trainer normalizes by add up to the batch's count
+    assert len({len(e.input_ids) for e in examples}) > 1
+    assert int(count) == sum(response_tokens(e) for e in examples)
