@@ -163,7 +163,8 @@ class TrainConfig:
     """Optimizer steps per round at each site."""
     batch_size: int = 4
     """Examples per micro-batch, for the whole site (split over ``train.num-processes``); an
-    optimizer step takes ``train.grad-accum-steps`` micro-batches (DP-SGD: the expected batch)."""
+    optimizer step takes ``train.grad-accum-steps`` micro-batches (DP-SGD: their total is the expected
+    Poisson batch)."""
     lr: float = 2e-3
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -181,7 +182,8 @@ class TrainConfig:
     """Recompute activations in the backward pass instead of storing them (less memory, more time)."""
     grad_accum_steps: int = 1
     """Micro-batches of ``train.batch-size`` per optimizer step: the effective batch is
-    batch-size x grad-accum-steps, and the update equals one step on that batch."""
+    batch-size x grad-accum-steps, and the update equals one step on that batch. Under dp-sgd the
+    expected Poisson batch is that effective batch, processed in this many chunks (virtual steps)."""
     num_processes: int = 1
     """Data-parallel processes at the site (one per GPU; gloo on CPU): each takes a disjoint shard of
     every micro-batch and gradients are all-reduced, so the update equals the 1-process one."""
@@ -469,7 +471,6 @@ class RunConfig:
         if self.privacy.mechanism == "dp-sgd":
             for key, ok in (
                 ("train.num-processes", self.train.num_processes == 1),
-                ("train.grad-accum-steps", self.train.grad_accum_steps == 1),
                 ("train.gradient-checkpointing", not self.train.gradient_checkpointing),
                 ("train.precision", self.train.precision == "fp32"),
             ):
@@ -477,8 +478,7 @@ class RunConfig:
                     ok,
                     key,
                     "is not supported with `privacy.mechanism` = dp-sgd (Opacus's per-example "
-                    "gradients need one process, one Poisson batch per step, stored fp32 activations); "
-                    "use its default.",
+                    "gradients here need one process and stored fp32 activations); use its default.",
                 )
 
     @classmethod

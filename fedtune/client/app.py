@@ -109,7 +109,7 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
     if mechanism == "dp-sgd":
         path = _budget_path(context, extra, site)
         budget = site_privacy.restore(context.state, path)
-        q = sample_rate(len(site.train), cfg.train.batch_size)
+        q = sample_rate(len(site.train), cfg.train.batch_size * cfg.train.grad_accum_steps)
         if cfg.privacy.delta >= 1 / len(site.train):
             log.warning(
                 "%s: `privacy.delta` = %g is not below 1 / its %d examples; a guarantee at that delta is weak.",

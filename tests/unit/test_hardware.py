@@ -78,7 +78,6 @@ def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     ("flat", "message"),
     [
         ({"train.num-processes": 2}, "`train.num-processes` is not supported with `privacy.mechanism` = dp-sgd"),
-        ({"train.grad-accum-steps": 2}, "`train.grad-accum-steps` is not supported with `privacy.mechanism` = dp-sgd"),
         ({"train.gradient-checkpointing": True}, "`train.gradient-checkpointing` is not supported with"),
         ({"train.precision": "bf16"}, "`train.precision` is not supported with `privacy.mechanism` = dp-sgd"),
     ],
