@@ -24,7 +24,7 @@ from peft import (
 from peft.tuners.ia3 import IA3Layer
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fedtune.config import RunConfig
+from fedtune.config import ModelConfig, RunConfig
 from fedtune.errors import ModelError
 from fedtune.models import (
     Arrays,
@@ -116,9 +116,10 @@ def check_model_files(cfg: RunConfig, path: str) -> None:
     check_model(model, cfg)
 
 
-def load_for(cfg: RunConfig, device: torch.device) -> LoadedModel:
-    """The resident base model for ``peft.method`` (its own copy, loaded once per process), checked."""
-    loaded = load_base(cfg.model, device, slot=cfg.peft.method)
+def load_for(cfg: RunConfig, device: torch.device, model: ModelConfig | None = None) -> LoadedModel:
+    """The resident base model for ``peft.method`` (its own copy, loaded once per process), checked;
+    ``model`` overrides ``cfg.model`` (the server's unquantized copy on a CPU host)."""
+    loaded = load_base(model or cfg.model, device, slot=cfg.peft.method)
     check_model(loaded.model, cfg)
     return loaded
 

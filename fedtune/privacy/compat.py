@@ -84,6 +84,11 @@ def _method_support(cfg: RunConfig) -> list[str]:
             out.append(f"`lora.freeze-a` (FFA-LoRA) needs `peft.method` = lora, got {method}.")
         if cfg.simulation.site_ranks:
             out.append(f"`simulation.site-ranks` (heterogeneous LoRA ranks) needs `peft.method` = lora, got {method}.")
+    if not METHODS[method].peft and cfg.model.quantization != "none":
+        out.append(
+            f"`model.quantization` = {cfg.model.quantization} with `peft.method` = {method}: quantized base weights "
+            "cannot be trained or saved as a model; use a PEFT method (QLoRA)."
+        )
     why = METHODS[method].no_dp_sgd
     if cfg.privacy.mechanism == "dp-sgd" and why:
         able = ", ".join(name for name, spec in METHODS.items() if not spec.no_dp_sgd)

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, default_output_dir, from_run_config
 from fedtune.errors import ConfigError
+from fedtune.hardware import server_model
 from fedtune.logs import quiet_libraries, setup_logging
 from fedtune.methods import initial_state, load_for
 from fedtune.models import pick_device
@@ -46,7 +47,7 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     if not resume and reporter.path.exists():
         raise ConfigError(f"{out} already holds a run; resume it with --resume {out}, or choose another --out.")
     # The server holds the base model for the seeded initial state and centralized evaluation.
-    loaded = load_for(cfg, pick_device("auto"))
+    loaded = load_for(cfg, pick_device("auto"), server_model(cfg.model))
     initial = initial_state(loaded, cfg)  # seeded: the same initial global state whatever ran before
     state = loop.ServerState(
         round=0, global_arrays=initial, rng=np.random.default_rng(cfg.seed), run_id=secrets.token_hex(8)

@@ -158,3 +158,12 @@ def test_prefix_init_makes_the_model_answer_as_after_reading_real_tokens(tiny_mo
     # Assert: the same as the base model reading those 4 tokens first, and not the bare base model
     torch.testing.assert_close(prefixed, after_tokens, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(prefixed, without, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["bitfit", "full"])
+def test_a_quantized_base_is_refused_for_methods_that_train_base_weights(method: str) -> None:
+    found = compat.problems(Plan.from_flat({"peft.method": method, "model.quantization": "4bit"}))
+    assert found == [
+        f"rounds 1-3: `model.quantization` = 4bit with `peft.method` = {method}: quantized base weights cannot be "
+        "trained or saved as a model; use a PEFT method (QLoRA)."
+    ]
