@@ -17,9 +17,9 @@ from fedtune.errors import ConfigError
 from fedtune.logs import quiet_libraries, setup_logging
 from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora, write_adapter
 from fedtune.privacy import compat
-from fedtune.server import checkpoint, loop
+from fedtune.server import checkpoint, loop, site_metrics
 from fedtune.server.evaluation import CentralEvaluator
-from fedtune.server.report import Reporter, privacy_line, privacy_summary, secagg_summary
+from fedtune.server.report import NOT_COVERED, Reporter, privacy_line, privacy_summary, secagg_summary
 from fedtune.strategies.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,12 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     evaluator = CentralEvaluator(cfg, loaded)
     out.mkdir(parents=True, exist_ok=True)
     reporter.start(plan)
+    note = NOT_COVERED if privacy_summary(plan, state)["mechanism"] != "none" else None
 
     def on_round(s: loop.ServerState, row: dict[str, Any]) -> None:
         checkpoint.save(out, s, plan, loaded.path)
         reporter.row(row)
+        site_metrics.write_sites(out, s.history, note)
 
     state = loop.run(plan, grid, state, evaluate=evaluator, on_round=on_round)
     checkpoint.write_atomic_dir(
@@ -84,9 +86,12 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
             "\nHeld-out prompt: %s\n  reference : %s\n  base model: %s\n  fine-tuned: %s",
             *extra["sample"].values(),
         )
+    if (task := site_metrics.base_vs_final(state.history)) is not None:
+        extra["task_metrics"] = task
+        log.info("%s", site_metrics.base_vs_final_line(task))
     reporter.finish(cfg, state.history, extra)
     log.info("%s", privacy_line(extra["privacy"]))
-    log.info("Outputs in %s (metrics.jsonl, rounds.md, plots/, adapter/, summary.json)", out)
+    log.info("Outputs in %s (metrics.jsonl, sites.json, rounds.md, plots/, adapter/, summary.json)", out)
     return extra
 
 
