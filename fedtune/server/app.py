@@ -19,7 +19,7 @@ from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device,
 from fedtune.privacy import compat
 from fedtune.server import checkpoint, loop, site_metrics
 from fedtune.server.evaluation import CentralEvaluator
-from fedtune.server.report import NOT_COVERED, Reporter, privacy_line, privacy_summary, secagg_summary
+from fedtune.server.report import Reporter, privacy_line, privacy_summary, secagg_summary
 from fedtune.strategies.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     evaluator = CentralEvaluator(cfg, loaded)
     out.mkdir(parents=True, exist_ok=True)
     reporter.start(plan)
-    note = NOT_COVERED if privacy_summary(plan, state)["mechanism"] != "none" else None
+    note = site_metrics.NOT_COVERED if privacy_summary(plan, state)["mechanism"] != "none" else None
 
     def on_round(s: loop.ServerState, row: dict[str, Any]) -> None:
         checkpoint.save(out, s, plan, loaded.path)

@@ -13,6 +13,10 @@ from fedtune import keys
 from fedtune.task_metrics import GENERATED, LOSS, column
 
 SITES_FILE = "sites.json"
+NOT_COVERED = (
+    "Not covered by the run's differential-privacy guarantee: each site's held-out loss and task metrics "
+    "(`eval.metrics`) are reported without noise (`eval.federated = false` turns them off)."
+)
 CHECK_NAMES = ("malformed", "empty", "duplicates", "too_long")
 
 
