@@ -62,7 +62,9 @@ def test_metrics_jsonl_and_sites_json_carry_the_task_metrics(tiny_model: Path, t
     for name in ("rouge_l", "f1", "eval_loss"):
         values = [e[name] for e in evals]
         weights = [e["num_generated" if name != "eval_loss" else "num_examples"] for e in evals]
-        assert last[f"{name}_federated"] == pytest.approx(sum(v * w for v, w in zip(values, weights)) / sum(weights))
+        assert last[f"{name}_federated"] == pytest.approx(
+            sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
+        )
         assert sites["spread"][name] == pytest.approx(
             {"min": min(values), "max": max(values), "mean": sum(values) / 2, "sites": 2}
         )
@@ -85,8 +87,12 @@ def test_metrics_jsonl_and_sites_json_carry_the_task_metrics(tiny_model: Path, t
         with torch.no_grad():
             generated = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
         answers.append(tok.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
-    assert last["rouge_l_central"] == pytest.approx(sum(rouge_l(a, r["output"]) for a, r in zip(answers, records)) / 2)
-    assert last["f1_central"] == pytest.approx(sum(token_f1(a, r["output"]) for a, r in zip(answers, records)) / 2)
+    assert last["rouge_l_central"] == pytest.approx(
+        sum(rouge_l(a, r["output"]) for a, r in zip(answers, records, strict=True)) / 2
+    )
+    assert last["f1_central"] == pytest.approx(
+        sum(token_f1(a, r["output"]) for a, r in zip(answers, records, strict=True)) / 2
+    )
 
 
 def test_under_dp_sites_send_no_data_checks_and_sites_json_says_scores_are_not_covered(
