@@ -54,10 +54,10 @@ def main() -> None:
                 scores = evaluator(arrays, vcfg)
                 times[variant].append(time.perf_counter() - start)
         base_time = statistics.median(times["loss only (baseline)"])
-        print(f"{name}: {', '.join(f'{k} {v:.3f}' for k, v in scores.items())}")
+        print(f"{name}: {', '.join(f'{k} {v:.3f}' for k, v in scores.items())}", flush=True)
         for variant, values in times.items():
             median = statistics.median(values)
-            print(f"  {variant}: median {median:.2f} s over {args.repeats} ({median / base_time:.2f}x)")
+            print(f"  {variant}: median {median:.2f} s over {args.repeats} ({median / base_time:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":
