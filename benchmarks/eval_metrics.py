@@ -43,7 +43,8 @@ def main() -> None:
     }
     print(
         f"{len(evaluator.examples)} held-out examples for the loss, {cfg.eval.max_generate} generated, "
-        f"eval.max-new-tokens = {cfg.eval.max_new_tokens}"
+        f"eval.max-new-tokens = {cfg.eval.max_new_tokens}",
+        flush=True,
     )
     for name, arrays in adapters.items():
         times: dict[str, list[float]] = {v: [] for v in variants}
