@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from fedtune.errors import ConfigError
+from fedtune.task_metrics import KNOWN, parse_names
 
 if TYPE_CHECKING:
     from fedtune.strategies.plan import Plan
@@ -44,6 +45,7 @@ SITE_KEYS = (
     "train.grad-accum-steps",
     "train.num-processes",
     "lora.r",
+    "data.on-bad-record",
     "privacy.noise-multiplier",
     "privacy.target-epsilon",
 )
@@ -172,6 +174,12 @@ class DataConfig:
     """Tokens per example after truncation."""
     max_eval_examples: int = 16
     """Cap on the examples any one evaluation uses."""
+    label_field: str = ""
+    """Column holding each record's label or choice (a class name, a letter), which the
+    ``accuracy`` metric compares the generated answer with; empty: no labels."""
+    on_bad_record: Literal["skip", "fail"] = "skip"
+    """What a site does with malformed or empty records: ``skip`` drops them and says how many,
+    ``fail`` refuses the data with the file, line and problem (never the content)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -420,11 +428,28 @@ class EvalConfig:
     batch_size: int = 8
     """Examples per evaluation batch."""
     max_new_tokens: int = 48
-    """Tokens generated for the base-vs-fine-tuned sample answer."""
+    """Tokens generated per answer (task metrics and the base-vs-fine-tuned sample answer)."""
+    metrics: str = "loss"
+    """Comma-separated metrics each evaluation computes: ``loss`` (held-out loss per response
+    token), and on generated answers ``exact-match``, ``f1``, ``rouge-l``, ``accuracy`` (needs
+    ``data.label-field``). Generation is slow: see ``eval.max-generate``."""
+    max_generate: int = 8
+    """Held-out examples each evaluation (each site's, and the server's) generates answers for."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "eval.batch-size", "must be >= 1.")
         _require(self.max_new_tokens >= 1, "eval.max-new-tokens", "must be >= 1.")
+        _require(self.max_generate >= 1, "eval.max-generate", f"must be >= 1, got {self.max_generate}.")
+        unknown = [n for n in parse_names(self.metrics) if n not in KNOWN]
+        _require(
+            not unknown,
+            "eval.metrics",
+            f"has unknown metric(s) {', '.join(map(repr, unknown))}; known: {', '.join(KNOWN)}.",
+        )
+
+    def metric_names(self) -> list[str]:
+        """The names in ``eval.metrics``, in order."""
+        return parse_names(self.metrics)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -500,6 +525,11 @@ class RunConfig:
             self.server.min_replies <= self.server.min_clients,
             "server.min-replies",
             f"({self.server.min_replies}) must be <= `server.min-clients` ({self.server.min_clients}).",
+        )
+        _require(
+            "accuracy" not in self.eval.metric_names() or bool(self.data.label_field),
+            "eval.metrics",
+            "= accuracy needs `data.label-field`, the column holding each record's label or choice.",
         )
         _require(
             self.train.num_processes == 1 or not self.model.device_map,

@@ -14,13 +14,14 @@ import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import keys
+from fedtune import keys, task_metrics
 from fedtune.client.dp_trainer import DPSettings, sample_rate, train_dp
 from fedtune.client.parallel import train_parallel
 from fedtune.client.site import Site, open_site
 from fedtune.client.trainer import TrainResult, heldout_loss, train_local
 from fedtune.config import SITE_KEYS, SITE_PRIVACY_KEYS, RunConfig
 from fedtune.errors import ConfigError, FedtuneError
+from fedtune.generation import task_scores
 from fedtune.logs import quiet_libraries
 from fedtune.lora import rank_slice, sent_keys
 from fedtune.models import adapter_arrays, load_adapter_arrays
@@ -158,21 +159,30 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
         delta = privatize_locally(delta, cfg.privacy.clip_norm, cfg.privacy.noise_multiplier, noise_rng())
     if mechanism == "none" and not math.isnan(result.loss):
         metrics[keys.TRAIN_LOSS] = result.loss  # under DP a clear-text training loss would leak
+    if mechanism == "none":  # data-dependent counts no DP guarantee covers: not sent under DP
+        metrics.update({keys.DATA_CHECK + k.replace("_", "-"): v for k, v in site.data_checks.items()})
     metrics[keys.STEPS] = result.steps
     return LocalUpdate(cfg, extra, site, delta, metrics)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Held-out loss of the global adapter on this site's split."""
+    """The global adapter's ``eval.metrics`` on this site's held-out split: the loss, and the task
+    metrics on answers generated for the first ``eval.max-generate`` held-out examples."""
     try:
         cfg, _, site, model = _open(msg, context)
     except FedtuneError as exc:
         return _refuse(msg, exc)
-    pad_id = int(site.loaded.tokenizer.pad_token_id)
-    loss = heldout_loss(model, site.heldout, batch_size=cfg.eval.batch_size, pad_id=pad_id)
-    metrics = MetricRecord({keys.EVAL_LOSS: loss, keys.NUM_EXAMPLES: len(site.heldout)})
-    return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
+    tok = site.loaded.tokenizer
+    metrics: dict[str, Any] = {keys.NUM_EXAMPLES: len(site.heldout)}
+    if task_metrics.LOSS in cfg.eval.metric_names():
+        metrics[keys.EVAL_LOSS] = heldout_loss(
+            model, site.heldout, batch_size=cfg.eval.batch_size, pad_id=int(tok.pad_token_id)
+        )
+    scores, generated = task_scores(model, tok, site.heldout_records, cfg.data, cfg.eval)
+    if generated:
+        metrics.update({**scores, keys.NUM_GENERATED: generated})
+    return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 # The SecAgg+ stages register their handlers on ``app`` (they reuse ``_open`` and ``local_update``).

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedtune import keys
 from fedtune.config import RunConfig
-from fedtune.data.loaders import load_records, train_source
+from fedtune.data.checks import count_duplicates
+from fedtune.data.loaders import load_checked, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import IGNORE, Example, check_format, tokenize
 from fedtune.errors import ConfigError
@@ -33,6 +34,10 @@ class Site:
     0 for a ``peft.method`` other than lora."""
     train: list[Example]
     heldout: list[Example]
+    heldout_records: list[dict[str, Any]] = field(default_factory=list)
+    """The held-out records as read (prompts and references for the task metrics)."""
+    data_checks: dict[str, int] = field(default_factory=dict)
+    """The data checks' counts (``fedtune.data.checks``): never any content."""
 
     def model(self, cfg: RunConfig) -> Any:
         """The model with this site's method (adapter) active and the right parameters trainable."""
@@ -92,9 +97,9 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
     loaded = load_for(cfg, pick_device(cfg.train.device))
     check_format(cfg.data, loaded.tokenizer, cfg.model.name)
     if where[0] == "file":
-        rows = load_records(str(own_path), cfg.data, key=f"node config {keys.DATA_PATH}")
+        rows, report = load_checked(str(own_path), cfg.data, key=f"node config {keys.DATA_PATH}")
     else:
-        rows = load_records(train_source(cfg.data), cfg.data)
+        rows, report = load_checked(train_source(cfg.data), cfg.data)
         rows = site_partition(rows, cfg.data, int(where[1]), int(where[2]), cfg.seed)  # type: ignore[call-overload]
     train, held = train_heldout(rows, cfg.data, cfg.seed, name)
     held = held.select(range(min(len(held), cfg.data.max_eval_examples)))
@@ -104,7 +109,13 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
         rank=rank,
         train=tokenize(train, cfg.data, loaded.tokenizer),
         heldout=tokenize(held, cfg.data, loaded.tokenizer),
+        heldout_records=[dict(r) for r in held],
     )
+    report.duplicates = count_duplicates(rows, cfg.data)  # this site's own records
+    report.too_long = sum(e.truncated for e in site.train + site.heldout)
+    site.data_checks = report.counts()
+    level = logging.WARNING if any(site.data_checks.values()) else logging.INFO
+    log.log(level, "%s: %s", name, "\n".join(report.lines(cfg.data.max_seq_len)))
     lost = sum(1 for e in site.train + site.heldout if all(t == IGNORE for t in e.labels))
     if lost:
         log.warning(

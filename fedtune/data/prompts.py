@@ -60,6 +60,8 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False
+    """True when prompt and response were longer than ``data.max-seq-len`` and got cut."""
 
 
 def tokenize(
@@ -72,7 +74,8 @@ def tokenize(
         answer = tokenizer(response_text(record, cfg, tokenizer), add_special_tokens=False)["input_ids"]
         ids = (list(prompt) + list(answer))[: cfg.max_seq_len]
         labels = ([IGNORE] * len(prompt) + list(answer))[: cfg.max_seq_len]
-        out.append(Example(input_ids=ids, labels=labels))
+        long = len(prompt) + len(answer) > cfg.max_seq_len
+        out.append(Example(input_ids=ids, labels=labels, truncated=long))
     return out
 
 

@@ -20,7 +20,7 @@ from fedtune.methods import initial_state, load_for
 from fedtune.models import pick_device
 from fedtune.outputs import Writer
 from fedtune.privacy import compat
-from fedtune.server import checkpoint, loop
+from fedtune.server import checkpoint, loop, site_metrics
 from fedtune.server.evaluation import CentralEvaluator
 from fedtune.server.report import Reporter, privacy_line, privacy_summary, secagg_summary
 from fedtune.strategies.plan import Plan
@@ -60,10 +60,12 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     writer = Writer(cfg, loaded)
     out.mkdir(parents=True, exist_ok=True)
     reporter.start(plan)
+    note = site_metrics.NOT_COVERED if privacy_summary(plan, state)["mechanism"] != "none" else None
 
     def on_round(s: loop.ServerState, row: dict[str, Any]) -> None:
         checkpoint.save(out, s, plan, writer.checkpoint)
         reporter.row(row)
+        site_metrics.write_sites(out, s.history, note)
 
     state = loop.run(plan, grid, state, evaluate=evaluator, on_round=on_round)
     final = out / writer.final_name()
@@ -87,9 +89,14 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
             "\nHeld-out prompt: %s\n  reference : %s\n  base model: %s\n  fine-tuned: %s",
             *extra["sample"].values(),
         )
+    if (task := site_metrics.base_vs_final(state.history)) is not None:
+        extra["task_metrics"] = task
+        log.info("%s", site_metrics.base_vs_final_line(task))
     reporter.finish(cfg, state.history, extra)
     log.info("%s", privacy_line(extra["privacy"]))
-    log.info("Outputs in %s (metrics.jsonl, rounds.md, plots/, %s/, summary.json)", out, writer.final_name())
+    log.info(
+        "Outputs in %s (metrics.jsonl, sites.json, rounds.md, plots/, %s/, summary.json)", *(out, writer.final_name())
+    )
     return extra
 
 

@@ -1,4 +1,4 @@
-"""Server-side evaluation: centralized held-out loss, and base vs fine-tuned sample answers."""
+"""Server-side evaluation: centralized held-out metrics, and base vs fine-tuned sample answers."""
 
 from __future__ import annotations
 
@@ -6,17 +6,19 @@ from typing import Any
 
 import torch
 
+from fedtune import task_metrics
 from fedtune.client.trainer import heldout_loss
 from fedtune.config import RunConfig
 from fedtune.data.loaders import eval_source, load_records
 from fedtune.data.prompts import Example, render_prompt, tokenize
+from fedtune.generation import task_scores
 from fedtune.methods import METHODS, wrap
 from fedtune.models import LoadedModel, load_adapter_arrays
 from fedtune.wire import Arrays
 
 
 class CentralEvaluator:
-    """Held-out loss of a global adapter on the server's own held-out set."""
+    """``eval.metrics`` of a global adapter on the server's own held-out set."""
 
     def __init__(self, cfg: RunConfig, loaded: LoadedModel, base_arrays: Arrays | None = None) -> None:
         self.cfg = cfg
@@ -32,12 +34,19 @@ class CentralEvaluator:
             self.records = [dict(r) for r in rows.select(range(min(len(rows), cfg.data.max_eval_examples)))]
             self.examples = tokenize(self.records, cfg.data, loaded.tokenizer)
 
-    def __call__(self, arrays: Arrays) -> float | None:
+    def __call__(self, arrays: Arrays, cfg: RunConfig | None = None) -> dict[str, float]:
+        """The metrics the round's ``eval.metrics`` (``cfg``, default the run's) names, by name."""
+        cfg = cfg or self.cfg
         if not self.examples:
-            return None
+            return {}
         model = self._model(arrays)
-        pad_id = int(self.loaded.tokenizer.pad_token_id)
-        return heldout_loss(model, self.examples, batch_size=self.cfg.eval.batch_size, pad_id=pad_id)
+        tok = self.loaded.tokenizer
+        out: dict[str, float] = {}
+        if task_metrics.LOSS in cfg.eval.metric_names():
+            pad_id = int(tok.pad_token_id)
+            out[task_metrics.LOSS] = heldout_loss(model, self.examples, batch_size=cfg.eval.batch_size, pad_id=pad_id)
+        scores, _ = task_scores(model, tok, self.records, cfg.data, cfg.eval)
+        return {**out, **scores}
 
     def _model(self, arrays: Arrays) -> Any:
         """The method's model (the global adapter's slot active) with ``arrays`` loaded."""

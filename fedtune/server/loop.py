@@ -24,7 +24,7 @@ from fedtune.lora import rank_of, rank_slice
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.accounting import Event
 from fedtune.privacy.central import noise_rng
-from fedtune.server import validation
+from fedtune.server import site_metrics, validation
 from fedtune.server.report import json_number
 from fedtune.strategies import STRATEGIES, make_aggregator, make_optimizer
 from fedtune.strategies.aggregators import WeightedMean
@@ -66,7 +66,8 @@ class ServerState:
     state would let anyone holding a checkpoint subtract the noise); a resumed run reseeds it."""
 
 
-Evaluate = Callable[[Arrays], float | None]
+Evaluate = Callable[[Arrays, RunConfig], Mapping[str, float]]
+"""Centralized evaluation: the round's ``eval.metrics`` of an adapter, by metric name."""
 OnRound = Callable[[ServerState, dict[str, Any]], None]
 
 
@@ -182,6 +183,7 @@ def _train_round(
     failures: list[dict[str, Any]] = []
     accepted: list[tuple[int, float, float]] = []  # (node, weight, train loss): never the delta
     exhausted: list[int] = []
+    checks: dict[str, dict[str, int]] = {}
     up = 0
     answered = set()
     for node, reply in replies:  # streamed: each reply is folded in, then dropped
@@ -205,6 +207,8 @@ def _train_round(
             else:
                 aggregator.add(ok.delta, ok.weight)
             record_site_epsilon(ok.metrics, node, state)
+            if (counts := site_metrics.data_checks(ok.metrics)) is not None:
+                checks[str(node)] = counts
         except UpdateRejected as exc:
             log.warning("round %d: rejected reply from node %d: %s", rnd, node, exc)
             failures.append({"node": node, "reason": str(exc)})
@@ -221,6 +225,8 @@ def _train_round(
     row["replied_nodes"] = sorted(node for node, _, _ in accepted)
     if exhausted:
         row["budget_exhausted_nodes"] = sorted(exhausted)
+    if checks:
+        row["data_checks"] = checks
     losses = [(loss, w) for _, w, loss in accepted if not math.isnan(loss)]
     row["train_loss"] = sum(loss * w for loss, w in losses) / sum(w for _, w in losses) if losses else None
     account_round(cfg, state, rnd, released=bool(accepted))
@@ -296,38 +302,43 @@ def server_step(cfg: RunConfig, state: ServerState, delta: Arrays) -> Arrays:
     return new
 
 
-def _federated_eval(cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, row: dict[str, Any]) -> float | None:
+def _federated_eval(
+    cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, row: dict[str, Any]
+) -> dict[str, float]:
+    """Every connected site's ``eval.metrics`` on its held-out split; each site's own values go
+    into ``row["sites_eval"]``, and the federation's (example-weighted) values are returned."""
     nodes = sorted(grid.get_node_ids())
     if not cfg.eval.federated or not nodes:
-        return None
+        return {}
     replies, down = _send(grid, state, cfg, nodes, MessageType.EVALUATE, rnd)
     row["bytes_down"] = row.get("bytes_down", 0) + down
-    total, weight = 0.0, 0.0
+    entries: dict[str, dict[str, Any]] = {}
     for node, reply in replies:
         if reply.has_error():
             log.warning("round %d: eval failed on node %d: %s", rnd, node, reply.error.reason)
             continue
-        metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
-        loss, n = metrics.get(keys.EVAL_LOSS), metrics.get(keys.NUM_EXAMPLES)
-        if isinstance(loss, float) and math.isfinite(loss) and isinstance(n, int) and n > 0:
-            total, weight = total + loss * n, weight + n
-    return total / weight if weight else None
+        entry = site_metrics.eval_entry(reply.content.metric_records.get(keys.METRICS, {}))
+        if entry is not None:
+            entries[str(node)] = entry
+    if entries:
+        row["sites_eval"] = entries
+    return site_metrics.combine(entries)
 
 
 def evaluate_round(
     cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, row: dict[str, Any], evaluate: Evaluate
 ) -> None:
-    """Centralized and federated held-out loss of the current global adapter, into ``row``."""
+    """Centralized and federated ``eval.metrics`` of the current global adapter, into ``row``."""
+    central: Mapping[str, float]
     if getattr(grid, "in_process", False):  # sites share this process's model: one at a time
-        central = evaluate(state.global_arrays) if cfg.eval.centralized else None
+        central = evaluate(state.global_arrays, cfg) if cfg.eval.centralized else {}
         federated = _federated_eval(cfg, grid, state, rnd, row)
     else:  # the server's own eval overlaps with the sites' eval instead of running before it
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(evaluate, state.global_arrays) if cfg.eval.centralized else None
+            pending = pool.submit(evaluate, state.global_arrays, cfg) if cfg.eval.centralized else None
             federated = _federated_eval(cfg, grid, state, rnd, row)
-            central = pending.result() if pending is not None else None
-    row.update(eval_loss_central=central, eval_loss_federated=federated)
-    row["eval_loss"] = central if central is not None else federated
+            central = pending.result() if pending is not None else {}
+    row.update(site_metrics.round_columns(cfg.eval.metric_names(), central, federated))
 
 
 def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, on_round: OnRound) -> ServerState:

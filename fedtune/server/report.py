@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from fedtune.privacy import rounds as privacy
 from fedtune.privacy.accounting import Event
 from fedtune.privacy.skellam import SkellamEvent
 from fedtune.strategies.plan import Plan
+from fedtune.task_metrics import GENERATED, column
 
 if TYPE_CHECKING:
     from fedtune.server.loop import ServerState
@@ -60,14 +62,24 @@ def _cell(value: Any, fmt: str) -> str:
     return format(value, fmt)
 
 
-def table_header() -> str:
+Column = tuple[str, str, int, str]
+
+
+def columns(metrics: Sequence[str] = ()) -> list[Column]:
+    """The table's columns: :data:`COLUMNS`, with one column per task metric after ``eval_loss``."""
+    extra = [(column(m), column(m), max(len(column(m)), 6), ".3f") for m in metrics if m in GENERATED]
+    at = [k for _, k, _, _ in COLUMNS].index("eval_loss") + 1
+    return COLUMNS[:at] + extra + COLUMNS[at:]
+
+
+def table_header(cols: Sequence[Column] = COLUMNS) -> str:
     """The per-round table's header line."""
-    return " | ".join(h.rjust(w) for h, _, w, _ in COLUMNS)
+    return " | ".join(h.rjust(w) for h, _, w, _ in cols)
 
 
-def table_row(row: dict[str, Any]) -> str:
+def table_row(row: dict[str, Any], cols: Sequence[Column] = COLUMNS) -> str:
     """One round as a table line."""
-    return " | ".join(_cell(row.get(k), f).rjust(w) for _, k, w, f in COLUMNS)
+    return " | ".join(_cell(row.get(k), f).rjust(w) for _, k, w, f in cols)
 
 
 def config_tree(cfg: RunConfig) -> str:
@@ -91,16 +103,19 @@ class Reporter:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.path = out / METRICS_FILE
+        self.cols: list[Column] = list(COLUMNS)
 
     def start(self, plan: Plan) -> None:
         """Log the config tree, the plan table (if any) and the round table's header."""
+        rounds = [plan.base, *(plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1))]
+        self.cols = columns(list(dict.fromkeys(m for cfg in rounds for m in cfg.eval.metric_names())))
         log.info("%s", config_tree(plan.base))
         if plan.entries:
             log.info(
                 "Round plan:\n%s",
                 "\n".join(f"  rounds {span:>7} | {changes}" for span, changes in plan.table()),
             )
-        log.info("%s", table_header())
+        log.info("%s", table_header(self.cols))
 
     def truncate(self, last_round: int) -> None:
         """Keep only rounds up to ``last_round`` in ``metrics.jsonl`` (before resuming)."""
@@ -116,12 +131,13 @@ class Reporter:
         """Append the round to ``metrics.jsonl`` and print its table line."""
         with self.path.open("a") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
-        log.info("%s", table_row(row))
+        log.info("%s", table_row(row, self.cols))
 
     def finish(self, cfg: RunConfig, history: list[dict[str, Any]], extra: dict[str, Any]) -> None:
         """Write the round table (markdown), the loss plot and ``summary.json``."""
-        lines = ["| " + " | ".join(h for h, _, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(_cell(r.get(k), f) for _, k, _, f in COLUMNS) + " |" for r in history]
+        cols = self.cols
+        lines = ["| " + " | ".join(h for h, _, _, _ in cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_cell(r.get(k), f) for _, k, _, f in cols) + " |" for r in history]
         (self.out / TABLE_FILE).write_text("\n".join(lines) + "\n")
         plot_losses(history, self.out / "plots" / "loss.png")
         evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
@@ -191,8 +207,8 @@ DISTRIBUTED_COLLUSION = (
     "at most n - m (n: the clients that sent their key shares). `epsilon` assumes no survivor colludes."
 )
 NOT_COVERED = (
-    "Not covered: dataset sizes (public, as in Opacus), and the per-site held-out loss that federated "
-    "evaluation (`eval.federated`) reports without noise."
+    "Not covered: dataset sizes (public, as in Opacus), and the per-site held-out loss and task metrics "
+    "(`eval.metrics`) that federated evaluation (`eval.federated`) reports without noise."
 )
 
 
