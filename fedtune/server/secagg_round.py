@@ -28,18 +28,19 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedtune import keys
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError
-from fedtune.lora import rank_of, rank_slice
+from fedtune.lora import rank_of
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.secagg import flat, settings, stages
 from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
 from fedtune.privacy.secagg.graph import neighbours
 from fedtune.privacy.secagg.masking import add, round_context
 from fedtune.privacy.secagg.quantize import wire_dtype
+from fedtune.server import traffic
 from fedtune.server.loop import (
     GridLike,
     ServerState,
@@ -51,7 +52,7 @@ from fedtune.server.loop import (
     stream_replies,
 )
 from fedtune.server.validation import expected_keys
-from fedtune.wire import payload_bytes, record_from_arrays
+from fedtune.wire import payload_bytes
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +256,7 @@ def _protocol(
     top = max(adverts[i].weight for i in u2)
     alpha = {i: adverts[i].weight / top for i in u2}
     wire = wire_dtype(params.modulus_bits)
-    adapters: dict[int, ArrayRecord] = {}
-    for rank in {adverts[i].rank for i in u2}:
-        arrays = rank_slice(state.global_arrays, rank) if rank != full_rank else state.global_arrays
-        adapters[rank] = record_from_arrays(arrays)
+    adapters = {rank: traffic.adapter_records(cfg, state, rnd, rank) for rank in {adverts[i].rank for i in u2}}
 
     def train_request(node: int) -> RecordDict:
         senders = sorted(set(graph[node]) & set(u2))
@@ -272,9 +270,7 @@ def _protocol(
             keys.SA_MODULUS_BITS: params.modulus_bits,
             keys.SA_LENGTH: length,
         }
-        return RecordDict(
-            {keys.ADAPTER: adapters[adverts[node].rank], keys.SPEC: spec, keys.SECAGG: ConfigRecord(record)}
-        )
+        return RecordDict({**adapters[adverts[node].rank], keys.SPEC: spec, keys.SECAGG: ConfigRecord(record)})
 
     total: list[np.ndarray] = []
 
