@@ -41,7 +41,7 @@ _CODE_DTYPE: dict[str, np.dtype[Any]] = {
 
 @dataclass(frozen=True)
 class Scheme:
-    """One direction's encoding: ``name`` is int16, int8, int4 or topk."""
+    """One direction's encoding: ``name`` is float32 (lossless, packed), int16, int8, int4 or topk."""
 
     name: str
     block: int
@@ -56,6 +56,8 @@ class Scheme:
     def sizes(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """Bytes of (head, tail) for one array of ``shape``."""
         size = math.prod(shape)
+        if self.name == "float32":
+            return 4 * size, 0
         if self.name == "topk":
             k = min(size, max(1, math.ceil(self.fraction * size))) if size else 0
             return 4 * k, 4 * k
@@ -106,6 +108,10 @@ def pack(
         for key in arrays:
             heads.append(sent[key].astype("<f4"))
             tails.append(sent[key + "::index"].astype("<i4"))
+    elif scheme.name == "float32":
+        for value in arrays.values():
+            heads.append(np.asarray(value, "<f4").reshape(-1))
+            tails.append(np.zeros(0, np.uint8))
     else:
         for value in arrays.values():
             codes, scales = quantize(value, BITS[scheme.name], scheme.block, rng)
@@ -169,8 +175,10 @@ def _decode_one(key: str, shape: tuple[int, ...], head: np.ndarray, tail: np.nda
     size = math.prod(shape)
     values = head.view("<f4")
     if not np.isfinite(values).all():
-        what = "values" if scheme.name == "topk" else "scales"
+        what = "scales" if scheme.name in BITS else "values"
         raise UpdateRejected(f"{key!r}: its {what} hold NaN or Inf")
+    if scheme.name == "float32":
+        return values.reshape(shape).copy()
     if scheme.name == "topk":
         idx = tail.view("<i4")
         if idx.size and (idx[0] < 0 or idx[-1] >= size or (np.diff(idx) <= 0).any()):

@@ -20,7 +20,13 @@ from fedtune.errors import UpdateRejected
 from fedtune.wire import decode, encode, encoded_bytes, message_bytes
 
 SHAPES = {"a.lora_A.weight": (4, 33), "a.lora_B.weight": (17, 4), "b.lora_A.weight": (3,)}
-SCHEMES = [Scheme("int16", 16, 0.1), Scheme("int8", 16, 0.1), Scheme("int4", 16, 0.1), Scheme("topk", 16, 0.25)]
+SCHEMES = [
+    Scheme("float32", 16, 0.1),
+    Scheme("int16", 16, 0.1),
+    Scheme("int8", 16, 0.1),
+    Scheme("int4", 16, 0.1),
+    Scheme("topk", 16, 0.25),
+]
 
 
 def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
@@ -44,7 +50,9 @@ def test_packed_update_decodes_to_the_reference_and_its_size_is_known_in_advance
     assert list(back) == list(SHAPES)
     rng = rng_for(0, 1, "site 0")  # the same dither, drawn in the same order
     for key, value in arrays.items():
-        if scheme.name == "topk":
+        if scheme.name == "float32":
+            np.testing.assert_array_equal(back[key], value)
+        elif scheme.name == "topk":
             k = math.ceil(scheme.fraction * value.size)
             kept = np.argsort(-np.abs(value.ravel()))[:k]
             want = np.zeros(value.size, np.float32)
@@ -104,15 +112,15 @@ def _shape(p: np.ndarray, index: dict[str, object]) -> np.ndarray:
 @pytest.mark.parametrize(
     ("scheme", "change", "match"),
     [
-        (SCHEMES[1], lambda p, _: p.view(np.int8), "1-D uint8"),  # wrong dtype
-        (SCHEMES[1], lambda p, _: p[:-4], "bytes, its index and scheme say"),  # a scale missing / length mismatch
-        (SCHEMES[1], lambda p, _: np.concatenate([p, p[:1]]), "bytes, its index and scheme say"),
-        (SCHEMES[1], _nan_scale, "NaN"),
-        (SCHEMES[1], _bad_code, "outside the int8 range"),
-        (SCHEMES[3], _index_out_of_range, "index out of range"),
-        (SCHEMES[1], _shape, "has shape"),
-        (SCHEMES[1], lambda p, i: i.update(scheme="int4") or p, "encoded as 'int4'"),
-        (SCHEMES[1], lambda p, i: i.update(names=["x", "y", "z"]) or p, "lacks array"),
+        (SCHEMES[2], lambda p, _: p.view(np.int8), "1-D uint8"),  # wrong dtype
+        (SCHEMES[2], lambda p, _: p[:-4], "bytes, its index and scheme say"),  # a scale missing / length mismatch
+        (SCHEMES[2], lambda p, _: np.concatenate([p, p[:1]]), "bytes, its index and scheme say"),
+        (SCHEMES[2], _nan_scale, "NaN"),
+        (SCHEMES[2], _bad_code, "outside the int8 range"),
+        (SCHEMES[4], _index_out_of_range, "index out of range"),
+        (SCHEMES[2], _shape, "has shape"),
+        (SCHEMES[2], lambda p, i: i.update(scheme="int4") or p, "encoded as 'int4'"),
+        (SCHEMES[2], lambda p, i: i.update(names=["x", "y", "z"]) or p, "lacks array"),
     ],
 )
 def test_malformed_packed_updates_are_refused(
@@ -129,11 +137,11 @@ def test_malformed_packed_updates_are_refused(
 def test_plain_reply_in_a_compressed_round_and_back_are_refused() -> None:
     # Prepare
     plain, _ = encode(_arrays(), keys.DELTA, None, rng_for(0, 1, "x"))
-    packed, _ = encode(_arrays(), keys.DELTA, SCHEMES[1], rng_for(0, 1, "x"))
+    packed, _ = encode(_arrays(), keys.DELTA, SCHEMES[2], rng_for(0, 1, "x"))
 
     # Execute / Assert
     with pytest.raises(UpdateRejected, match="must hold one array"):
-        decode(RecordDict(plain), keys.DELTA, SCHEMES[1], SHAPES)
+        decode(RecordDict(plain), keys.DELTA, SCHEMES[2], SHAPES)
     with pytest.raises(UpdateRejected, match="expects float32"):
         decode(RecordDict(packed), keys.DELTA, None, SHAPES)
 
