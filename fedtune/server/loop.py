@@ -210,7 +210,8 @@ def _train_round(
             if central is not None:
                 delta, norm = ok.delta, ok.norm
                 if compressed:  # decoding may move a clipped delta past C by a rounding step: clip again
-                    delta, norm = clip(delta, cfg.privacy.clip_norm)
+                    delta, before = clip(delta, cfg.privacy.clip_norm)
+                    norm = min(before, cfg.privacy.clip_norm)
                 try:
                     central.noised.add(delta, norm, fits=bool(ok.metrics.get(keys.UNDER_CLIP, 0)))
                 except ValueError as exc:

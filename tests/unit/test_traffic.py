@@ -141,3 +141,45 @@ def test_downlink_compression_is_allowed_under_secure_aggregation() -> None:
 
     # Execute / Assert
     assert compat.problems(plan) == []
+
+
+def test_central_dp_clips_each_decoded_delta_to_c_again(task_identity: None) -> None:
+    # Prepare: each site clips its delta to norm C = 1 exactly; int8 rounding then moves it past C
+    scheme = Scheme("int8", 256, 0.1)
+    sent: dict[int, dict[str, np.ndarray]] = {}
+
+    def handler(msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        rng = np.random.default_rng(node)
+        raw = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in GLOBAL.items()}
+        norm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in raw.values()))
+        records, _ = encode({k: v / np.float32(norm) for k, v in raw.items()}, keys.DELTA, scheme, rng)
+        sent[node] = decode(RecordDict(dict(records)), keys.DELTA, scheme)  # before the server releases it
+        metrics = MetricRecord({keys.NUM_EXAMPLES: 5, keys.UNDER_CLIP: 0})
+        return Message(RecordDict({**records, keys.METRICS: metrics}), reply_to=msg)
+
+    plan = Plan.from_flat(
+        {
+            "num-server-rounds": 1,
+            "server.min-clients": 2,
+            "eval.federated": False,
+            "privacy.mechanism": "central",
+            "strategy.weighting": "uniform",
+            "privacy.noise-multiplier": 0.0,
+            "compression.uplink": "int8",
+        }
+    )
+
+    # Execute
+    state, rows = run_loop(plan, FakeGrid([1, 2], handler))
+
+    # Assert: both accepted; the step is the mean of the decoded deltas, each clipped to C with numpy
+    assert rows[1]["replied"] == 2 and rows[1]["failed"] == 0
+    clipped = []
+    for decoded in sent.values():
+        norm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in decoded.values()))
+        assert norm > 1.0  # the rounding did push it past C
+        clipped.append({k: v / norm for k, v in decoded.items()})
+    for key, value in GLOBAL.items():
+        want = value + (clipped[0][key] + clipped[1][key]) / 2
+        np.testing.assert_allclose(state.global_arrays[key], want, rtol=1e-5, atol=1e-6)
