@@ -219,10 +219,11 @@ class StrategyConfig:
 class PrivacyConfig:
     """``privacy.*``: differential privacy (see README, "Privacy")."""
 
-    mechanism: Literal["none", "dp-sgd", "central", "local"] = "none"
+    mechanism: Literal["none", "dp-sgd", "central", "local", "distributed"] = "none"
     """``none`` (no formal guarantee), ``dp-sgd`` (sample-level, Opacus at each site), ``central``
-    (user-level DP-FedAvg: clip, noise on the sum at a trusted server) or ``local`` (each client
-    clips and noises its own delta)."""
+    (user-level DP-FedAvg: clip, noise on the sum at a trusted server), ``local`` (each client
+    clips and noises its own delta) or ``distributed`` (each client adds a Skellam noise share
+    inside SecAgg+, so the server sees only the noised sum)."""
     target_epsilon: float = 0.0
     """The budget: per site for ``dp-sgd``, for the federation otherwise; 0 means no budget."""
     delta: float = 1e-5
@@ -231,7 +232,8 @@ class PrivacyConfig:
     """Gaussian noise std in units of the clip norm; -1 solves it from ``privacy.target-epsilon``
     for the planned rounds."""
     clip_norm: float = 1.0
-    """C: per-example gradient clip (``dp-sgd``) or per-client delta clip (``central``, ``local``);
+    """C: per-example gradient clip (``dp-sgd``) or per-client delta clip (``central``, ``local``,
+    ``distributed``);
     the starting value under adaptive clipping."""
     clip_on: Literal["client", "server"] = "client"
     """Where ``central`` clips deltas: at the client (the server checks the norm) or at the server."""
@@ -273,7 +275,9 @@ class SecaggConfig:
     threshold: int = 0
     """Shares needed to rebuild a client's secrets; 0 = a strict majority of its degree + 1 holders."""
     quant_bits: int = 16
-    """Fixed-point bits per value; the modulus is 2^(bits + ceil(log2 N)) and must fit 32 bits."""
+    """Fixed-point bits per value; the modulus is 2^(bits + ceil(log2 N)) and must fit 32 bits. Under
+    ``privacy.mechanism = distributed`` the clip norm C maps to 2^(bits - 1) integer units and the
+    modulus also holds the noise shares."""
     clip: float = 0.0
     """Per-coordinate quantization range [-clip, clip]; 0 = auto: the most an AdamW coordinate can move
     in the round, 3.17 * `train.local-steps` * `train.lr` (plus 4 noise std under `local` DP)."""

@@ -84,25 +84,48 @@ def _dp_noise_source(cfg: RunConfig) -> list[str]:
     return []
 
 
-def _central_sensitivity(cfg: RunConfig) -> list[str]:
-    """DP-FedAvg's noise covers a sum of clipped deltas, each client weighted 1."""
-    if cfg.privacy.mechanism != "central":
+def _sum_sensitivity(cfg: RunConfig) -> list[str]:
+    """DP-FedAvg's noise (central, or the clients' shares) covers a sum of clipped deltas, each weighted 1."""
+    m = cfg.privacy.mechanism
+    if m not in ("central", "distributed"):
         return []
     out = []
     if cfg.strategy.weighting == "examples":
         out.append(
-            "`privacy.mechanism` = central needs `strategy.weighting` = uniform: weighting by examples lets one "
+            f"`privacy.mechanism` = {m} needs `strategy.weighting` = uniform: weighting by examples lets one "
             "client move the sum by more than `privacy.clip-norm`."
         )
     if cfg.strategy.name in STRATEGIES and STRATEGIES.get(cfg.strategy.name).individual_updates:
         out.append(
-            f"`strategy.name` = {cfg.strategy.name} under `privacy.mechanism` = central: the noise covers a sum of "
+            f"`strategy.name` = {cfg.strategy.name} under `privacy.mechanism` = {m}: the noise covers a sum of "
             "clipped deltas, not this rule's output; use a fedavg-family strategy (or `privacy.mechanism` = local)."
         )
     if cfg.simulation.site_ranks:
         out.append(
-            "`simulation.site-ranks` under `privacy.mechanism` = central: per-entry averaging over different ranks "
+            f"`simulation.site-ranks` under `privacy.mechanism` = {m}: per-entry averaging over different ranks "
             "has no single sensitivity; use one rank."
+        )
+    return out
+
+
+def _distributed_needs(cfg: RunConfig) -> list[str]:
+    """Distributed DP: the clients' noise shares only protect anyone inside SecAgg+, accounted in RDP."""
+    if cfg.privacy.mechanism != "distributed":
+        return []
+    out = []
+    if cfg.secagg.protocol != "secagg":
+        out.append(
+            "`privacy.mechanism` = distributed needs `secagg.protocol` = secagg: without it the server sees each "
+            "client's update with only that client's small noise share."
+        )
+    if cfg.privacy.accountant != "rdp":
+        out.append(
+            "`privacy.mechanism` = distributed is accounted with the Skellam RDP bound; set `privacy.accountant` = rdp."
+        )
+    if cfg.secagg.clip > 0:
+        out.append(
+            "`secagg.clip` does not apply to `privacy.mechanism` = distributed (the L2 clip `privacy.clip-norm` "
+            "and `secagg.quant-bits` set the integer range); leave it at 0."
         )
     return out
 
@@ -190,7 +213,8 @@ RULES: list[Rule] = [
     _exact_vs_ffa,
     _hetero_ranks,
     _dp_noise_source,
-    _central_sensitivity,
+    _sum_sensitivity,
+    _distributed_needs,
     _central_only_settings,
     _dpsgd_fedprox,
     _poisson_count,

@@ -22,6 +22,7 @@ from fedtune.config import RunConfig
 from fedtune.errors import CommunicationBudgetExceeded, FedtuneError, PrivacyBudgetExceeded, UpdateRejected
 from fedtune.lora import rank_of
 from fedtune.privacy import rounds as privacy
+from fedtune.privacy.accounting import Event
 from fedtune.privacy.central import clip, noise_rng
 from fedtune.server import traffic, validation
 from fedtune.server.report import json_number
@@ -283,9 +284,14 @@ def record_site_epsilon(metrics: Mapping[str, Any], node: int, state: ServerStat
         state.privacy.site_epsilon[node] = max(float(eps), state.privacy.site_epsilon.get(node, 0.0))
 
 
-def account_round(cfg: RunConfig, state: ServerState, rnd: int, *, released: bool) -> None:
-    """Charge the round to the run's ledger: a user-level event, or an un-noised release."""
-    event = privacy.user_event(cfg, cfg.privacy.noise_multiplier)
+def account_round(cfg: RunConfig, state: ServerState, rnd: int, *, released: bool, event: Event | None = None) -> None:
+    """Charge the round to the run's ledger: ``event`` (what the round really released), else its
+    user-level event, or an un-noised release. ``distributed`` rounds also charge their target to the
+    ``floor`` ledger."""
+    target = privacy.user_event(cfg, cfg.privacy.noise_multiplier, state.global_arrays)
+    if cfg.privacy.mechanism == "distributed" and target is not None:
+        state.privacy.floor.add(target)
+    event = event or target
     if event is not None:
         state.privacy.ledger.add(event)
     elif cfg.privacy.mechanism == "none" and released:
@@ -359,20 +365,21 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
     """
     base = plan.base
     family = privacy.unit(plan)
-    solved = privacy.solved_noise(plan)
+    solved = privacy.solved_noise(plan, state.global_arrays)
     if solved is not None:
         log.info(
             "privacy: noise multiplier %.4f keeps the planned rounds within epsilon %g",
             solved,
             base.privacy.target_epsilon,
         )
-    projected = privacy.projected_epsilon(plan, solved)
+    projected = privacy.projected_epsilon(plan, solved, state.global_arrays)
     if projected is not None:
         log.info(
             "privacy: the planned %d rounds reach user-level epsilon %.3f at delta %g (%s)%s",
             *(base.num_server_rounds, projected, base.privacy.delta, base.privacy.accountant),
             "; the budget will stop the run earlier" if 0 < base.privacy.target_epsilon < projected else "",
         )
+    privacy.check_distributed(plan, solved, state.global_arrays)  # before round 1, once z is known
     extra = {keys.DP_PLANNED_STEPS: privacy.dpsgd_planned_steps(plan)}
     if state.round == 0 and not state.history:
         start = time.monotonic()
@@ -403,7 +410,7 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         cfg = privacy.round_config(plan.for_round(rnd), state.privacy, solved)
         start = time.monotonic()
         try:
-            privacy.check_budget(cfg, state.privacy, rnd)
+            privacy.check_budget(cfg, state.privacy, rnd, state.global_arrays)
             connected = wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients)
             nodes = _eligible(connected, cfg, state)
         except PrivacyBudgetExceeded as exc:

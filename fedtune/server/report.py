@@ -13,6 +13,8 @@ from rich.tree import Tree
 
 from fedtune.config import RunConfig
 from fedtune.privacy import rounds as privacy
+from fedtune.privacy.accounting import Event
+from fedtune.privacy.skellam import SkellamEvent
 from fedtune.strategies.plan import Plan
 
 if TYPE_CHECKING:
@@ -175,7 +177,19 @@ TRUST = {
     "local": "each site clips and noises its own update before sending: the guarantee holds against the server too",
     "dp-sgd": "each site clips and noises its own training steps (Opacus): the guarantee holds for each "
     "training example against the server too",
+    "distributed": "honest-but-curious server: under SecAgg+ it sees only the sum of the surviving clients' "
+    "inputs, each the client's delta clipped to `privacy.clip-norm` and rounded to integers, plus that client's "
+    "Skellam noise share; the clients are trusted to clip and to add their share (drawn from OS entropy). "
+    "Neighbouring runs differ in one site's data (its update zero instead, while it still adds its share). "
+    "`epsilon` counts the noise of every survivor, all shares secret from the server",
 }
+DISTRIBUTED_COLLUSION = (
+    "Each share is sized so that m = max(secagg threshold, `server.min-replies`) shares carry the target noise "
+    "(a round with fewer survivors is abandoned). A client colluding with the server reveals its own share. "
+    "`epsilon_under_collusion` charges every round only its target noise: it holds as long as, in every round, "
+    "the clients that dropped after sending their key shares plus the survivors colluding with the server number "
+    "at most n - m (n: the clients that sent their key shares). `epsilon` assumes no survivor colludes."
+)
 NOT_COVERED = (
     "Not covered: dataset sizes (public, as in Opacus), and the per-site held-out loss that federated "
     "evaluation (`eval.federated`) reports without noise."
@@ -185,6 +199,12 @@ NOT_COVERED = (
 def json_number(value: float | None) -> float | str | None:
     """``value`` for JSON: infinity as the string "inf" (JSON has no infinity)."""
     return "inf" if value is not None and math.isinf(value) else value
+
+
+def _event_json(e: Event) -> dict[str, Any]:
+    if isinstance(e, SkellamEvent):
+        return {"skellam_mu": e.mu, "l1_sensitivity": e.l1, "l2_sensitivity": e.l2, "rounds": e.steps}
+    return {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "rounds": e.steps}
 
 
 def privacy_summary(plan: Plan, state: ServerState) -> dict[str, Any]:
@@ -219,15 +239,19 @@ def privacy_summary(plan: Plan, state: ServerState) -> dict[str, Any]:
         out["sites"] = {str(k): json_number(v) for k, v in sorted(state.privacy.site_epsilon.items())}
         out["sites_exhausted"] = sorted(state.privacy.exhausted)
     else:
-        out["events"] = [
-            {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "rounds": e.steps}
-            for e in state.privacy.ledger.events
-        ]
+        out["events"] = [_event_json(e) for e in state.privacy.ledger.events]
+        poisson = plan.base.server.sampling == "poisson"
         out["client_sampling"] = (
-            f"poisson, q = {plan.base.server.fraction_train}"
-            if plan.base.server.sampling == "poisson"
-            else "fixed-size: no amplification claimed (q = 1)"
+            "fixed-size: no amplification claimed (q = 1)"
+            if not poisson
+            else "poisson, but no amplification claimed (q = 1)"
+            if family == "distributed"
+            else f"poisson, q = {plan.base.server.fraction_train}"
         )
+    if family == "distributed":
+        floor = state.privacy.floor.epsilon(p.delta, p.accountant)
+        out["epsilon_under_collusion"] = json_number(floor)
+        out["collusion"] = DISTRIBUTED_COLLUSION
     return out
 
 
@@ -243,7 +267,12 @@ def secagg_summary(plan: Plan) -> dict[str, Any] | None:
         "and nothing about any one update, as long as fewer than the threshold of a client's share holders "
         "collude with it",
         "server_still_learns": "who was sampled and who replied at each stage, each client's number of "
-        "examples and LoRA rank, and the sum",
+        "examples and LoRA rank, and the sum"
+        + (
+            " (in `privacy.mechanism` = distributed rounds, a sum that already carries the clients' noise shares)"
+            if any(plan.for_round(r).privacy.mechanism == "distributed" for r in rounds)
+            else ""
+        ),
     }
 
 
