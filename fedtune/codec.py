@@ -128,6 +128,8 @@ def index_shapes(index: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     ok = all(isinstance(x, list) for x in (names, ndims, dims))
     if not ok or len(names) != len(ndims) or sum(ndims) != len(dims):  # type: ignore[arg-type]
         raise UpdateRejected("the packed update's index is malformed (names, ndims and dims disagree)")
+    if len(set(names)) != len(names):  # type: ignore[arg-type]
+        raise UpdateRejected("the packed update's index names an array twice")
     shapes, at = {}, 0
     for name, nd in zip(names, ndims, strict=True):  # type: ignore[arg-type]
         shape = tuple(dims[at : at + nd])  # type: ignore[index]

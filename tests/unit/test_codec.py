@@ -121,6 +121,7 @@ def _shape(p: np.ndarray, index: dict[str, object]) -> np.ndarray:
         (SCHEMES[2], _shape, "has shape"),
         (SCHEMES[2], lambda p, i: i.update(scheme="int4") or p, "encoded as 'int4'"),
         (SCHEMES[2], lambda p, i: i.update(names=["x", "y", "z"]) or p, "lacks array"),
+        (SCHEMES[2], lambda p, i: i.update(names=[*list(SHAPES)[:2], next(iter(SHAPES))]) or p, "names an array twice"),
     ],
 )
 def test_malformed_packed_updates_are_refused(
