@@ -37,6 +37,12 @@ SITE_KEYS = (
     "train.batch-size",
     "train.device",
     "train.num-threads",
+    "model.quantization",
+    "model.device-map",
+    "train.precision",
+    "train.gradient-checkpointing",
+    "train.grad-accum-steps",
+    "train.num-processes",
     "lora.r",
     "privacy.noise-multiplier",
     "privacy.target-epsilon",
@@ -60,6 +66,13 @@ class ModelConfig:
     """Optional GGUF file inside ``model.name`` (dequantized once, then cached)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Weights dtype; ``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Load the frozen base quantized by bitsandbytes (QLoRA: NF4 for ``4bit``, Dettmers et al. 2023,
+    https://arxiv.org/abs/2305.14314) and prepare it with PEFT's ``prepare_model_for_kbit_training``;
+    needs CUDA and the ``gpu`` extra. The adapter stays in float32."""
+    device_map: Literal["", "auto"] = ""
+    """``auto`` spreads a base model too large for one GPU over all of the site's GPUs (accelerate's
+    ``device_map="auto"``); empty puts it on ``train.device``."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "model.name", "must not be empty.")
@@ -149,7 +162,9 @@ class TrainConfig:
     local_steps: int = 3
     """Optimizer steps per round at each site."""
     batch_size: int = 4
-    """Examples per step."""
+    """Examples per micro-batch, for the whole site (split over ``train.num-processes``); an
+    optimizer step takes ``train.grad-accum-steps`` micro-batches (DP-SGD: their total is the expected
+    Poisson batch)."""
     lr: float = 2e-3
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -160,6 +175,18 @@ class TrainConfig:
     """Where a site trains; ``auto`` uses CUDA when present."""
     num_threads: int = 0
     """torch CPU threads per client process; 0 keeps torch's default."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of the forward pass: ``bf16`` (CUDA or CPU), ``fp16`` (CUDA only, with a
+    gradient scaler) or ``fp32`` (none). Adapter weights and optimizer state stay float32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them (less memory, more time)."""
+    grad_accum_steps: int = 1
+    """Micro-batches of ``train.batch-size`` per optimizer step: the effective batch is
+    batch-size x grad-accum-steps, and the update equals one step on that batch. Under dp-sgd the
+    expected Poisson batch is that effective batch, processed in this many chunks (virtual steps)."""
+    num_processes: int = 1
+    """Data-parallel processes at the site (one per GPU; gloo on CPU): each takes a disjoint shard of
+    every micro-batch and gradients are all-reduced, so the update equals the 1-process one."""
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, "train.local-steps", f"must be >= 1, got {self.local_steps}.")
@@ -167,6 +194,14 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}.")
         _require(self.max_grad_norm >= 0, "train.max-grad-norm", "must be >= 0.")
         _require(self.num_threads >= 0, "train.num-threads", "must be >= 0.")
+        _require(self.grad_accum_steps >= 1, "train.grad-accum-steps", f"must be >= 1, got {self.grad_accum_steps}.")
+        _require(self.num_processes >= 1, "train.num-processes", f"must be >= 1, got {self.num_processes}.")
+        _require(
+            self.num_processes <= self.batch_size,
+            "train.num-processes",
+            f"({self.num_processes}) must be <= `train.batch-size` ({self.batch_size}): each process takes a "
+            "shard of every micro-batch.",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -471,6 +506,23 @@ class RunConfig:
             "server.min-replies",
             f"({self.server.min_replies}) must be <= `server.min-clients` ({self.server.min_clients}).",
         )
+        _require(
+            self.train.num_processes == 1 or not self.model.device_map,
+            "train.num-processes",
+            "must be 1 with `model.device-map` = auto (the model is split over the GPUs, not replicated).",
+        )
+        if self.privacy.mechanism == "dp-sgd":
+            for key, ok in (
+                ("train.num-processes", self.train.num_processes == 1),
+                ("train.gradient-checkpointing", not self.train.gradient_checkpointing),
+                ("train.precision", self.train.precision == "fp32"),
+            ):
+                _require(
+                    ok,
+                    key,
+                    "is not supported with `privacy.mechanism` = dp-sgd (Opacus's per-example "
+                    "gradients here need one process and stored fp32 activations); use its default.",
+                )
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from fedtune.config import LoraSection, ModelConfig
 from fedtune.errors import ModelError
+from fedtune.hardware import load_kwargs, placed_at_load, prepare_quantized
 from fedtune.paths import fedtune_home
 
 log = logging.getLogger(__name__)
@@ -156,24 +157,26 @@ class LoadedModel:
     device: torch.device
 
 
-_RESIDENT: dict[tuple[str, str, str], LoadedModel] = {}
+_RESIDENT: dict[tuple[str, ...], LoadedModel] = {}
 
 
 def load_base(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     """Load the base model once per process and keep it resident (never reloaded per round)."""
     path = resolve_model(cfg)
     dtype = pick_dtype(cfg.dtype, device)
-    key = (path, str(dtype), str(device))
+    key = (path, str(dtype), str(device), cfg.quantization, cfg.device_map)
     if key not in _RESIDENT:
         tok = load_tokenizer(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load_kwargs(cfg, device, dtype))
         except (OSError, ValueError) as exc:
             raise ModelError(
                 f"`model.name`: cannot load {cfg.name!r} (not a local directory, and not loadable "
                 f"from the Hugging Face hub or its cache): {_first_line(exc)}"
             ) from None
-        cast(Any, model).to(device)
+        if not placed_at_load(cfg):
+            cast(Any, model).to(device)
+        model = prepare_quantized(model, cfg)
         model.config.use_cache = False
         _RESIDENT[key] = LoadedModel(model=model, tokenizer=tok, path=path, device=device)
     return _RESIDENT[key]

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from fedtune import keys
 from fedtune.client.compress import encode_update
 from fedtune.client.dp_trainer import DPSettings, sample_rate, train_dp
+from fedtune.client.parallel import train_parallel
 from fedtune.client.site import Site, open_site
 from fedtune.client.trainer import TrainResult, heldout_loss, train_local
 from fedtune.codec import Scheme
@@ -119,7 +120,7 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
     if mechanism == "dp-sgd":
         path = _budget_path(context, extra, site)
         budget = site_privacy.restore(context.state, path)
-        q = sample_rate(len(site.train), cfg.train.batch_size)
+        q = sample_rate(len(site.train), cfg.train.batch_size * cfg.train.grad_accum_steps)
         if cfg.privacy.delta >= 1 / len(site.train):
             log.warning(
                 "%s: `privacy.delta` = %g is not below 1 / its %d examples; a guarantee at that delta is weak.",
@@ -141,15 +142,24 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
         site_privacy.save(budget, context.state, path)  # before the delta leaves the site
         metrics.update({keys.EPSILON: spend.epsilon_after, keys.NOISE_MULTIPLIER: dp.noise_multiplier})
     else:
-        result = train_local(
-            model,
-            site.train,
-            cfg.train,
-            pad_id=pad_id,
-            generator=torch.Generator().manual_seed(seed),
-            desc=desc,
-            proximal_mu=cfg.strategy.proximal_mu if STRATEGIES.get(cfg.strategy.name).proximal else 0.0,
-        )
+        mu = cfg.strategy.proximal_mu if STRATEGIES.get(cfg.strategy.name).proximal else 0.0
+        if cfg.train.num_processes > 1:
+            result = train_parallel(
+                model,
+                site.train,
+                cfg,
+                lora_rank=site.rank,
+                start=start,
+                seed=seed,
+                pad_id=pad_id,
+                desc=desc,
+                proximal_mu=mu,
+            )
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            result = train_local(
+                model, site.train, cfg.train, pad_id=pad_id, generator=generator, desc=desc, proximal_mu=mu
+            )
     end = adapter_arrays(model)
     delta = {k: (end[k] - start[k]).astype(np.float32) for k in sent_keys(start, cfg.lora.freeze_a)}
     if mechanism == "central" and cfg.privacy.clip_on == "client":

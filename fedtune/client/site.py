@@ -15,6 +15,7 @@ from fedtune.data.loaders import load_records, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import IGNORE, Example, check_format, tokenize
 from fedtune.errors import ConfigError
+from fedtune.hardware import check_site
 from fedtune.models import LoadedModel, load_base, pick_device, set_trainable, wrap_lora
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
         pid = _node_int(node_config, keys.PARTITION_ID)
         where = ("partition", pid, _node_int(node_config, keys.NUM_PARTITIONS))
     rank = site_rank(cfg, node_config)
+    name = f"site {own_path}" if own_path else f"site {where[1]}"
+    check_site(cfg, name)
     key = (where, cfg.data, cfg.model, cfg.lora, rank, cfg.train.device, cfg.seed)
     if key in _SITES:
         return _SITES[key]
@@ -84,10 +87,8 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
     loaded = load_base(cfg.model, pick_device(cfg.train.device))
     check_format(cfg.data, loaded.tokenizer, cfg.model.name)
     if where[0] == "file":
-        name = f"site {own_path}"
         rows = load_records(str(own_path), cfg.data, key=f"node config {keys.DATA_PATH}")
     else:
-        name = f"site {where[1]}"
         rows = load_records(train_source(cfg.data), cfg.data)
         rows = site_partition(rows, cfg.data, int(where[1]), int(where[2]), cfg.seed)  # type: ignore[call-overload]
     train, held = train_heldout(rows, cfg.data, cfg.seed, name)

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, default_output_dir, from_run_config
 from fedtune.errors import ConfigError
+from fedtune.hardware import server_model
 from fedtune.logs import quiet_libraries, setup_logging
 from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora, write_adapter
 from fedtune.privacy import compat
@@ -44,7 +45,7 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     if not resume and reporter.path.exists():
         raise ConfigError(f"{out} already holds a run; resume it with --resume {out}, or choose another --out.")
     # The server holds the base model for the seeded adapter init and centralized evaluation.
-    loaded = load_base(cfg.model, pick_device("auto"))
+    loaded = load_base(server_model(cfg.model), pick_device("auto"))
     model = wrap_lora(loaded, cfg.lora)
     init_adapter(model, cfg.seed)  # seeded: the same initial global adapter whatever ran before
     state = loop.ServerState(
