@@ -94,10 +94,20 @@ def collate(batch: Sequence[Example], pad_id: int, device: torch.device) -> dict
 
 
 def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over response tokens, and how many tokens it covers."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted = logits[:, :-1, :].float()  # (B, T-1, V)
+    """Summed next-token cross-entropy over response tokens, and how many tokens it covers.
+
+    Only the positions whose next token is scored in some example of the batch get logits
+    (``logits_to_keep``): the vocabulary projection and the softmax over prompt and padding
+    positions, most of a batch, are never computed. The loss is the same.
+    """
     target = batch["labels"][:, 1:]  # (B, T-1)
+    keep = (target != IGNORE).any(dim=0).nonzero().squeeze(1)  # (K,) positions t scored at t + 1
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    try:
+        shifted = model(**inputs, logits_to_keep=keep).logits.float()  # (B, K, V)
+        target = target[:, keep]  # (B, K)
+    except TypeError:  # a model class without ``logits_to_keep``: every position
+        shifted = model(**inputs).logits[:, :-1, :].float()  # (B, T-1, V)
     loss = torch.nn.functional.cross_entropy(
         shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )

@@ -18,7 +18,7 @@ from fedtune.hardware import server_model
 from fedtune.logs import quiet_libraries, setup_logging
 from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora, write_adapter
 from fedtune.privacy import compat
-from fedtune.server import checkpoint, loop, site_metrics
+from fedtune.server import checkpoint, loop, site_metrics, traffic
 from fedtune.server.evaluation import CentralEvaluator
 from fedtune.server.report import Reporter, privacy_line, privacy_summary, secagg_summary
 from fedtune.strategies.plan import Plan
@@ -71,6 +71,7 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     )
     extra: dict[str, Any] = {"base_model": loaded.path, "adapter": str(out / "adapter"), "run_id": state.run_id}
     extra["privacy"] = privacy_summary(plan, state)
+    extra["communication"] = traffic.communication_summary(cfg, state)
     if (secure := secagg_summary(plan)) is not None:
         extra["secure_aggregation"] = secure
     record = evaluator.sample_prompt()
