@@ -56,3 +56,11 @@ SA_SEED_OWNERS = "seed-owners"
 SA_SEED_SHARES = "seed-shares"
 SA_KEY_OWNERS = "key-owners"
 SA_KEY_SHARES = "key-shares"
+
+# Compressed messages (``compression.*``): the ArrayRecord holds one uint8 array, this ConfigRecord
+# its index (scheme, names, shapes); see fedtune/codec.py.
+WIRE = "wire"
+# Seconds a site spent on its part of a train round (MetricRecord; the per-round time breakdown)
+TIME_LOAD = "time-load"  # open the site, put the global adapter into the model
+TIME_TRAIN = "time-train"  # local steps, delta and privacy step
+TIME_SERIALIZE = "time-serialize"  # encode the delta and build the reply's records

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,14 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import keys, task_metrics
+from fedtune.client.compress import encode_update
 from fedtune.client.dp_trainer import DPSettings, sample_rate, train_dp
 from fedtune.client.parallel import train_parallel
 from fedtune.client.site import Site, open_site
 from fedtune.client.trainer import TrainResult, heldout_loss, train_local
+from fedtune.codec import Scheme
 from fedtune.config import SITE_KEYS, SITE_PRIVACY_KEYS, RunConfig
-from fedtune.errors import ConfigError, FedtuneError
+from fedtune.errors import ConfigError, FedtuneError, UpdateRejected
 from fedtune.generation import task_scores
 from fedtune.logs import quiet_libraries
 from fedtune.lora import rank_slice, sent_keys
@@ -29,7 +32,7 @@ from fedtune.paths import fedtune_home
 from fedtune.privacy import site as site_privacy
 from fedtune.privacy.central import clip, noise_rng, privatize_locally
 from fedtune.strategies import STRATEGIES
-from fedtune.wire import Arrays, arrays_from_record, record_from_arrays
+from fedtune.wire import Arrays, decode
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,11 @@ def _open(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Si
     """Decode the round's spec, open the site, and load the global adapter (sliced to its rank)."""
     cfg, extra, site = _open_site(msg, context)
     model = site.model(cfg)
-    load_adapter_arrays(model, rank_slice(arrays_from_record(msg.content.array_records[keys.ADAPTER]), site.rank))
+    try:
+        arrays = decode(msg.content, keys.ADAPTER, Scheme.of(cfg.compression, "downlink"))
+    except UpdateRejected as exc:
+        raise ConfigError(f"the global adapter from the server is malformed: {exc}") from None
+    load_adapter_arrays(model, rank_slice(arrays, site.rank))
     return cfg, extra, site, model
 
 
@@ -90,15 +97,19 @@ def train(msg: Message, context: Context) -> Message:
         update = local_update(msg, context)
     except FedtuneError as exc:
         return _refuse(msg, exc)
-    records: dict[str, Any] = {keys.METRICS: MetricRecord(update.metrics)}
+    start = time.perf_counter()
+    records: dict[str, Any] = {}
     if update.delta is not None:
-        records = {keys.DELTA: record_from_arrays(update.delta), **records}
-    return Message(RecordDict(records), reply_to=msg)
+        records = encode_update(update.delta, update.cfg, update.extra[keys.ROUND], update.site.name, context.state)
+    metrics = {**update.metrics, keys.TIME_SERIALIZE: time.perf_counter() - start}
+    return Message(RecordDict({**records, keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def local_update(msg: Message, context: Context) -> LocalUpdate:
     """Open the site, train the global adapter locally (plain or DP-SGD) and compute the delta."""
+    opened = time.perf_counter()
     cfg, extra, site, model = _open(msg, context)
+    trained = time.perf_counter()
     rnd = extra[keys.ROUND]
     mechanism = cfg.privacy.mechanism
     start = adapter_arrays(model)
@@ -162,6 +173,7 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
     if mechanism == "none":  # data-dependent counts no DP guarantee covers: not sent under DP
         metrics.update({keys.DATA_CHECK + k.replace("_", "-"): v for k, v in site.data_checks.items()})
     metrics[keys.STEPS] = result.steps
+    metrics.update({keys.TIME_LOAD: trained - opened, keys.TIME_TRAIN: time.perf_counter() - trained})
     return LocalUpdate(cfg, extra, site, delta, metrics)
 
 

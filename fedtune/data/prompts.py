@@ -94,9 +94,21 @@ def collate(batch: Sequence[Example], pad_id: int, device: torch.device) -> dict
 
 
 def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over response tokens, and how many tokens it covers."""
-    shifted = _logits(model, batch)[:, :-1, :].float()  # (B, T-1, V)
+    """Summed next-token cross-entropy over response tokens, and how many tokens it covers.
+
+    Only the positions whose next token is scored in some example of the batch get logits
+    (``logits_to_keep``): the vocabulary projection and the softmax over prompt and padding
+    positions, most of a batch, are never computed. The loss is the same.
+    """
     target = batch["labels"][:, 1:]  # (B, T-1)
+    keep = (target != IGNORE).any(dim=0).nonzero().squeeze(1)  # (K,) positions t scored at t + 1
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    try:
+        # Prompt tuning prepends virtual tokens, so position t of the batch is t + n in the model.
+        shifted = model(**inputs, logits_to_keep=keep + _virtual_tokens(model)).logits.float()  # (B, K, V)
+        target = target[:, keep]  # (B, K)
+    except TypeError:  # a model class without ``logits_to_keep``: every position
+        shifted = _logits(model, batch)[:, :-1, :].float()  # (B, T-1, V)
     loss = torch.nn.functional.cross_entropy(
         shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
@@ -122,3 +134,11 @@ def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The logits of the batch's own tokens, (B, T, V): prompt tuning prepends its virtual tokens'."""
     logits: torch.Tensor = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return logits[:, -batch["input_ids"].shape[1] :, :]
+
+
+def _virtual_tokens(model: Any) -> int:
+    """Positions PEFT's prompt tuning prepends to the input (0 for every other model)."""
+    config = getattr(getattr(model, "module", model), "active_peft_config", None)  # DDP wraps as .module
+    if config is None or not config.is_prompt_learning or config.peft_type == "PREFIX_TUNING":
+        return 0
+    return int(config.num_virtual_tokens)

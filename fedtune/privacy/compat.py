@@ -13,6 +13,7 @@ from fedtune.config import RunConfig
 from fedtune.errors import ConfigError, IncompatibleComponentsError
 from fedtune.methods import METHODS
 from fedtune.privacy.secagg import settings as secagg_settings
+from fedtune.privacy.traffic_rules import budget_vs_secagg, compression_vs_secagg
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.plan import Plan, group_rounds
 
@@ -250,6 +251,7 @@ RULES: list[Rule] = [
     _poisson_count,
     _secagg_composition,
     _secagg_params,
+    compression_vs_secagg,
 ]
 
 
@@ -272,7 +274,7 @@ def _one_guarantee(plan: Plan) -> list[str]:
     return []
 
 
-PLAN_RULES: list[Callable[[Plan], list[str]]] = [_one_guarantee]
+PLAN_RULES: list[Callable[[Plan], list[str]]] = [_one_guarantee, budget_vs_secagg]
 
 
 def problems(plan: Plan) -> list[str]:

@@ -20,7 +20,7 @@ from fedtune.methods import initial_state, load_for
 from fedtune.models import pick_device
 from fedtune.outputs import Writer
 from fedtune.privacy import compat
-from fedtune.server import checkpoint, loop, site_metrics
+from fedtune.server import checkpoint, loop, site_metrics, traffic
 from fedtune.server.evaluation import CentralEvaluator
 from fedtune.server.report import Reporter, privacy_line, privacy_summary, secagg_summary
 from fedtune.strategies.plan import Plan
@@ -73,6 +73,7 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     extra: dict[str, Any] = {"base_model": loaded.path, writer.final_name(): str(final), "run_id": state.run_id}
     extra["peft_method"] = cfg.peft.method
     extra["privacy"] = privacy_summary(plan, state)
+    extra["communication"] = traffic.communication_summary(cfg, state)
     if (secure := secagg_summary(plan)) is not None:
         extra["secure_aggregation"] = secure
     record = evaluator.sample_prompt()

@@ -19,17 +19,18 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedtune import keys
 from fedtune.config import RunConfig
-from fedtune.errors import FedtuneError, PrivacyBudgetExceeded, UpdateRejected
-from fedtune.lora import rank_of, rank_slice
+from fedtune.errors import CommunicationBudgetExceeded, FedtuneError, PrivacyBudgetExceeded, UpdateRejected
+from fedtune.lora import rank_of
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.accounting import Event
-from fedtune.privacy.central import noise_rng
-from fedtune.server import site_metrics, validation
+from fedtune.privacy.central import clip, noise_rng
+from fedtune.server import site_metrics, traffic, validation
 from fedtune.server.report import json_number
+from fedtune.server.timing import RoundClock
 from fedtune.strategies import STRATEGIES, make_aggregator, make_optimizer
 from fedtune.strategies.aggregators import WeightedMean
 from fedtune.strategies.plan import Plan
-from fedtune.wire import Arrays, payload_bytes, record_from_arrays
+from fedtune.wire import Arrays, message_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,10 @@ class ServerState:
     noise_rng: np.random.Generator = field(default_factory=noise_rng)
     """Central DP noise: seeded from OS entropy, never from ``seed``, and never checkpointed (its
     state would let anyone holding a checkpoint subtract the noise); a resumed run reseeds it."""
+    communication_stopped: str | None = None
+    """Why ``communication.budget-mb`` stopped the run, if it did."""
+    downlink: tuple[Any, Arrays, dict[str, Any]] | None = None
+    """The last compressed downlink (scheme, the global adapter it encodes, its records); not checkpointed."""
 
 
 Evaluate = Callable[[Arrays, RunConfig], Mapping[str, float]]
@@ -116,22 +121,27 @@ def _send(
     nodes: list[int],
     kind: str,
     rnd: int,
+    row: dict[str, Any],
+    clock: RoundClock | None = None,
     extra: Mapping[str, int | str] | None = None,
-) -> tuple[Iterator[tuple[int, Message]], int]:
-    """Send each node the global adapter at its own rank (once known) with the round's spec;
-    return the replies as a stream, and the bytes sent."""
+) -> Iterator[tuple[int, Message]]:
+    """Send each node the global adapter at its own rank (once known; full rank when compressed) with
+    the round's spec, count each node's bytes in ``row``; return the replies as a stream."""
+    started = time.perf_counter()
     full = rank_of(state.global_arrays)
+    spec = ConfigRecord({**cfg.to_flat(), keys.ROUND: rnd, keys.RUN_ID: state.run_id, **(extra or {})})
     by_rank: dict[int | None, RecordDict] = {}
-    messages, down = [], 0
+    messages = []
     for node in nodes:
         rank = state.node_ranks.get(node, full)
         if rank not in by_rank:
-            arrays = rank_slice(state.global_arrays, rank) if rank and rank != full else state.global_arrays
-            by_rank[rank] = round_content(arrays, cfg, rnd, {keys.RUN_ID: state.run_id, **(extra or {})})
+            by_rank[rank] = RecordDict({**traffic.adapter_records(cfg, state, rnd, rank), keys.SPEC: spec})
         content = by_rank[rank]
-        down += payload_bytes(content.array_records[keys.ADAPTER])
+        traffic.add_bytes(row, node, down=message_bytes(content, keys.ADAPTER))
         messages.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)))
-    return stream_replies(grid, messages, cfg.server.round_timeout), down
+    if clock is not None:
+        clock.push(time.perf_counter() - started)
+    return stream_replies(grid, messages, cfg.server.round_timeout)
 
 
 def stream_replies(grid: GridLike, messages: list[Message], timeout: float) -> Iterator[tuple[int, Message]]:
@@ -177,27 +187,36 @@ def _train_round(
     ``denominator`` is what ``central`` DP divides the noised sum by (the expected number of
     clients), fixed before any reply arrives.
     """
-    replies, down = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd, extra)
+    clock = RoundClock(sequential=bool(getattr(grid, "in_process", False)))
+    row["time"] = clock.parts
+    row.update(bytes_up=0, bytes_down=0)
+    replies = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd, row, clock, extra)
+    compressed = cfg.compression.uplink != "none"
     central = privacy.central_round(cfg, denominator, state.noise_rng) if cfg.privacy.mechanism == "central" else None
     aggregator = make_aggregator(cfg.strategy, state.global_arrays)
     failures: list[dict[str, Any]] = []
     accepted: list[tuple[int, float, float]] = []  # (node, weight, train loss): never the delta
     exhausted: list[int] = []
     checks: dict[str, dict[str, int]] = {}
-    up = 0
     answered = set()
     for node, reply in replies:  # streamed: each reply is folded in, then dropped
         answered.add(node)
-        if not reply.has_error() and keys.DELTA in reply.content.array_records:
-            up += payload_bytes(reply.content.array_records[keys.DELTA])
+        if not reply.has_error():
+            clock.arrived(reply.content.metric_records.get(keys.METRICS, {}))
+            traffic.add_bytes(row, node, up=message_bytes(reply.content, keys.DELTA))
+        folding = time.perf_counter()
         try:
             if declined(reply, node, state):
                 exhausted.append(node)
                 continue
             ok = validation.accept_reply(reply, cfg, state.global_arrays)
             if central is not None:
+                delta, norm = ok.delta, ok.norm
+                if compressed:  # decoding may move a clipped delta past C by a rounding step: clip again
+                    delta, before = clip(delta, cfg.privacy.clip_norm)
+                    norm = min(before, cfg.privacy.clip_norm)
                 try:
-                    central.noised.add(ok.delta, ok.norm, fits=bool(ok.metrics.get(keys.UNDER_CLIP, 0)))
+                    central.noised.add(delta, norm, fits=bool(ok.metrics.get(keys.UNDER_CLIP, 0)))
                 except ValueError as exc:
                     raise UpdateRejected(str(exc)) from None
             elif ok.masks is not None:
@@ -215,13 +234,15 @@ def _train_round(
             continue
         finally:
             release(reply)
+            clock.add("aggregate", time.perf_counter() - folding)
+            clock.resume()
         state.node_ranks[node] = ok.rank
         accepted.append((node, ok.weight, ok.train_loss))
     for node in sorted(set(nodes) - answered):
         reason = f"no reply within `server.round-timeout` = {cfg.server.round_timeout:.0f} s"
         log.warning("round %d: node %d failed: %s", rnd, node, reason)
         failures.append({"node": node, "reason": reason})
-    row.update(replied=len(accepted), failed=len(failures), failures=failures, bytes_up=up, bytes_down=down)
+    row.update(replied=len(accepted), failed=len(failures), failures=failures)
     row["replied_nodes"] = sorted(node for node, _, _ in accepted)
     if exhausted:
         row["budget_exhausted_nodes"] = sorted(exhausted)
@@ -237,6 +258,7 @@ def _train_round(
         )
         row["updated"] = False
         return
+    stepping = time.perf_counter()
     if central is not None:
         delta = central.noised.result(validation.expected_keys(state.global_arrays, cfg))
         row.update(clip_norm=cfg.privacy.clip_norm, **privacy.adapt_clip(cfg, state.privacy, central, state.noise_rng))
@@ -245,6 +267,7 @@ def _train_round(
         row.update(aggregator.metrics())
     state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}
     row["updated"] = True
+    clock.add("aggregate", time.perf_counter() - stepping)
 
 
 def declined(reply: Message, node: int, state: ServerState) -> bool:
@@ -310,8 +333,7 @@ def _federated_eval(
     nodes = sorted(grid.get_node_ids())
     if not cfg.eval.federated or not nodes:
         return {}
-    replies, down = _send(grid, state, cfg, nodes, MessageType.EVALUATE, rnd)
-    row["bytes_down"] = row.get("bytes_down", 0) + down
+    replies = _send(grid, state, cfg, nodes, MessageType.EVALUATE, rnd, row)
     entries: dict[str, dict[str, Any]] = {}
     for node, reply in replies:
         if reply.has_error():
@@ -330,6 +352,9 @@ def evaluate_round(
 ) -> None:
     """Centralized and federated ``eval.metrics`` of the current global adapter, into ``row``."""
     central: Mapping[str, float]
+    started = time.perf_counter()
+    if cfg.compression.downlink != "none":  # evaluate exactly what the sites will receive
+        traffic.adapter_records(cfg, state, rnd, None)
     if getattr(grid, "in_process", False):  # sites share this process's model: one at a time
         central = evaluate(state.global_arrays, cfg) if cfg.eval.centralized else {}
         federated = _federated_eval(cfg, grid, state, rnd, row)
@@ -339,6 +364,7 @@ def evaluate_round(
             federated = _federated_eval(cfg, grid, state, rnd, row)
             central = pending.result() if pending is not None else {}
     row.update(site_metrics.round_columns(cfg.eval.metric_names(), central, federated))
+    row.setdefault("time", {})["eval"] = time.perf_counter() - started
 
 
 def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, on_round: OnRound) -> ServerState:
@@ -368,7 +394,13 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
     extra = {keys.DP_PLANNED_STEPS: privacy.dpsgd_planned_steps(plan)}
     if state.round == 0 and not state.history:
         start = time.monotonic()
-        wait_for_nodes(grid, base.server.min_clients, base.server.wait_for_clients)
+        connected = wait_for_nodes(grid, base.server.min_clients, base.server.wait_for_clients)
+        try:
+            traffic.check_budget(base, state, 0, traffic.projected_bytes(base, state, [], _evaluated(base, connected)))
+        except CommunicationBudgetExceeded as exc:
+            state.communication_stopped = str(exc)
+            log.warning("%s", exc)
+            return state
         row: dict[str, Any] = {
             "round": 0,
             "sampled": 0,
@@ -390,12 +422,20 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         start = time.monotonic()
         try:
             privacy.check_budget(cfg, state.privacy, rnd, state.global_arrays)
-            nodes = _eligible(wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients), cfg, state)
+            connected = wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients)
+            nodes = _eligible(connected, cfg, state)
         except PrivacyBudgetExceeded as exc:
             state.privacy.stopped = str(exc)
             log.warning("%s", exc)
             break
         sampled = sample_nodes(nodes, cfg, state.rng)
+        try:
+            moves = traffic.projected_bytes(cfg, state, sampled, _evaluated(cfg, connected))
+            traffic.check_budget(cfg, state, rnd, moves)
+        except CommunicationBudgetExceeded as exc:
+            state.communication_stopped = str(exc)
+            log.warning("%s", exc)
+            break
         denominator = cfg.server.fraction_train * len(nodes) if cfg.server.sampling == "poisson" else len(sampled)
         row = {"round": rnd, "sampled": len(sampled), "sampled_nodes": sampled, "spec": plan.spec(rnd)}
         if cfg.secagg.protocol == "secagg":
@@ -411,6 +451,11 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         state.history.append(row)
         on_round(state, row)
     return state
+
+
+def _evaluated(cfg: RunConfig, connected: list[int]) -> list[int]:
+    """The nodes federated evaluation will send the adapter to."""
+    return connected if cfg.eval.federated else []
 
 
 def _eligible(nodes: list[int], cfg: RunConfig, state: ServerState) -> list[int]:

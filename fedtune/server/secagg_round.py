@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedtune import keys
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError
-from fedtune.lora import rank_of, rank_slice
+from fedtune.lora import rank_of
 from fedtune.privacy import distributed
 from fedtune.privacy.secagg import flat, settings, stages
 from fedtune.privacy.secagg.errors import SecAggError
@@ -45,11 +45,11 @@ from fedtune.privacy.secagg.graph import neighbours
 from fedtune.privacy.secagg.masking import add, round_context
 from fedtune.privacy.secagg.quantize import wire_dtype
 from fedtune.privacy.skellam import SkellamEvent
+from fedtune.server import traffic
 from fedtune.server.loop import GridLike, ServerState, account_round, declined, record_site_epsilon, server_step
 from fedtune.server.secagg_exchanges import Exchanges, enough, kind_of, owned
 from fedtune.server.secagg_sum import Unmasked, aggregate
 from fedtune.server.validation import expected_keys, rank_ok
-from fedtune.wire import record_from_arrays
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +195,7 @@ def _protocol(
         bits = cal.modulus_need(len(u2))
         info.update(modulus_bits=bits)
     wire = wire_dtype(bits)
-    adapters: dict[int, ArrayRecord] = {}
-    for rank in {adverts[i].rank for i in u2}:
-        arrays = rank_slice(state.global_arrays, rank) if rank != full_rank else state.global_arrays
-        adapters[rank] = record_from_arrays(arrays)
+    adapters = {rank: traffic.adapter_records(cfg, state, rnd, rank) for rank in {adverts[i].rank for i in u2}}
 
     def train_request(node: int) -> RecordDict:
         senders = sorted(set(graph[node]) & set(u2))
@@ -212,9 +209,7 @@ def _protocol(
             keys.SA_MODULUS_BITS: bits,
             keys.SA_LENGTH: length,
         }
-        return RecordDict(
-            {keys.ADAPTER: adapters[adverts[node].rank], keys.SPEC: spec, keys.SECAGG: ConfigRecord(record)}
-        )
+        return RecordDict({**adapters[adverts[node].rank], keys.SPEC: spec, keys.SECAGG: ConfigRecord(record)})
 
     total: list[np.ndarray] = []
 

@@ -11,11 +11,12 @@ import numpy as np
 from flwr.app import Message
 
 from fedtune import keys
+from fedtune.codec import Scheme
 from fedtune.config import RunConfig
 from fedtune.errors import UpdateRejected
 from fedtune.lora import pad_rank, rank_of, rank_slice, sent_keys
 from fedtune.strategies.kernels import sum_of_squares
-from fedtune.wire import arrays_from_record
+from fedtune.wire import decode
 
 Arrays = dict[str, np.ndarray]
 
@@ -87,8 +88,7 @@ def accept_reply(reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accep
     """Check one train reply end to end; raise UpdateRejected naming the reason."""
     if reply.has_error():
         raise UpdateRejected(f"client error: {reply.error.reason}")
-    record = reply.content.array_records.get(keys.DELTA)
-    if record is None:
+    if keys.DELTA not in reply.content.array_records:
         raise UpdateRejected(f"reply has no '{keys.DELTA}' record")
     metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
     examples = metrics.get(keys.NUM_EXAMPLES)
@@ -99,8 +99,10 @@ def accept_reply(reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accep
     rank = metrics.get(keys.LORA_RANK, full_rank)
     if not rank_ok(rank, full_rank):
         raise UpdateRejected(f"'{keys.LORA_RANK}' = {rank!r} is outside {rank_range(full_rank)}")
-    delta = arrays_from_record(record)
-    norm = validate_delta(delta, rank_slice(expected, rank) if full_rank else expected, cfg.server.max_update_norm)
+    reference = rank_slice(expected, rank) if full_rank else expected
+    scheme = Scheme.of(cfg.compression, "uplink")
+    delta = decode(reply.content, keys.DELTA, scheme, {k: v.shape for k, v in reference.items()})
+    norm = validate_delta(delta, reference, cfg.server.max_update_norm)
     masks = None
     if rank < full_rank:
         delta, masks = pad_rank(delta, expected)

@@ -11,6 +11,7 @@ from opacus import GradSampleModule
 from transformers import AutoModelForCausalLM
 
 from fedtune.config import PEFT_METHODS, RunConfig
+from fedtune.data.prompts import IGNORE, Example, collate, token_losses
 from fedtune.errors import IncompatibleComponentsError, ModelError
 from fedtune.methods import METHODS, check_model_files, initial_state, load_for, wrap
 from fedtune.models import load_adapter_arrays
@@ -167,3 +168,28 @@ def test_a_quantized_base_is_refused_for_methods_that_train_base_weights(method:
         f"rounds 1-3: `model.quantization` = 4bit with `peft.method` = {method}: quantized base weights cannot be "
         "trained or saved as a model; use a PEFT method (QLoRA)."
     ]
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_training_loss_scores_the_batch_own_tokens(method: str, tiny_model: Path, tiny_model_biases: Path) -> None:
+    # Prepare: a padded batch with prompt (IGNORE) and response labels, and the method's model
+    cfg = config(tiny_model_biases if method == "bitfit" else tiny_model, method)
+    model = wrap(load_for(cfg, torch.device("cpu")), cfg).eval()
+    batch = collate(
+        [Example([5, 17, 42, 99, 7, 3], [IGNORE] * 3 + [99, 7, 3]), Example([8, 9, 10], [IGNORE, 9, 10])],
+        0,
+        torch.device("cpu"),
+    )
+
+    # Execute
+    with torch.no_grad():
+        total, count = token_losses(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -6:]
+
+    # Assert: the reference scores each response token from all logits, virtual tokens cut off
+    target = batch["labels"][:, 1:]
+    reference = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    assert int(count) == 5
+    torch.testing.assert_close(total, reference, rtol=1e-5, atol=1e-5)
