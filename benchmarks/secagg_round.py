@@ -15,7 +15,7 @@ comparison of the two protocols is their overhead over their own plain round; bo
 
 Round 1 loads sites and is left out; each figure is the median of rounds 2..R over the repeats.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/secagg_round.py --sizes 0.6M,4.4M --clients 3,10,30
+    PYTHONPATH=. .venv/bin/python benchmarks/secagg_round.py [--configs 4.4M:10,0.6M:3] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 RANKS = {"0.6M": 13, "4.4M": 96}
-WIDTHS = {"hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2}
+WIDTHS = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+}
 VARIANTS = ("fedtune-plain", "fedtune-secagg", "flower-plain", "flower-secagg")
 
 
@@ -171,8 +177,7 @@ def table(summaries: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="0.6M,4.4M")
-    parser.add_argument("--clients", default="3,10,30")
+    parser.add_argument("--configs", default="4.4M:10,0.6M:3,0.6M:10,4.4M:3,0.6M:30,4.4M:30", help="SIZE:CLIENTS,...")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="folder for the model and runs (default: a temp dir)")
@@ -187,19 +192,18 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     build_model(work / "model")
     summaries, raw = [], []
-    for size in args.sizes.split(","):
-        for n in [int(c) for c in args.clients.split(",")]:
-            start = time.monotonic()
-            cmd = [sys.executable, __file__, "--worker", f"{size}:{n}", "--work", str(work)]
-            cmd += ["--rounds", str(args.rounds), "--repeats", str(args.repeats)]
-            done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            raw.append(result)
-            summaries.append(summarize(result))
-            print(f"{size} x {n}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
-            print(table(summaries[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"raw": raw, "summaries": summaries}, indent=1))
+    for config in args.configs.split(","):  # the goal's configuration first, the slowest last
+        start = time.monotonic()
+        cmd = [sys.executable, __file__, "--worker", config, "--work", str(work)]
+        cmd += ["--rounds", str(args.rounds), "--repeats", str(args.repeats)]
+        done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        raw.append(result)
+        summaries.append(summarize(result))
+        print(f"{config}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+        print(table(summaries[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        if args.json:  # after each configuration, so an interrupted run keeps what finished
+            args.json.write_text(json.dumps({"raw": raw, "summaries": summaries}, indent=1))
     print(table(summaries))
     for s in summaries:
         print(f"\n{s['parameters']:,} parameters x {s['clients']} clients, fedtune SecAgg+ {s['secagg']}")
