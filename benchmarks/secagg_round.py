@@ -122,9 +122,9 @@ def worker(size: str, n: int, rounds: int, repeats: int, work: Path) -> dict[str
     k = effective_degree(n, auto_degree(n))
     result: dict[str, Any] = {"size": size, "clients": n, "rank": rank, "runs": {v: [] for v in VARIANTS}}
     shapes: list[tuple[int, ...]] = []
-    for rep in range(repeats):
+    for _ in range(repeats):
         for protocol in ("none", "secagg"):
-            out = work / f"{size}-{n}-{protocol}-{rep}"
+            out = Path(tempfile.mkdtemp(prefix=f"{size}-{n}-{protocol}-", dir=work)) / "run"
             result["runs"][f"fedtune-{'plain' if protocol == 'none' else 'secagg'}"].append(
                 fedtune_run(model, out, n, rank, rounds, protocol)
             )
