@@ -4,7 +4,10 @@ Each point is a whole ``fedtune simulate`` run on a preset (the demo is ``smollm
 multiplier is solved from the target for the planned rounds. Writes a PNG and prints a table:
 
     python benchmarks/privacy_tradeoff.py --preset smollm2 --out runs/privacy-tradeoff \\
-        [--epsilons 1,4,8] [--mechanisms dp-sgd,central] [--set KEY=VALUE ...]
+        [--epsilons 1,4,8] [--mechanisms dp-sgd,central,distributed] [--clip-norm C] [--set KEY=VALUE ...]
+
+``--clip-norm C`` gives ``central`` and ``distributed`` the same fixed C (no adaptive clipping), so the
+two compare at the same sensitivity.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ MECHANISM_SETTINGS = {
     "dp-sgd": [],
     # DP-FedAvg needs equal client weights; adaptive clipping spares choosing C by hand.
     "central": ["strategy.weighting=uniform", "privacy.adaptive-clip=true"],
+    # The sites add Skellam shares inside SecAgg+; adaptive clipping would need each clipped bit in the clear.
+    "distributed": ["strategy.weighting=uniform", "secagg.protocol=secagg"],
 }
 
 
@@ -68,6 +73,7 @@ def main() -> None:
     parser.add_argument("--mechanisms", default="dp-sgd,central")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--plot", default="benchmarks/privacy_tradeoff.png")
+    parser.add_argument("--clip-norm", type=float, default=0.0, help="fixed C for central and distributed")
     args = parser.parse_args()
     root = Path(args.out)
     base = run(args.preset, root / "no-dp", args.set)
@@ -79,12 +85,15 @@ def main() -> None:
     for mechanism in args.mechanisms.split(","):
         for eps in (float(e) for e in args.epsilons.split(",")):
             sets = [*args.set, *MECHANISM_SETTINGS[mechanism], f"privacy.mechanism={mechanism}"]
+            if args.clip_norm and mechanism in ("central", "distributed"):
+                sets = [s for s in sets if "adaptive-clip" not in s] + [f"privacy.clip-norm={args.clip_norm}"]
             summary = run(args.preset, root / f"{mechanism}-eps{eps:g}", [*sets, f"privacy.target-epsilon={eps}"])
             loss = float(summary["eval_loss_last"])  # type: ignore[arg-type]
             privacy = summary["privacy"]
             assert isinstance(privacy, dict)
             reached = privacy["epsilon"]
-            noise = (privacy.get("events") or [{}])[0].get("noise_multiplier", "per site")
+            event = (privacy.get("events") or [{}])[0]
+            noise = event.get("noise_multiplier", "Skellam" if "skellam_mu" in event else "per site")
             points.setdefault(mechanism, []).append((eps, loss))
             print(f"| {mechanism} | {eps:g} | {float(reached):.3f} | {noise} | {loss:.4f} | {loss / baseline:.2f}x |")
     plot(points, baseline, first, Path(args.plot))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from fedtune.errors import ConfigError
+from fedtune.task_metrics import KNOWN, parse_names
 
 if TYPE_CHECKING:
     from fedtune.strategies.plan import Plan
@@ -37,7 +38,14 @@ SITE_KEYS = (
     "train.batch-size",
     "train.device",
     "train.num-threads",
+    "model.quantization",
+    "model.device-map",
+    "train.precision",
+    "train.gradient-checkpointing",
+    "train.grad-accum-steps",
+    "train.num-processes",
     "lora.r",
+    "data.on-bad-record",
     "privacy.noise-multiplier",
     "privacy.target-epsilon",
 )
@@ -60,6 +68,13 @@ class ModelConfig:
     """Optional GGUF file inside ``model.name`` (dequantized once, then cached)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Weights dtype; ``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Load the frozen base quantized by bitsandbytes (QLoRA: NF4 for ``4bit``, Dettmers et al. 2023,
+    https://arxiv.org/abs/2305.14314) and prepare it with PEFT's ``prepare_model_for_kbit_training``;
+    needs CUDA and the ``gpu`` extra. The adapter stays in float32."""
+    device_map: Literal["", "auto"] = ""
+    """``auto`` spreads a base model too large for one GPU over all of the site's GPUs (accelerate's
+    ``device_map="auto"``); empty puts it on ``train.device``."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "model.name", "must not be empty.")
@@ -93,6 +108,43 @@ class LoraSection:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
 
+PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "prefix-tuning", "bitfit", "full")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeftSection:
+    """``peft.*``: which parameters a site trains and sends (see README, "PEFT methods")."""
+
+    method: Literal["lora", "ia3", "prompt-tuning", "prefix-tuning", "bitfit", "full"] = "lora"
+    """``lora`` (``lora.*``), ``ia3``, ``prompt-tuning``, ``prefix-tuning`` (PEFT's own configs),
+    ``bitfit`` (only the base model's bias parameters) or ``full`` (every parameter, no PEFT)."""
+    full_max_params: int = 200_000_000
+    """``full`` is refused for a model with more parameters than this (every round moves all of
+    them, 4 bytes each, to and from every site)."""
+    num_virtual_tokens: int = 16
+    """Virtual tokens of ``prompt-tuning`` and ``prefix-tuning``."""
+    ia3_target_modules: str = ""
+    """Comma-separated modules ``ia3`` rescales; empty: PEFT's default for the architecture
+    (k_proj, v_proj, down_proj for Llama)."""
+    ia3_feedforward_modules: str = ""
+    """The subset of ``peft.ia3-target-modules`` that are feed-forward (their input is rescaled);
+    empty: PEFT's default for the architecture."""
+
+    def __post_init__(self) -> None:
+        _require(self.full_max_params >= 1, "peft.full-max-params", f"must be >= 1, got {self.full_max_params}.")
+        _require(
+            self.num_virtual_tokens >= 1, "peft.num-virtual-tokens", f"must be >= 1, got {self.num_virtual_tokens}."
+        )
+
+    def ia3_modules(self) -> tuple[list[str] | None, list[str] | None]:
+        """IA3's target and feed-forward modules as PEFT expects them (None: PEFT's default)."""
+
+        def split(text: str) -> list[str] | None:
+            return [m.strip() for m in text.split(",") if m.strip()] or None
+
+        return split(self.ia3_target_modules), split(self.ia3_feedforward_modules)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """``data.*``: where the instruction data comes from and how it becomes token batches."""
@@ -122,6 +174,12 @@ class DataConfig:
     """Tokens per example after truncation."""
     max_eval_examples: int = 16
     """Cap on the examples any one evaluation uses."""
+    label_field: str = ""
+    """Column holding each record's label or choice (a class name, a letter), which the
+    ``accuracy`` metric compares the generated answer with; empty: no labels."""
+    on_bad_record: Literal["skip", "fail"] = "skip"
+    """What a site does with malformed or empty records: ``skip`` drops them and says how many,
+    ``fail`` refuses the data with the file, line and problem (never the content)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -149,7 +207,9 @@ class TrainConfig:
     local_steps: int = 3
     """Optimizer steps per round at each site."""
     batch_size: int = 4
-    """Examples per step."""
+    """Examples per micro-batch, for the whole site (split over ``train.num-processes``); an
+    optimizer step takes ``train.grad-accum-steps`` micro-batches (DP-SGD: their total is the expected
+    Poisson batch)."""
     lr: float = 2e-3
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -160,6 +220,18 @@ class TrainConfig:
     """Where a site trains; ``auto`` uses CUDA when present."""
     num_threads: int = 0
     """torch CPU threads per client process; 0 keeps torch's default."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of the forward pass: ``bf16`` (CUDA or CPU), ``fp16`` (CUDA only, with a
+    gradient scaler) or ``fp32`` (none). Adapter weights and optimizer state stay float32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them (less memory, more time)."""
+    grad_accum_steps: int = 1
+    """Micro-batches of ``train.batch-size`` per optimizer step: the effective batch is
+    batch-size x grad-accum-steps, and the update equals one step on that batch. Under dp-sgd the
+    expected Poisson batch is that effective batch, processed in this many chunks (virtual steps)."""
+    num_processes: int = 1
+    """Data-parallel processes at the site (one per GPU; gloo on CPU): each takes a disjoint shard of
+    every micro-batch and gradients are all-reduced, so the update equals the 1-process one."""
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, "train.local-steps", f"must be >= 1, got {self.local_steps}.")
@@ -167,6 +239,14 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}.")
         _require(self.max_grad_norm >= 0, "train.max-grad-norm", "must be >= 0.")
         _require(self.num_threads >= 0, "train.num-threads", "must be >= 0.")
+        _require(self.grad_accum_steps >= 1, "train.grad-accum-steps", f"must be >= 1, got {self.grad_accum_steps}.")
+        _require(self.num_processes >= 1, "train.num-processes", f"must be >= 1, got {self.num_processes}.")
+        _require(
+            self.num_processes <= self.batch_size,
+            "train.num-processes",
+            f"({self.num_processes}) must be <= `train.batch-size` ({self.batch_size}): each process takes a "
+            "shard of every micro-batch.",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,10 +299,11 @@ class StrategyConfig:
 class PrivacyConfig:
     """``privacy.*``: differential privacy (see README, "Privacy")."""
 
-    mechanism: Literal["none", "dp-sgd", "central", "local"] = "none"
+    mechanism: Literal["none", "dp-sgd", "central", "local", "distributed"] = "none"
     """``none`` (no formal guarantee), ``dp-sgd`` (sample-level, Opacus at each site), ``central``
-    (user-level DP-FedAvg: clip, noise on the sum at a trusted server) or ``local`` (each client
-    clips and noises its own delta)."""
+    (user-level DP-FedAvg: clip, noise on the sum at a trusted server), ``local`` (each client
+    clips and noises its own delta) or ``distributed`` (each client adds a Skellam noise share
+    inside SecAgg+, so the server sees only the noised sum)."""
     target_epsilon: float = 0.0
     """The budget: per site for ``dp-sgd``, for the federation otherwise; 0 means no budget."""
     delta: float = 1e-5
@@ -231,7 +312,8 @@ class PrivacyConfig:
     """Gaussian noise std in units of the clip norm; -1 solves it from ``privacy.target-epsilon``
     for the planned rounds."""
     clip_norm: float = 1.0
-    """C: per-example gradient clip (``dp-sgd``) or per-client delta clip (``central``, ``local``);
+    """C: per-example gradient clip (``dp-sgd``) or per-client delta clip (``central``, ``local``,
+    ``distributed``);
     the starting value under adaptive clipping."""
     clip_on: Literal["client", "server"] = "client"
     """Where ``central`` clips deltas: at the client (the server checks the norm) or at the server."""
@@ -273,7 +355,9 @@ class SecaggConfig:
     threshold: int = 0
     """Shares needed to rebuild a client's secrets; 0 = a strict majority of its degree + 1 holders."""
     quant_bits: int = 16
-    """Fixed-point bits per value; the modulus is 2^(bits + ceil(log2 N)) and must fit 32 bits."""
+    """Fixed-point bits per value; the modulus is 2^(bits + ceil(log2 N)) and must fit 32 bits. Under
+    ``privacy.mechanism = distributed`` the clip norm C maps to 2^(bits - 1) integer units and the
+    modulus also holds the noise shares."""
     clip: float = 0.0
     """Per-coordinate quantization range [-clip, clip]; 0 = auto: the most an AdamW coordinate can move
     in the round, 3.17 * `train.local-steps` * `train.lr` (plus 4 noise std under `local` DP)."""
@@ -296,6 +380,47 @@ class SecaggConfig:
             f"must be a finite number >= 0 (0 = auto), got {self.clip}.",
         )
         _require(self.stage_timeout > 0, "secagg.stage-timeout", f"must be > 0, got {self.stage_timeout}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressionConfig:
+    """``compression.*``: how updates travel (see README, "Compression and communication budget")."""
+
+    uplink: Literal["none", "float32", "int16", "int8", "int4", "topk"] = "none"
+    """Client -> server delta: ``none`` (float32, one array per PEFT key), ``float32`` (lossless, packed
+    into one array), ``int16`` / ``int8`` / ``int4`` (blockwise absmax scale, stochastic rounding), or
+    ``topk`` (the largest ``compression.topk-fraction`` of each array, error feedback at the client)."""
+    downlink: Literal["none", "float32", "int16", "int8"] = "none"
+    """Server -> client global adapter; when quantized, the dequantized adapter becomes the global
+    one, so the server and every client hold exactly the same values."""
+    block_size: int = 256
+    """Values per quantization block (one float32 scale each): int8 costs 1 + 4 / block bytes a value."""
+    topk_fraction: float = 0.1
+    """Share of each array's entries ``topk`` sends (at least one)."""
+
+    def __post_init__(self) -> None:
+        _require(self.block_size >= 1, "compression.block-size", f"must be >= 1, got {self.block_size}.")
+        _require(
+            0 < self.topk_fraction <= 1,
+            "compression.topk-fraction",
+            f"must be in (0, 1], got {self.topk_fraction}.",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommunicationConfig:
+    """``communication.*``: the run's traffic budget (FlowerTune's rule, enforced)."""
+
+    budget_mb: float = 0.0
+    """Most bytes (in MB, 10^6 bytes) up plus down the whole run may move; the server stops before a
+    round that would pass it. 0 means no budget."""
+
+    def __post_init__(self) -> None:
+        _require(
+            math.isfinite(self.budget_mb) and self.budget_mb >= 0,
+            "communication.budget-mb",
+            f"must be >= 0 (0 = no budget), got {self.budget_mb}.",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -344,11 +469,28 @@ class EvalConfig:
     batch_size: int = 8
     """Examples per evaluation batch."""
     max_new_tokens: int = 48
-    """Tokens generated for the base-vs-fine-tuned sample answer."""
+    """Tokens generated per answer (task metrics and the base-vs-fine-tuned sample answer)."""
+    metrics: str = "loss"
+    """Comma-separated metrics each evaluation computes: ``loss`` (held-out loss per response
+    token), and on generated answers ``exact-match``, ``f1``, ``rouge-l``, ``accuracy`` (needs
+    ``data.label-field``). Generation is slow: see ``eval.max-generate``."""
+    max_generate: int = 8
+    """Held-out examples each evaluation (each site's, and the server's) generates answers for."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "eval.batch-size", "must be >= 1.")
         _require(self.max_new_tokens >= 1, "eval.max-new-tokens", "must be >= 1.")
+        _require(self.max_generate >= 1, "eval.max-generate", f"must be >= 1, got {self.max_generate}.")
+        unknown = [n for n in parse_names(self.metrics) if n not in KNOWN]
+        _require(
+            not unknown,
+            "eval.metrics",
+            f"has unknown metric(s) {', '.join(map(repr, unknown))}; known: {', '.join(KNOWN)}.",
+        )
+
+    def metric_names(self) -> list[str]:
+        """The names in ``eval.metrics``, in order."""
+        return parse_names(self.metrics)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -402,11 +544,14 @@ class RunConfig:
     """Seeds the adapter init, client sampling, data order and partitioning."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    peft: PeftSection = field(default_factory=PeftSection)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecaggConfig = field(default_factory=SecaggConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    communication: CommunicationConfig = field(default_factory=CommunicationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
@@ -424,6 +569,28 @@ class RunConfig:
             "server.min-replies",
             f"({self.server.min_replies}) must be <= `server.min-clients` ({self.server.min_clients}).",
         )
+        _require(
+            "accuracy" not in self.eval.metric_names() or bool(self.data.label_field),
+            "eval.metrics",
+            "= accuracy needs `data.label-field`, the column holding each record's label or choice.",
+        )
+        _require(
+            self.train.num_processes == 1 or not self.model.device_map,
+            "train.num-processes",
+            "must be 1 with `model.device-map` = auto (the model is split over the GPUs, not replicated).",
+        )
+        if self.privacy.mechanism == "dp-sgd":
+            for key, ok in (
+                ("train.num-processes", self.train.num_processes == 1),
+                ("train.gradient-checkpointing", not self.train.gradient_checkpointing),
+                ("train.precision", self.train.precision == "fp32"),
+            ):
+                _require(
+                    ok,
+                    key,
+                    "is not supported with `privacy.mechanism` = dp-sgd (Opacus's per-example "
+                    "gradients here need one process and stored fp32 activations); use its default.",
+                )
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
@@ -474,8 +641,14 @@ def _attr(key: str) -> str:
     return key.replace("-", "_")
 
 
+_HINTS: dict[str, dict[str, Any]] = {}
+
+
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    # get_type_hints re-evaluates every annotation string (slow); from_flat asks once per key.
+    if cls.__qualname__ not in _HINTS:
+        _HINTS[cls.__qualname__] = typing.get_type_hints(cls)
+    return _HINTS[cls.__qualname__]
 
 
 def _coerce(key: str, value: Any, ftype: Any) -> Any:

@@ -27,3 +27,7 @@ class UpdateRejected(FedtuneError):
 
 class PrivacyBudgetExceeded(FedtuneError):
     """The next release would push epsilon past ``privacy.target-epsilon``."""
+
+
+class CommunicationBudgetExceeded(FedtuneError):
+    """The next round's traffic would push the run past ``communication.budget-mb``."""

@@ -16,6 +16,9 @@ EPSILON = "epsilon"  # dp-sgd: the site's sample-level epsilon after this round
 NOISE_MULTIPLIER = "noise-multiplier"  # dp-sgd: the noise multiplier the site trained with
 BUDGET_EXHAUSTED = "budget-exhausted"  # dp-sgd: 1 when the site declines the round (not an error)
 UNDER_CLIP = "under-clip"  # central, client clipping: 1 if the delta fit under C before clipping
+NUM_GENERATED = "num-generated"  # eval: held-out examples the task metrics were generated for
+# eval replies carry each task metric under its `eval.metrics` name ("rouge-l", "f1", ...)
+DATA_CHECK = "data-"  # train, privacy.mechanism = none: "data-malformed", "data-empty", ... (counts)
 
 # ConfigRecord entries beside the flat config
 ROUND = "round"
@@ -53,3 +56,11 @@ SA_SEED_OWNERS = "seed-owners"
 SA_SEED_SHARES = "seed-shares"
 SA_KEY_OWNERS = "key-owners"
 SA_KEY_SHARES = "key-shares"
+
+# Compressed messages (``compression.*``): the ArrayRecord holds one uint8 array, this ConfigRecord
+# its index (scheme, names, shapes); see fedtune/codec.py.
+WIRE = "wire"
+# Seconds a site spent on its part of a train round (MetricRecord; the per-round time breakdown)
+TIME_LOAD = "time-load"  # open the site, put the global adapter into the model
+TIME_TRAIN = "time-train"  # local steps, delta and privacy step
+TIME_SERIALIZE = "time-serialize"  # encode the delta and build the reply's records

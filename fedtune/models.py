@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -15,13 +16,14 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.numpy import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from fedtune.config import LoraSection, ModelConfig
 from fedtune.errors import ModelError
+from fedtune.hardware import load_kwargs, placed_at_load, prepare_quantized
 from fedtune.paths import fedtune_home
 
 log = logging.getLogger(__name__)
@@ -156,25 +158,32 @@ class LoadedModel:
     device: torch.device
 
 
-_RESIDENT: dict[tuple[str, str, str], LoadedModel] = {}
+_RESIDENT: dict[tuple[str, ...], LoadedModel] = {}
 
 
-def load_base(cfg: ModelConfig, device: torch.device) -> LoadedModel:
-    """Load the base model once per process and keep it resident (never reloaded per round)."""
+def load_base(cfg: ModelConfig, device: torch.device, slot: str = "lora") -> LoadedModel:
+    """Load the base model once per process and keep it resident (never reloaded per round).
+
+    Each ``slot`` (a ``peft.method``) gets its own copy: PEFT's tuners inject layers into the model
+    they wrap, and bitfit / full train the base weights themselves.
+    """
     path = resolve_model(cfg)
     dtype = pick_dtype(cfg.dtype, device)
-    key = (path, str(dtype), str(device))
+    key = (path, str(dtype), str(device), cfg.quantization, cfg.device_map, slot)
     if key not in _RESIDENT:
         tok = load_tokenizer(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load_kwargs(cfg, device, dtype))
         except (OSError, ValueError) as exc:
             raise ModelError(
                 f"`model.name`: cannot load {cfg.name!r} (not a local directory, and not loadable "
                 f"from the Hugging Face hub or its cache): {_first_line(exc)}"
             ) from None
-        cast(Any, model).to(device)
+        if not placed_at_load(cfg):
+            cast(Any, model).to(device)
+        model = prepare_quantized(model, cfg)
         model.config.use_cache = False
+        model.requires_grad_(False)  # the method decides what trains (PEFT freezes the base too)
         _RESIDENT[key] = LoadedModel(model=model, tokenizer=tok, path=path, device=device)
     return _RESIDENT[key]
 
@@ -199,13 +208,18 @@ _WRAPPED: dict[int, PeftModel] = {}
 
 
 def wrap_lora(loaded: LoadedModel, cfg: LoraSection, rank: int | None = None) -> PeftModel:
-    """The resident base wrapped by PEFT, with an adapter for this LoRA config active.
+    """The resident base wrapped by PEFT, with an adapter for this LoRA config active."""
+    return wrap_peft(loaded, peft_lora_config(cfg, rank), "lora.target-modules")
 
-    One PeftModel per base model and process; every distinct LoRA config (a site's rank, a test's
+
+def wrap_peft(loaded: LoadedModel, config: PeftConfig, key: str) -> PeftModel:
+    """The resident base wrapped by PEFT, with an adapter for ``config`` active.
+
+    One PeftModel per base model and process; every distinct config (a site's rank, a test's
     target modules) is a named adapter of it (PEFT's multi-adapter API), so sites that share a
-    process share the base weights and switch adapters instead of reloading anything.
+    process share the base weights and switch adapters instead of reloading anything. ``key``
+    is the config key a PEFT refusal is reported under.
     """
-    config = peft_lora_config(cfg, rank)
     name = "a" + hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
     model = _WRAPPED.get(id(loaded.model))
     try:
@@ -214,7 +228,7 @@ def wrap_lora(loaded: LoadedModel, cfg: LoraSection, rank: int | None = None) ->
         elif name not in model.peft_config:
             model.add_adapter(name, config)
     except ValueError as exc:
-        raise ModelError(f"`lora.target-modules`: {_first_line(exc)}") from None
+        raise ModelError(f"`{key}`: {_first_line(exc)}") from None
     model.set_adapter(name)
     return model
 
@@ -229,34 +243,65 @@ def init_adapter(model: PeftModel, seed: int) -> None:
 
 
 def set_trainable(model: PeftModel, freeze_a: bool) -> None:
-    """Train the active adapter; with FFA-LoRA (``freeze_a``) only its B matrices."""
-    model.set_adapter(model.active_adapter)
+    """Train the active adapter only; with FFA-LoRA (``freeze_a``) only its B matrices."""
+    active = model.active_adapter
+    model.set_adapter(active)
+    if model.peft_config[active].is_prompt_learning:  # set_adapter leaves other prompts trainable
+        for name, encoder in model.prompt_encoder.items():
+            encoder.requires_grad_(name == active)
     if freeze_a:
         for pname, param in model.named_parameters():
             if ".lora_A." in pname:
                 param.requires_grad_(False)
 
 
-def adapter_arrays(model: PeftModel) -> Arrays:
-    """The active adapter's state as float32 numpy arrays, keyed by PEFT's state-dict keys."""
-    state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+def adapter_arrays(model: Any) -> Arrays:
+    """The trainable state as float32 numpy arrays: PEFT's state-dict keys for the active adapter
+    of a PeftModel, the model's own parameter names for a plain model (bitfit, full)."""
+    if isinstance(model, PeftModel):
+        state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+    else:
+        state = {n: p for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
 
 
-def load_adapter_arrays(model: PeftModel, arrays: Arrays) -> None:
-    """Load ``arrays`` (PEFT keys) into the active adapter; every key must match."""
+def load_adapter_arrays(model: Any, arrays: Arrays) -> None:
+    """Load ``arrays`` (the keys :func:`adapter_arrays` gives) into the model; every key must match."""
     device = next(model.parameters()).device
+    if not isinstance(model, PeftModel):
+        _load_plain(model, arrays, device)
+        return
     tensors = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in arrays.items()}
     result = set_peft_model_state_dict(model, tensors, adapter_name=model.active_adapter)
-    unexpected = getattr(result, "unexpected_keys", [])
+    # Prompt learning loads "prompt_embeddings" into the prompt encoder itself (strictly).
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if k != "prompt_embeddings"]
     if unexpected:
         raise ModelError(f"adapter keys do not match the model: {unexpected[:3]}")
 
 
+def _load_plain(model: Any, arrays: Arrays, device: torch.device) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(arrays) != set(params):
+        odd = sorted(set(arrays) ^ set(params))
+        raise ModelError(f"trainable keys do not match the model: {odd[:3]}")
+    with torch.no_grad():
+        for key, value in arrays.items():
+            param = params[key]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ModelError(f"{key!r} has shape {tuple(value.shape)}, the model {tuple(param.shape)}")
+            param.copy_(torch.from_numpy(np.asarray(value)).to(device, param.dtype))
+
+
 def write_adapter(directory: Path, arrays: Arrays, lora: LoraSection, base_path: str) -> None:
-    """Write a vanilla PEFT adapter folder (``adapter_config.json`` + safetensors) in place."""
-    config = peft_lora_config(lora)
+    """Write a vanilla PEFT LoRA adapter folder (``adapter_config.json`` + safetensors) in place."""
+    write_peft_folder(directory, arrays, peft_lora_config(lora), base_path)
+
+
+def write_peft_folder(directory: Path, arrays: Arrays, config: PeftConfig, base_path: str) -> None:
+    """Write a vanilla PEFT folder for ``config`` (what ``save_pretrained`` writes) in place."""
+    config = copy.deepcopy(config)
     config.base_model_name_or_path = base_path
+    config.inference_mode = True  # as PeftModel.save_pretrained saves it
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(directory))
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(directory / "adapter_model.safetensors"))

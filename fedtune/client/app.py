@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,16 @@ import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import keys
+from fedtune import keys, task_metrics
+from fedtune.client.compress import encode_update
 from fedtune.client.dp_trainer import DPSettings, sample_rate, train_dp
+from fedtune.client.parallel import train_parallel
 from fedtune.client.site import Site, open_site
 from fedtune.client.trainer import TrainResult, heldout_loss, train_local
+from fedtune.codec import Scheme
 from fedtune.config import SITE_KEYS, SITE_PRIVACY_KEYS, RunConfig
-from fedtune.errors import ConfigError, FedtuneError
+from fedtune.errors import ConfigError, FedtuneError, UpdateRejected
+from fedtune.generation import task_scores
 from fedtune.logs import quiet_libraries
 from fedtune.lora import rank_slice, sent_keys
 from fedtune.models import adapter_arrays, load_adapter_arrays
@@ -27,7 +32,7 @@ from fedtune.paths import fedtune_home
 from fedtune.privacy import site as site_privacy
 from fedtune.privacy.central import clip, noise_rng, privatize_locally
 from fedtune.strategies import STRATEGIES
-from fedtune.wire import Arrays, arrays_from_record, record_from_arrays
+from fedtune.wire import Arrays, decode
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,11 @@ def _open(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Si
     """Decode the round's spec, open the site, and load the global adapter (sliced to its rank)."""
     cfg, extra, site = _open_site(msg, context)
     model = site.model(cfg)
-    load_adapter_arrays(model, rank_slice(arrays_from_record(msg.content.array_records[keys.ADAPTER]), site.rank))
+    try:
+        arrays = decode(msg.content, keys.ADAPTER, Scheme.of(cfg.compression, "downlink"))
+    except UpdateRejected as exc:
+        raise ConfigError(f"the global adapter from the server is malformed: {exc}") from None
+    load_adapter_arrays(model, rank_slice(arrays, site.rank))
     return cfg, extra, site, model
 
 
@@ -88,15 +97,19 @@ def train(msg: Message, context: Context) -> Message:
         update = local_update(msg, context)
     except FedtuneError as exc:
         return _refuse(msg, exc)
-    records: dict[str, Any] = {keys.METRICS: MetricRecord(update.metrics)}
+    start = time.perf_counter()
+    records: dict[str, Any] = {}
     if update.delta is not None:
-        records = {keys.DELTA: record_from_arrays(update.delta), **records}
-    return Message(RecordDict(records), reply_to=msg)
+        records = encode_update(update.delta, update.cfg, update.extra[keys.ROUND], update.site.name, context.state)
+    metrics = {**update.metrics, keys.TIME_SERIALIZE: time.perf_counter() - start}
+    return Message(RecordDict({**records, keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def local_update(msg: Message, context: Context) -> LocalUpdate:
     """Open the site, train the global adapter locally (plain or DP-SGD) and compute the delta."""
+    opened = time.perf_counter()
     cfg, extra, site, model = _open(msg, context)
+    trained = time.perf_counter()
     rnd = extra[keys.ROUND]
     mechanism = cfg.privacy.mechanism
     start = adapter_arrays(model)
@@ -108,7 +121,7 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
     if mechanism == "dp-sgd":
         path = _budget_path(context, extra, site)
         budget = site_privacy.restore(context.state, path)
-        q = sample_rate(len(site.train), cfg.train.batch_size)
+        q = sample_rate(len(site.train), cfg.train.batch_size * cfg.train.grad_accum_steps)
         if cfg.privacy.delta >= 1 / len(site.train):
             log.warning(
                 "%s: `privacy.delta` = %g is not below 1 / its %d examples; a guarantee at that delta is weak.",
@@ -130,15 +143,24 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
         site_privacy.save(budget, context.state, path)  # before the delta leaves the site
         metrics.update({keys.EPSILON: spend.epsilon_after, keys.NOISE_MULTIPLIER: dp.noise_multiplier})
     else:
-        result = train_local(
-            model,
-            site.train,
-            cfg.train,
-            pad_id=pad_id,
-            generator=torch.Generator().manual_seed(seed),
-            desc=desc,
-            proximal_mu=cfg.strategy.proximal_mu if STRATEGIES.get(cfg.strategy.name).proximal else 0.0,
-        )
+        mu = cfg.strategy.proximal_mu if STRATEGIES.get(cfg.strategy.name).proximal else 0.0
+        if cfg.train.num_processes > 1:
+            result = train_parallel(
+                model,
+                site.train,
+                cfg,
+                lora_rank=site.rank,
+                start=start,
+                seed=seed,
+                pad_id=pad_id,
+                desc=desc,
+                proximal_mu=mu,
+            )
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            result = train_local(
+                model, site.train, cfg.train, pad_id=pad_id, generator=generator, desc=desc, proximal_mu=mu
+            )
     end = adapter_arrays(model)
     delta = {k: (end[k] - start[k]).astype(np.float32) for k in sent_keys(start, cfg.lora.freeze_a)}
     if mechanism == "central" and cfg.privacy.clip_on == "client":
@@ -148,21 +170,31 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
         delta = privatize_locally(delta, cfg.privacy.clip_norm, cfg.privacy.noise_multiplier, noise_rng())
     if mechanism == "none" and not math.isnan(result.loss):
         metrics[keys.TRAIN_LOSS] = result.loss  # under DP a clear-text training loss would leak
+    if mechanism == "none":  # data-dependent counts no DP guarantee covers: not sent under DP
+        metrics.update({keys.DATA_CHECK + k.replace("_", "-"): v for k, v in site.data_checks.items()})
     metrics[keys.STEPS] = result.steps
+    metrics.update({keys.TIME_LOAD: trained - opened, keys.TIME_TRAIN: time.perf_counter() - trained})
     return LocalUpdate(cfg, extra, site, delta, metrics)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Held-out loss of the global adapter on this site's split."""
+    """The global adapter's ``eval.metrics`` on this site's held-out split: the loss, and the task
+    metrics on answers generated for the first ``eval.max-generate`` held-out examples."""
     try:
         cfg, _, site, model = _open(msg, context)
     except FedtuneError as exc:
         return _refuse(msg, exc)
-    pad_id = int(site.loaded.tokenizer.pad_token_id)
-    loss = heldout_loss(model, site.heldout, batch_size=cfg.eval.batch_size, pad_id=pad_id)
-    metrics = MetricRecord({keys.EVAL_LOSS: loss, keys.NUM_EXAMPLES: len(site.heldout)})
-    return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
+    tok = site.loaded.tokenizer
+    metrics: dict[str, Any] = {keys.NUM_EXAMPLES: len(site.heldout)}
+    if task_metrics.LOSS in cfg.eval.metric_names():
+        metrics[keys.EVAL_LOSS] = heldout_loss(
+            model, site.heldout, batch_size=cfg.eval.batch_size, pad_id=int(tok.pad_token_id)
+        )
+    scores, generated = task_scores(model, tok, site.heldout_records, cfg.data, cfg.eval)
+    if generated:
+        metrics.update({**scores, keys.NUM_GENERATED: generated})
+    return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 # The SecAgg+ stages register their handlers on ``app`` (they reuse ``_open`` and ``local_update``).

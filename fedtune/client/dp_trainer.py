@@ -24,7 +24,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from tqdm import tqdm
 
-from fedtune.client.trainer import TrainResult
+from fedtune.client.trainer import TrainResult, shard
 from fedtune.config import TrainConfig
 from fedtune.data.prompts import Example, collate, example_losses
 
@@ -95,13 +95,23 @@ def train_dp(
     try:
         for idx in bar:
             optimizer.zero_grad(set_to_none=True)
-            if idx:
-                batch = collate([examples[i] for i in idx], pad_id, device)
-                example_losses(gsm, batch).mean().backward()
-            else:  # an empty Poisson batch still takes a (noise-only) step
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            optimizer.step()
+            # Virtual steps (Opacus's BatchMemoryManager): the Poisson batch is processed in
+            # `train.grad-accum-steps` physical chunks; each chunk's per-example gradients are
+            # clipped and summed, and only the last chunk adds the noise and steps.
+            chunks = [c for c in (shard(idx, j, cfg.grad_accum_steps) for j in range(cfg.grad_accum_steps)) if c]
+            for j, chunk in enumerate(chunks or [[]]):
+                if chunk:
+                    batch = collate([examples[i] for i in chunk], pad_id, device)
+                    example_losses(gsm, batch).mean().backward()
+                else:  # an empty Poisson batch still takes a (noise-only) step
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                if j < len(chunks) - 1:
+                    optimizer.signal_skip_step(do_skip=True)
+                    optimizer.step()  # clip and accumulate only
+                    optimizer.zero_grad(set_to_none=True)  # keeps the clipped sum: the last step was skipped
+                else:
+                    optimizer.step()
             bar.set_postfix(batch=len(idx), refresh=False)
     finally:
         bar.close()

@@ -20,7 +20,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fedtune import keys
 from fedtune.client.app import _open_site, _refuse, app, local_update
 from fedtune.errors import FedtuneError
+from fedtune.privacy import distributed
 from fedtune.privacy.central import clip as l2_clip
+from fedtune.privacy.central import noise_rng
 from fedtune.privacy.secagg import flat, stages
 from fedtune.privacy.secagg.crypto import KeyPair
 from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
@@ -170,8 +172,11 @@ def masked_input(msg: Message, context: Context) -> Message:
         clear = {k: v for k, v in update.metrics.items() if k in _CLEAR_METRICS}
         if update.delta is None:  # a dp-sgd site out of budget: it simply drops out of the sum
             return Message(RecordDict({keys.METRICS: MetricRecord(clear)}), reply_to=msg)
-        vector = _quantized_input(update, record)
         bits = int(record[keys.SA_MODULUS_BITS])  # type: ignore[arg-type]
+        if update.cfg.privacy.mechanism == "distributed":
+            vector = _noised_input(update, record, threshold, bits)
+        else:
+            vector = _quantized_input(update, record)
         context_bytes = round_context(rnd, str(update.extra.get(keys.RUN_ID, "")).encode())
         u2 = {j: peers[j] for j in held}  # the neighbours in U2: exactly those whose shares arrived
         masked = stages.masked_input(my_id, vector, _bytes(state, "seed"), keys_, u2, bits, rnd, context_bytes)
@@ -192,11 +197,7 @@ def masked_input(msg: Message, context: Context) -> Message:
 def _quantized_input(update: Any, record: Mapping[str, Any]) -> np.ndarray:
     """alpha_i * delta at the global rank, flat, clipped per coordinate and quantized (uint32 (L,))."""
     cfg, delta = update.cfg, update.delta
-    like = flat.full_rank_like(delta, cfg.lora.r)
-    if record.get(keys.SA_LENGTH) != flat.length(like):
-        raise SecAggError(
-            f"the server expects {record.get(keys.SA_LENGTH)} values, this site's delta has {flat.length(like)}."
-        )
+    like = _checked_like(delta, cfg.lora.r, record)
     quantizer = Quantizer(clip=float(record[keys.SA_CLIP]), bits=int(record[keys.SA_QUANT_BITS]))
     if cfg.privacy.mechanism == "central":
         # Stochastic rounding moves each entry by < step, the vector by < sqrt(L) step: clip that much
@@ -217,6 +218,30 @@ def _quantized_input(update: Any, record: Mapping[str, Any]) -> np.ndarray:
         )
     dither = np.random.default_rng([cfg.seed, int(update.extra[keys.ROUND]), zlib.crc32(update.site.name.encode())])
     return quantizer.quantize(vector, dither)
+
+
+def _noised_input(update: Any, record: Mapping[str, Any], threshold: int, bits: int) -> np.ndarray:
+    """Distributed DP: the delta clipped to C, scaled, conditionally rounded, plus this client's Skellam
+    share, modulo 2^bits (uint32 (L,)). The share's size comes from the round's spec and the threshold this
+    client was given, never from a number the server sends for it."""
+    cfg, delta = update.cfg, update.delta
+    like = _checked_like(delta, cfg.lora.r, record)
+    cal = distributed.calibrate(cfg, flat.length(like), threshold)
+    if cal.modulus_need(2) > bits:  # with any two clients the sum needs at least this
+        raise SecAggError(f"modulus 2^{bits} has no room for this round's noise; the server miscalculated it.")
+    dither = np.random.default_rng([cfg.seed, int(update.extra[keys.ROUND]), zlib.crc32(update.site.name.encode())])
+    ints = distributed.encode(flat.flatten(delta, like), cfg.privacy.clip_norm, cal, dither)
+    ints += distributed.noise_share(ints.size, cal.mu_share, noise_rng())  # from OS entropy, never the seed
+    return distributed.to_ring(ints, bits)
+
+
+def _checked_like(delta: Any, rank: int, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    like = flat.full_rank_like(delta, rank)
+    if record.get(keys.SA_LENGTH) != flat.length(like):
+        raise SecAggError(
+            f"the server expects {record.get(keys.SA_LENGTH)} values, this site's delta has {flat.length(like)}."
+        )
+    return like
 
 
 @app.query(keys.SECAGG_UNMASK)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedtune import keys
 from fedtune.config import RunConfig
-from fedtune.data.loaders import load_records, train_source
+from fedtune.data.checks import count_duplicates
+from fedtune.data.loaders import load_checked, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import IGNORE, Example, check_format, tokenize
 from fedtune.errors import ConfigError
-from fedtune.models import LoadedModel, load_base, pick_device, set_trainable, wrap_lora
+from fedtune.hardware import check_site
+from fedtune.methods import load_for, wrap
+from fedtune.models import LoadedModel, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +30,18 @@ class Site:
     name: str
     loaded: LoadedModel
     rank: int
-    """This site's LoRA rank (``lora.r`` in its node config, or its ``simulation.site-ranks`` entry)."""
+    """This site's LoRA rank (``lora.r`` in its node config, or its ``simulation.site-ranks`` entry);
+    0 for a ``peft.method`` other than lora."""
     train: list[Example]
     heldout: list[Example]
+    heldout_records: list[dict[str, Any]] = field(default_factory=list)
+    """The held-out records as read (prompts and references for the task metrics)."""
+    data_checks: dict[str, int] = field(default_factory=dict)
+    """The data checks' counts (``fedtune.data.checks``): never any content."""
 
     def model(self, cfg: RunConfig) -> Any:
-        """The shared PeftModel with this site's adapter active and the right parameters trainable."""
-        model = wrap_lora(self.loaded, cfg.lora, self.rank)
-        set_trainable(model, cfg.lora.freeze_a)
-        return model
+        """The model with this site's method (adapter) active and the right parameters trainable."""
+        return wrap(self.loaded, cfg, self.rank or None)
 
 
 _SITES: dict[tuple[object, ...], Site] = {}
@@ -50,8 +56,13 @@ def _node_int(node_config: Mapping[str, Any], key: str) -> int:
 
 def site_rank(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:
     """The LoRA rank a site trains at: node config ``lora.r``, else ``simulation.site-ranks``
-    (cycled by partition id), else ``lora.r``; never above the global adapter's rank."""
+    (cycled by partition id), else ``lora.r``; never above the global adapter's rank. 0 when the
+    run's ``peft.method`` is not lora (a site's ``lora.r`` has nothing to set then)."""
     value = node_config.get("lora.r")
+    if cfg.peft.method != "lora":
+        if value is not None:
+            log.warning("node config `lora.r` is ignored: this run's `peft.method` is %s.", cfg.peft.method)
+        return 0
     if value is None and cfg.simulation.ranks() and keys.PARTITION_ID in node_config:
         ranks = cfg.simulation.ranks()
         value = ranks[_node_int(node_config, keys.PARTITION_ID) % len(ranks)]
@@ -76,19 +87,19 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
         pid = _node_int(node_config, keys.PARTITION_ID)
         where = ("partition", pid, _node_int(node_config, keys.NUM_PARTITIONS))
     rank = site_rank(cfg, node_config)
-    key = (where, cfg.data, cfg.model, cfg.lora, rank, cfg.train.device, cfg.seed)
+    name = f"site {own_path}" if own_path else f"site {where[1]}"
+    check_site(cfg, name)
+    key = (where, cfg.data, cfg.model, cfg.lora, cfg.peft, rank, cfg.train.device, cfg.seed)
     if key in _SITES:
         return _SITES[key]
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    loaded = load_base(cfg.model, pick_device(cfg.train.device))
+    loaded = load_for(cfg, pick_device(cfg.train.device))
     check_format(cfg.data, loaded.tokenizer, cfg.model.name)
     if where[0] == "file":
-        name = f"site {own_path}"
-        rows = load_records(str(own_path), cfg.data, key=f"node config {keys.DATA_PATH}")
+        rows, report = load_checked(str(own_path), cfg.data, key=f"node config {keys.DATA_PATH}")
     else:
-        name = f"site {where[1]}"
-        rows = load_records(train_source(cfg.data), cfg.data)
+        rows, report = load_checked(train_source(cfg.data), cfg.data)
         rows = site_partition(rows, cfg.data, int(where[1]), int(where[2]), cfg.seed)  # type: ignore[call-overload]
     train, held = train_heldout(rows, cfg.data, cfg.seed, name)
     held = held.select(range(min(len(held), cfg.data.max_eval_examples)))
@@ -98,7 +109,13 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
         rank=rank,
         train=tokenize(train, cfg.data, loaded.tokenizer),
         heldout=tokenize(held, cfg.data, loaded.tokenizer),
+        heldout_records=[dict(r) for r in held],
     )
+    report.duplicates = count_duplicates(rows, cfg.data)  # this site's own records
+    report.too_long = sum(e.truncated for e in site.train + site.heldout)
+    site.data_checks = report.counts()
+    level = logging.WARNING if any(site.data_checks.values()) else logging.INFO
+    log.log(level, "%s: %s", name, "\n".join(report.lines(cfg.data.max_seq_len)))
     lost = sum(1 for e in site.train + site.heldout if all(t == IGNORE for t in e.labels))
     if lost:
         log.warning(
@@ -106,8 +123,8 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
             *(name, lost, cfg.data.max_seq_len),
         )
     log.info(
-        "%s: %d train / %d held-out examples, LoRA rank %d, on %s",
-        *(name, len(site.train), len(site.heldout), rank, loaded.device),
+        "%s: %d train / %d held-out examples, %s, on %s",
+        *(name, len(site.train), len(site.heldout), f"LoRA rank {rank}" if rank else cfg.peft.method, loaded.device),
     )
     _SITES[key] = site
     return site

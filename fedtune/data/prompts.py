@@ -60,6 +60,8 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False
+    """True when prompt and response were longer than ``data.max-seq-len`` and got cut."""
 
 
 def tokenize(
@@ -72,7 +74,8 @@ def tokenize(
         answer = tokenizer(response_text(record, cfg, tokenizer), add_special_tokens=False)["input_ids"]
         ids = (list(prompt) + list(answer))[: cfg.max_seq_len]
         labels = ([IGNORE] * len(prompt) + list(answer))[: cfg.max_seq_len]
-        out.append(Example(input_ids=ids, labels=labels))
+        long = len(prompt) + len(answer) > cfg.max_seq_len
+        out.append(Example(input_ids=ids, labels=labels, truncated=long))
     return out
 
 
@@ -91,10 +94,21 @@ def collate(batch: Sequence[Example], pad_id: int, device: torch.device) -> dict
 
 
 def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over response tokens, and how many tokens it covers."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted = logits[:, :-1, :].float()  # (B, T-1, V)
+    """Summed next-token cross-entropy over response tokens, and how many tokens it covers.
+
+    Only the positions whose next token is scored in some example of the batch get logits
+    (``logits_to_keep``): the vocabulary projection and the softmax over prompt and padding
+    positions, most of a batch, are never computed. The loss is the same.
+    """
     target = batch["labels"][:, 1:]  # (B, T-1)
+    keep = (target != IGNORE).any(dim=0).nonzero().squeeze(1)  # (K,) positions t scored at t + 1
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    try:
+        # Prompt tuning prepends virtual tokens, so position t of the batch is t + n in the model.
+        shifted = model(**inputs, logits_to_keep=keep + _virtual_tokens(model)).logits.float()  # (B, K, V)
+        target = target[:, keep]  # (B, K)
+    except TypeError:  # a model class without ``logits_to_keep``: every position
+        shifted = _logits(model, batch)[:, :-1, :].float()  # (B, T-1, V)
     loss = torch.nn.functional.cross_entropy(
         shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
@@ -107,11 +121,24 @@ def example_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     Unlike :func:`token_losses`, one example's value depends on that example alone, however the
     batch is padded: what DP-SGD's per-example clipping needs.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted = logits[:, :-1, :].float()  # (B, T-1, V)
+    shifted = _logits(model, batch)[:, :-1, :].float()  # (B, T-1, V)
     target = batch["labels"][:, 1:]  # (B, T-1)
     per_token = torch.nn.functional.cross_entropy(
         shifted.transpose(1, 2), target, ignore_index=IGNORE, reduction="none"
     )  # (B, T-1); 0 where ignored
     counts = (target != IGNORE).sum(dim=1).clamp(min=1)
     return per_token.sum(dim=1) / counts
+
+
+def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits of the batch's own tokens, (B, T, V): prompt tuning prepends its virtual tokens'."""
+    logits: torch.Tensor = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, -batch["input_ids"].shape[1] :, :]
+
+
+def _virtual_tokens(model: Any) -> int:
+    """Positions PEFT's prompt tuning prepends to the input (0 for every other model)."""
+    config = getattr(getattr(model, "module", model), "active_peft_config", None)  # DDP wraps as .module
+    if config is None or not config.is_prompt_learning or config.peft_type == "PREFIX_TUNING":
+        return 0
+    return int(config.num_virtual_tokens)

@@ -27,6 +27,7 @@ from fedtune.deploy import channel, procs
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.paths import tiny_model_dir
 
+GPU_KEYS = ("model.quantization", "model.device-map", "train.precision", "train.num-processes", "train.device")
 PRESET_SITES = {"tiny": 3, "smollm2": 5}  # sites the built-in demo data is split into
 WORKER_START_TIMEOUT = 60.0  # seconds until the worker must listen (it binds before heavy imports)
 
@@ -62,6 +63,10 @@ def build_node_config(
     config: dict[str, Scalar] = dict(site_settings(sets))
     if device:
         config["train.device"] = device
+    if any(k in config for k in GPU_KEYS):  # refuse what this machine cannot run before joining
+        from fedtune.hardware import check_site  # imports torch: only when a GPU setting is given
+
+        check_site(RunConfig().override({k: v for k, v in config.items() if k != "lora.r"}), "this site")
     if preset is not None:
         if preset == "tiny" and "model.name" not in config:
             if not (tiny_model_dir() / "config.json").is_file():  # the builder imports torch: only once

@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError, IncompatibleComponentsError
+from fedtune.methods import METHODS
 from fedtune.privacy.secagg import settings as secagg_settings
+from fedtune.privacy.traffic_rules import budget_vs_secagg, compression_vs_secagg
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.plan import Plan, group_rounds
 
@@ -69,6 +71,35 @@ def _hetero_ranks(cfg: RunConfig) -> list[str]:
     return []
 
 
+def _method_support(cfg: RunConfig) -> list[str]:
+    """What each ``peft.method`` supports: LoRA-only rules and settings, and DP-SGD through Opacus."""
+    method = cfg.peft.method
+    out = []
+    if method != "lora":
+        if cfg.strategy.name in STRATEGIES and STRATEGIES.get(cfg.strategy.name).lora_only:
+            out.append(
+                f"`strategy.name` = {cfg.strategy.name} is defined for LoRA adapters only, not `peft.method` = "
+                f"{method}; use a fedavg-family or robust strategy."
+            )
+        if cfg.lora.freeze_a:
+            out.append(f"`lora.freeze-a` (FFA-LoRA) needs `peft.method` = lora, got {method}.")
+        if cfg.simulation.site_ranks:
+            out.append(f"`simulation.site-ranks` (heterogeneous LoRA ranks) needs `peft.method` = lora, got {method}.")
+    if not METHODS[method].peft and cfg.model.quantization != "none":
+        out.append(
+            f"`model.quantization` = {cfg.model.quantization} with `peft.method` = {method}: quantized base weights "
+            "cannot be trained or saved as a model; use a PEFT method (QLoRA)."
+        )
+    why = METHODS[method].no_dp_sgd
+    if cfg.privacy.mechanism == "dp-sgd" and why:
+        able = ", ".join(name for name, spec in METHODS.items() if not spec.no_dp_sgd)
+        out.append(
+            f"`privacy.mechanism` = dp-sgd with `peft.method` = {method}: {why}; use one of {able}, or "
+            "`privacy.mechanism` = central / local."
+        )
+    return out
+
+
 def _dp_noise_source(cfg: RunConfig) -> list[str]:
     p = cfg.privacy
     if p.mechanism == "none":
@@ -83,25 +114,48 @@ def _dp_noise_source(cfg: RunConfig) -> list[str]:
     return []
 
 
-def _central_sensitivity(cfg: RunConfig) -> list[str]:
-    """DP-FedAvg's noise covers a sum of clipped deltas, each client weighted 1."""
-    if cfg.privacy.mechanism != "central":
+def _sum_sensitivity(cfg: RunConfig) -> list[str]:
+    """DP-FedAvg's noise (central, or the clients' shares) covers a sum of clipped deltas, each weighted 1."""
+    m = cfg.privacy.mechanism
+    if m not in ("central", "distributed"):
         return []
     out = []
     if cfg.strategy.weighting == "examples":
         out.append(
-            "`privacy.mechanism` = central needs `strategy.weighting` = uniform: weighting by examples lets one "
+            f"`privacy.mechanism` = {m} needs `strategy.weighting` = uniform: weighting by examples lets one "
             "client move the sum by more than `privacy.clip-norm`."
         )
     if cfg.strategy.name in STRATEGIES and STRATEGIES.get(cfg.strategy.name).individual_updates:
         out.append(
-            f"`strategy.name` = {cfg.strategy.name} under `privacy.mechanism` = central: the noise covers a sum of "
+            f"`strategy.name` = {cfg.strategy.name} under `privacy.mechanism` = {m}: the noise covers a sum of "
             "clipped deltas, not this rule's output; use a fedavg-family strategy (or `privacy.mechanism` = local)."
         )
     if cfg.simulation.site_ranks:
         out.append(
-            "`simulation.site-ranks` under `privacy.mechanism` = central: per-entry averaging over different ranks "
+            f"`simulation.site-ranks` under `privacy.mechanism` = {m}: per-entry averaging over different ranks "
             "has no single sensitivity; use one rank."
+        )
+    return out
+
+
+def _distributed_needs(cfg: RunConfig) -> list[str]:
+    """Distributed DP: the clients' noise shares only protect anyone inside SecAgg+, accounted in RDP."""
+    if cfg.privacy.mechanism != "distributed":
+        return []
+    out = []
+    if cfg.secagg.protocol != "secagg":
+        out.append(
+            "`privacy.mechanism` = distributed needs `secagg.protocol` = secagg: without it the server sees each "
+            "client's update with only that client's small noise share."
+        )
+    if cfg.privacy.accountant != "rdp":
+        out.append(
+            "`privacy.mechanism` = distributed is accounted with the Skellam RDP bound; set `privacy.accountant` = rdp."
+        )
+    if cfg.secagg.clip > 0:
+        out.append(
+            "`secagg.clip` does not apply to `privacy.mechanism` = distributed (the L2 clip `privacy.clip-norm` "
+            "and `secagg.quant-bits` set the integer range); leave it at 0."
         )
     return out
 
@@ -188,13 +242,16 @@ RULES: list[Rule] = [
     _trimmed_keeps_some,
     _exact_vs_ffa,
     _hetero_ranks,
+    _method_support,
     _dp_noise_source,
-    _central_sensitivity,
+    _sum_sensitivity,
+    _distributed_needs,
     _central_only_settings,
     _dpsgd_fedprox,
     _poisson_count,
     _secagg_composition,
     _secagg_params,
+    compression_vs_secagg,
 ]
 
 
@@ -217,7 +274,7 @@ def _one_guarantee(plan: Plan) -> list[str]:
     return []
 
 
-PLAN_RULES: list[Callable[[Plan], list[str]]] = [_one_guarantee]
+PLAN_RULES: list[Callable[[Plan], list[str]]] = [_one_guarantee, budget_vs_secagg]
 
 
 def problems(plan: Plan) -> list[str]:

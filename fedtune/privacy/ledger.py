@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedtune.privacy.accounting import Accountant, GaussianEvent, epsilon
+from fedtune.privacy.accounting import Accountant, Event, GaussianEvent, epsilon
+from fedtune.privacy.skellam import SkellamEvent
 
 
 @dataclass
@@ -20,15 +21,21 @@ class Ledger:
     """Events in release order; consecutive identical mechanisms are merged (composition is
     additive in both RDP and PRV, so this changes no epsilon)."""
 
-    events: list[GaussianEvent] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     unprotected: list[int] = field(default_factory=list)
     """Rounds whose release carried no noise (their guarantee is infinite)."""
 
-    def add(self, event: GaussianEvent) -> None:
+    def add(self, event: Event) -> None:
         if event.steps <= 0:
             return
         last = self.events[-1] if self.events else None
-        if last and (last.noise_multiplier, last.sample_rate) == (event.noise_multiplier, event.sample_rate):
+        if isinstance(last, SkellamEvent) and last.same_mechanism(event):
+            self.events[-1] = SkellamEvent(last.l1, last.l2, last.mu, last.steps + event.steps)
+        elif (
+            isinstance(last, GaussianEvent)
+            and isinstance(event, GaussianEvent)
+            and (last.noise_multiplier, last.sample_rate) == (event.noise_multiplier, event.sample_rate)
+        ):
             self.events[-1] = GaussianEvent(last.noise_multiplier, last.sample_rate, last.steps + event.steps)
         else:
             self.events.append(event)
@@ -37,7 +44,7 @@ class Ledger:
         if rnd not in self.unprotected:
             self.unprotected.append(rnd)
 
-    def epsilon(self, delta: float, kind: Accountant, extra: GaussianEvent | None = None) -> float:
+    def epsilon(self, delta: float, kind: Accountant, extra: Event | None = None) -> float:
         """Epsilon so far at ``delta`` (with ``extra`` released next, for a look-ahead)."""
         if self.unprotected:
             return math.inf
@@ -45,20 +52,35 @@ class Ledger:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "events": [[e.noise_multiplier, e.sample_rate, e.steps] for e in self.events],
+            "events": [_event_to_json(e) for e in self.events],
             "unprotected": list(self.unprotected),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Ledger:
         return cls(
-            events=[GaussianEvent(float(z), float(q), int(n)) for z, q, n in data.get("events", [])],
+            events=[_event_from_json(e) for e in data.get("events", [])],
             unprotected=[int(r) for r in data.get("unprotected", [])],
         )
 
 
+def _event_to_json(e: Event) -> Any:
+    """A Gaussian event as [z, q, steps] (the original format), a Skellam one as {"skellam": [...]}."""
+    if isinstance(e, SkellamEvent):
+        return {"skellam": [e.l1, e.l2, e.mu, e.steps]}
+    return [e.noise_multiplier, e.sample_rate, e.steps]
+
+
+def _event_from_json(data: Any) -> Event:
+    if isinstance(data, Mapping):
+        l1, l2, mu, steps = data["skellam"]
+        return SkellamEvent(float(l1), float(l2), float(mu), int(steps))
+    z, q, n = data
+    return GaussianEvent(float(z), float(q), int(n))
+
+
 def solve_noise(
-    events_for: Callable[[float], list[GaussianEvent]],
+    events_for: Callable[[float], list[Event]],
     target_epsilon: float,
     delta: float,
     kind: Accountant,

@@ -9,6 +9,12 @@ Guarantees and their units:
 - ``local``: user-level, for the federation, with the server untrusted. Each client's own noised
   delta is a Gaussian release; changing that client's data moves its delta by up to 2C, so each
   round is accounted as noise multiplier z/2 and no amplification (the server sees who replied).
+- ``distributed``: user-level, for the federation, with the server seeing only the noised sum.
+  Each client adds a Skellam noise share inside SecAgg+ (``privacy/distributed.py``); each round
+  is one Skellam release of the integer sum (``privacy/skellam.py``, RDP accountant) with the noise
+  its survivors really added, never less than the target, and no subsampling amplification (q = 1).
+  A second ledger, ``floor``, charges every round at the target noise: what still holds when the
+  server colludes with clients, as long as dropped plus colluding clients stay within n - m.
 - ``dp-sgd``: sample-level, per site. Each site keeps its own ledger (``privacy/site.py``) and
   reports its epsilon; the server records the largest.
 - A round with ``none`` releases an un-noised update: every guarantee of the run is infinite.
@@ -17,22 +23,28 @@ Guarantees and their units:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fedtune.config import RunConfig
-from fedtune.errors import PrivacyBudgetExceeded
-from fedtune.privacy.accounting import GaussianEvent
+from fedtune.errors import IncompatibleComponentsError, PrivacyBudgetExceeded
+from fedtune.lora import sent_keys
+from fedtune.privacy import distributed
+from fedtune.privacy.accounting import Event, GaussianEvent
 from fedtune.privacy.central import NoisedSum, next_clip_norm, split_noise
 from fedtune.privacy.ledger import Ledger, solve_noise
-from fedtune.strategies.plan import Plan
+from fedtune.privacy.secagg import settings as secagg_settings
+from fedtune.strategies.plan import Plan, group_rounds
+from fedtune.wire import Arrays
 
-USER_LEVEL = ("central", "local")
+USER_LEVEL = ("central", "local", "distributed")
 UNITS = {
     "central": "user-level: one site's whole data, for the federation (the server is trusted)",
     "local": "user-level: one site's whole data, for the federation (no trusted server)",
+    "distributed": "user-level: one site's whole data, for the federation, each round it takes part in "
+    "(the server sees only the noised sum)",
     "dp-sgd": "sample-level: one training example at one site, per site",
 }
 
@@ -42,8 +54,18 @@ def client_sample_rate(cfg: RunConfig) -> float:
     return cfg.server.fraction_train if cfg.server.sampling == "poisson" else 1.0
 
 
-def user_event(cfg: RunConfig, noise_multiplier: float) -> GaussianEvent | None:
-    """The user-level release one round of ``cfg`` makes, or None if it makes none."""
+def adapter_length(cfg: RunConfig, arrays: Arrays) -> int:
+    """Entries of the flat vector a client sends under SecAgg+ (only B under FFA-LoRA)."""
+    return sum(int(arrays[k].size) for k in sent_keys(arrays, cfg.lora.freeze_a))
+
+
+def user_event(cfg: RunConfig, noise_multiplier: float, arrays: Arrays | None = None) -> Event | None:
+    """The user-level release one round of ``cfg`` makes, or None if it makes none; for ``distributed``
+    the least noise the round can release (its target), which needs the global adapter ``arrays``."""
+    if cfg.privacy.mechanism == "distributed":
+        if arrays is None:
+            raise ValueError("a distributed-DP event needs the adapter's size")
+        return distributed.target_event(cfg, noise_multiplier, adapter_length(cfg, arrays))
     if cfg.privacy.mechanism == "central":
         return GaussianEvent(noise_multiplier, client_sample_rate(cfg), 1)
     if cfg.privacy.mechanism == "local":
@@ -62,34 +84,52 @@ def unit(plan: Plan) -> str | None:
     return used[0] if used else None
 
 
-def solved_noise(plan: Plan) -> float | None:
-    """The noise multiplier for ``central``/``local`` rounds that leave it at -1: the smallest
-    whose planned rounds stay within ``privacy.target-epsilon``; None if no round needs one."""
+def solved_noise(plan: Plan, arrays: Arrays | None = None) -> float | None:
+    """The noise multiplier for user-level rounds that leave it at -1: the smallest whose planned
+    rounds stay within ``privacy.target-epsilon``; None if no round needs one (``arrays``: the
+    global adapter, whose size ``distributed`` needs)."""
     rounds = [plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1)]
     dp = [c for c in rounds if c.privacy.mechanism in USER_LEVEL]
     if not any(c.privacy.noise_multiplier == -1 for c in dp):
         return None
     p = plan.base.privacy
 
-    def events_for(z: float) -> list[GaussianEvent]:
+    def events_for(z: float) -> list[Event]:
         chosen = [(c, z if c.privacy.noise_multiplier == -1 else c.privacy.noise_multiplier) for c in dp]
-        return [e for c, zz in chosen if (e := user_event(c, zz)) is not None]
+        return [e for c, zz in chosen if (e := user_event(c, zz, arrays)) is not None]
 
     return solve_noise(events_for, p.target_epsilon, p.delta, p.accountant)
 
 
-def projected_epsilon(plan: Plan, solved: float | None) -> float | None:
-    """User-level epsilon after every planned round (``central``/``local``), None otherwise."""
+def projected_epsilon(plan: Plan, solved: float | None, arrays: Arrays | None = None) -> float | None:
+    """User-level epsilon after every planned round (at the target noise), None without user-level DP."""
     events = []
     for r in range(1, plan.base.num_server_rounds + 1):
         cfg = plan.for_round(r)
         z = solved if cfg.privacy.noise_multiplier == -1 and solved is not None else cfg.privacy.noise_multiplier
-        if (event := user_event(cfg, z)) is not None:
+        if (event := user_event(cfg, z, arrays)) is not None:
             events.append(event)
     if not events:
         return None
     p = plan.base.privacy
     return Ledger(events=events).epsilon(p.delta, p.accountant)
+
+
+def check_distributed(plan: Plan, solved: float | None, arrays: Arrays) -> None:
+    """Refuse, before round 1, a ``distributed`` round whose noise cannot travel exactly with the fewest
+    (and the fixed number of) clients it can sample; it needs the solved z, so ``compat`` cannot."""
+    found = []
+    for r in range(1, plan.base.num_server_rounds + 1):
+        cfg = round_config(plan.for_round(r), PrivacyState.new(), solved)
+        if cfg.privacy.mechanism != "distributed":
+            continue
+        length = adapter_length(cfg, arrays)
+        counts = {cfg.server.min_clients, max(cfg.server.min_clients, cfg.server.num_train)}
+        for n in sorted(counts):
+            threshold = secagg_settings.resolve(cfg, max(n, 2)).threshold
+            found += [(r, text) for text in distributed.problems(cfg, length, n, threshold)]
+    if found:
+        raise IncompatibleComponentsError(" | ".join(group_rounds(found)))
 
 
 def dpsgd_planned_steps(plan: Plan) -> int:
@@ -103,7 +143,8 @@ class PrivacyState:
     """The run's privacy state; checkpointed with the adapter."""
 
     ledger: Ledger
-    """User-level events (``central``/``local``) and un-noised rounds."""
+    """User-level events (``central``/``local``/``distributed``: the noise really released) and
+    un-noised rounds."""
     site_epsilon: dict[int, float]
     """Sample-level epsilon each ``dp-sgd`` site reported last, by node id."""
     exhausted: list[int]
@@ -112,6 +153,8 @@ class PrivacyState:
     """The current C under adaptive clipping."""
     stopped: str | None = None
     """Why the run stopped early, if it did."""
+    floor: Ledger = field(default_factory=Ledger)
+    """``distributed``: every round at its target noise (the guarantee under collusion, see above)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +163,7 @@ class PrivacyState:
             "exhausted": self.exhausted,
             "clip_norm": self.clip_norm,
             "stopped": self.stopped,
+            "floor": self.floor.to_dict(),
         }
 
     @classmethod
@@ -130,6 +174,7 @@ class PrivacyState:
             exhausted=[int(n) for n in data.get("exhausted", [])],
             clip_norm=data.get("clip_norm"),
             stopped=data.get("stopped"),
+            floor=Ledger.from_dict(data.get("floor", {})),
         )
 
     @classmethod
@@ -157,15 +202,17 @@ def round_config(cfg: RunConfig, state: PrivacyState, solved: float | None) -> R
     return cfg.override(changes) if changes else cfg
 
 
-def check_budget(cfg: RunConfig, state: PrivacyState, rnd: int) -> GaussianEvent | None:
-    """The user-level event round ``rnd`` would release; raise PrivacyBudgetExceeded if it would
-    push epsilon past ``privacy.target-epsilon``."""
-    event = user_event(cfg, cfg.privacy.noise_multiplier)
+def check_budget(cfg: RunConfig, state: PrivacyState, rnd: int, arrays: Arrays | None = None) -> Event | None:
+    """The user-level event round ``rnd`` would release (at least); raise PrivacyBudgetExceeded if it
+    would push epsilon past ``privacy.target-epsilon``. ``distributed`` checks its ``floor`` ledger,
+    which is never below the ledger of what was really released."""
+    event = user_event(cfg, cfg.privacy.noise_multiplier, arrays)
     target = cfg.privacy.target_epsilon
     if event is None or target <= 0:
         return event
-    before = state.ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
-    after = state.ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant, extra=event)
+    ledger = state.floor if cfg.privacy.mechanism == "distributed" else state.ledger
+    before = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+    after = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant, extra=event)
     if after > target:
         raise PrivacyBudgetExceeded(
             f"stopped before round {rnd}: its release would raise user-level epsilon from {before:.3f} to "

@@ -14,10 +14,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, default_output_dir, from_run_config
 from fedtune.errors import ConfigError
+from fedtune.hardware import server_model
 from fedtune.logs import quiet_libraries, setup_logging
-from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora, write_adapter
+from fedtune.methods import initial_state, load_for
+from fedtune.models import pick_device
+from fedtune.outputs import Writer
 from fedtune.privacy import compat
-from fedtune.server import checkpoint, loop
+from fedtune.server import checkpoint, loop, site_metrics, traffic
 from fedtune.server.evaluation import CentralEvaluator
 from fedtune.server.report import Reporter, privacy_line, privacy_summary, secagg_summary
 from fedtune.strategies.plan import Plan
@@ -43,31 +46,34 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     reporter = Reporter(out)
     if not resume and reporter.path.exists():
         raise ConfigError(f"{out} already holds a run; resume it with --resume {out}, or choose another --out.")
-    # The server holds the base model for the seeded adapter init and centralized evaluation.
-    loaded = load_base(cfg.model, pick_device("auto"))
-    model = wrap_lora(loaded, cfg.lora)
-    init_adapter(model, cfg.seed)  # seeded: the same initial global adapter whatever ran before
+    # The server holds the base model for the seeded initial state and centralized evaluation.
+    loaded = load_for(cfg, pick_device("auto"), server_model(cfg.model))
+    initial = initial_state(loaded, cfg)  # seeded: the same initial global state whatever ran before
     state = loop.ServerState(
-        round=0, global_arrays=adapter_arrays(model), rng=np.random.default_rng(cfg.seed), run_id=secrets.token_hex(8)
+        round=0, global_arrays=initial, rng=np.random.default_rng(cfg.seed), run_id=secrets.token_hex(8)
     )
     if resume:
         state = checkpoint.load(checkpoint.latest(out))
         reporter.truncate(state.round)
         log.info("Resuming %s after round %d", out, state.round)
-    evaluator = CentralEvaluator(cfg, loaded)
+    evaluator = CentralEvaluator(cfg, loaded, base_arrays=initial)
+    writer = Writer(cfg, loaded)
     out.mkdir(parents=True, exist_ok=True)
     reporter.start(plan)
+    note = site_metrics.NOT_COVERED if privacy_summary(plan, state)["mechanism"] != "none" else None
 
     def on_round(s: loop.ServerState, row: dict[str, Any]) -> None:
-        checkpoint.save(out, s, plan, loaded.path)
+        checkpoint.save(out, s, plan, writer.checkpoint)
         reporter.row(row)
+        site_metrics.write_sites(out, s.history, note)
 
     state = loop.run(plan, grid, state, evaluate=evaluator, on_round=on_round)
-    checkpoint.write_atomic_dir(
-        out / "adapter", lambda tmp: write_adapter(tmp, state.global_arrays, cfg.lora, loaded.path)
-    )
-    extra: dict[str, Any] = {"base_model": loaded.path, "adapter": str(out / "adapter"), "run_id": state.run_id}
+    final = out / writer.final_name()
+    checkpoint.write_atomic_dir(final, lambda tmp: writer.final(tmp, state.global_arrays))
+    extra: dict[str, Any] = {"base_model": loaded.path, writer.final_name(): str(final), "run_id": state.run_id}
+    extra["peft_method"] = cfg.peft.method
     extra["privacy"] = privacy_summary(plan, state)
+    extra["communication"] = traffic.communication_summary(cfg, state)
     if (secure := secagg_summary(plan)) is not None:
         extra["secure_aggregation"] = secure
     record = evaluator.sample_prompt()
@@ -84,9 +90,14 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
             "\nHeld-out prompt: %s\n  reference : %s\n  base model: %s\n  fine-tuned: %s",
             *extra["sample"].values(),
         )
+    if (task := site_metrics.base_vs_final(state.history)) is not None:
+        extra["task_metrics"] = task
+        log.info("%s", site_metrics.base_vs_final_line(task))
     reporter.finish(cfg, state.history, extra)
     log.info("%s", privacy_line(extra["privacy"]))
-    log.info("Outputs in %s (metrics.jsonl, rounds.md, plots/, adapter/, summary.json)", out)
+    log.info(
+        "Outputs in %s (metrics.jsonl, sites.json, rounds.md, plots/, %s/, summary.json)", *(out, writer.final_name())
+    )
     return extra
 
 

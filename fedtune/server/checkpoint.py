@@ -14,13 +14,13 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fedtune.errors import FedtuneError
-from fedtune.models import write_adapter
+from fedtune.outputs import read_checkpoint
 from fedtune.privacy.rounds import PrivacyState
 from fedtune.server.loop import ServerState
 from fedtune.strategies.plan import Plan
+from fedtune.wire import Arrays
 
 STATE_FILE = "state.json"
-ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "server_optimizer.safetensors"
 SEP = "::"  # optimizer name :: buffer key
 
@@ -54,13 +54,13 @@ def round_dir(out: Path, rnd: int) -> Path:
     return out / "checkpoints" / f"round-{rnd:03d}"
 
 
-def save(out: Path, state: ServerState, plan: Plan, base_path: str) -> Path:
-    """Checkpoint the global adapter (vanilla PEFT folder), round, RNGs, optimizer state, node
-    ranks, the privacy ledger, the plan and the metrics history: everything the next round
-    depends on."""
+def save(out: Path, state: ServerState, plan: Plan, write_weights: Callable[[Path, Arrays], None]) -> Path:
+    """Checkpoint the global state (``write_weights(dir, arrays)``: a vanilla PEFT folder, or the
+    trainable weights for bitfit / full), round, RNGs, optimizer state, node ranks, the privacy
+    ledger, the plan and the metrics history: everything the next round depends on."""
 
     def fill(tmp: Path) -> None:
-        write_adapter(tmp / ADAPTER_DIR, state.global_arrays, plan.base.lora, base_path)
+        write_weights(tmp, state.global_arrays)
         meta: dict[str, Any] = {
             "round": state.round,
             "rng": state.rng.bit_generator.state,
@@ -85,7 +85,7 @@ def load(directory: Path) -> ServerState:
     meta = json.loads((directory / STATE_FILE).read_text())
     rng = np.random.default_rng()
     rng.bit_generator.state = meta["rng"]
-    arrays = load_file(str(directory / ADAPTER_DIR / "adapter_model.safetensors"))
+    arrays = read_checkpoint(directory)
     optimizer_states: dict[str, dict[str, np.ndarray]] = {}
     if (directory / OPTIMIZER_FILE).is_file():
         for flat, value in load_file(str(directory / OPTIMIZER_FILE)).items():

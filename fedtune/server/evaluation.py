@@ -1,4 +1,4 @@
-"""Server-side evaluation: centralized held-out loss, and base vs fine-tuned sample answers."""
+"""Server-side evaluation: centralized held-out metrics, and base vs fine-tuned sample answers."""
 
 from __future__ import annotations
 
@@ -6,20 +6,25 @@ from typing import Any
 
 import torch
 
+from fedtune import task_metrics
 from fedtune.client.trainer import heldout_loss
 from fedtune.config import RunConfig
 from fedtune.data.loaders import eval_source, load_records
 from fedtune.data.prompts import Example, render_prompt, tokenize
-from fedtune.models import LoadedModel, load_adapter_arrays, wrap_lora
+from fedtune.generation import task_scores
+from fedtune.methods import METHODS, wrap
+from fedtune.models import LoadedModel, load_adapter_arrays
 from fedtune.wire import Arrays
 
 
 class CentralEvaluator:
-    """Held-out loss of a global adapter on the server's own held-out set."""
+    """``eval.metrics`` of a global adapter on the server's own held-out set."""
 
-    def __init__(self, cfg: RunConfig, loaded: LoadedModel) -> None:
+    def __init__(self, cfg: RunConfig, loaded: LoadedModel, base_arrays: Arrays | None = None) -> None:
         self.cfg = cfg
         self.loaded = loaded
+        self.base_arrays = base_arrays
+        """The base model's own trainable weights (bitfit / full answer with them as "base")."""
         source = eval_source(cfg.data)
         self.records: list[dict[str, Any]] = []
         self.examples: list[Example] = []
@@ -29,16 +34,23 @@ class CentralEvaluator:
             self.records = [dict(r) for r in rows.select(range(min(len(rows), cfg.data.max_eval_examples)))]
             self.examples = tokenize(self.records, cfg.data, loaded.tokenizer)
 
-    def __call__(self, arrays: Arrays) -> float | None:
+    def __call__(self, arrays: Arrays, cfg: RunConfig | None = None) -> dict[str, float]:
+        """The metrics the round's ``eval.metrics`` (``cfg``, default the run's) names, by name."""
+        cfg = cfg or self.cfg
         if not self.examples:
-            return None
+            return {}
         model = self._model(arrays)
-        pad_id = int(self.loaded.tokenizer.pad_token_id)
-        return heldout_loss(model, self.examples, batch_size=self.cfg.eval.batch_size, pad_id=pad_id)
+        tok = self.loaded.tokenizer
+        out: dict[str, float] = {}
+        if task_metrics.LOSS in cfg.eval.metric_names():
+            pad_id = int(tok.pad_token_id)
+            out[task_metrics.LOSS] = heldout_loss(model, self.examples, batch_size=cfg.eval.batch_size, pad_id=pad_id)
+        scores, _ = task_scores(model, tok, self.records, cfg.data, cfg.eval)
+        return {**out, **scores}
 
     def _model(self, arrays: Arrays) -> Any:
-        """The shared PeftModel with the global adapter's slot active and ``arrays`` loaded."""
-        model = wrap_lora(self.loaded, self.cfg.lora)
+        """The method's model (the global adapter's slot active) with ``arrays`` loaded."""
+        model = wrap(self.loaded, self.cfg)
         load_adapter_arrays(model, arrays)
         return model
 
@@ -58,10 +70,14 @@ class CentralEvaluator:
             "pad_token_id": tok.pad_token_id,
             "use_cache": True,
         }
-        if arrays is None:
-            model = wrap_lora(self.loaded, self.cfg.lora)
+        if arrays is None and METHODS[self.cfg.peft.method].peft:
+            model = wrap(self.loaded, self.cfg)
             with model.disable_adapter():
                 out = model.generate(**ids, **kwargs)
+        elif arrays is None:
+            if self.base_arrays is None:
+                raise ValueError("bitfit / full need the base weights to answer as the base model")
+            out = self._model(self.base_arrays).generate(**ids, **kwargs)
         else:
             out = self._model(arrays).generate(**ids, **kwargs)
         text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)

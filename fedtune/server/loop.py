@@ -19,16 +19,18 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedtune import keys
 from fedtune.config import RunConfig
-from fedtune.errors import FedtuneError, PrivacyBudgetExceeded, UpdateRejected
-from fedtune.lora import rank_of, rank_slice
+from fedtune.errors import CommunicationBudgetExceeded, FedtuneError, PrivacyBudgetExceeded, UpdateRejected
+from fedtune.lora import rank_of
 from fedtune.privacy import rounds as privacy
-from fedtune.privacy.central import noise_rng
-from fedtune.server import validation
+from fedtune.privacy.accounting import Event
+from fedtune.privacy.central import clip, noise_rng
+from fedtune.server import site_metrics, traffic, validation
 from fedtune.server.report import json_number
+from fedtune.server.timing import RoundClock
 from fedtune.strategies import STRATEGIES, make_aggregator, make_optimizer
 from fedtune.strategies.aggregators import WeightedMean
 from fedtune.strategies.plan import Plan
-from fedtune.wire import Arrays, payload_bytes, record_from_arrays
+from fedtune.wire import Arrays, message_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,14 @@ class ServerState:
     noise_rng: np.random.Generator = field(default_factory=noise_rng)
     """Central DP noise: seeded from OS entropy, never from ``seed``, and never checkpointed (its
     state would let anyone holding a checkpoint subtract the noise); a resumed run reseeds it."""
+    communication_stopped: str | None = None
+    """Why ``communication.budget-mb`` stopped the run, if it did."""
+    downlink: tuple[Any, Arrays, dict[str, Any]] | None = None
+    """The last compressed downlink (scheme, the global adapter it encodes, its records); not checkpointed."""
 
 
-Evaluate = Callable[[Arrays], float | None]
+Evaluate = Callable[[Arrays, RunConfig], Mapping[str, float]]
+"""Centralized evaluation: the round's ``eval.metrics`` of an adapter, by metric name."""
 OnRound = Callable[[ServerState, dict[str, Any]], None]
 
 
@@ -114,22 +121,27 @@ def _send(
     nodes: list[int],
     kind: str,
     rnd: int,
+    row: dict[str, Any],
+    clock: RoundClock | None = None,
     extra: Mapping[str, int | str] | None = None,
-) -> tuple[Iterator[tuple[int, Message]], int]:
-    """Send each node the global adapter at its own rank (once known) with the round's spec;
-    return the replies as a stream, and the bytes sent."""
+) -> Iterator[tuple[int, Message]]:
+    """Send each node the global adapter at its own rank (once known; full rank when compressed) with
+    the round's spec, count each node's bytes in ``row``; return the replies as a stream."""
+    started = time.perf_counter()
     full = rank_of(state.global_arrays)
+    spec = ConfigRecord({**cfg.to_flat(), keys.ROUND: rnd, keys.RUN_ID: state.run_id, **(extra or {})})
     by_rank: dict[int | None, RecordDict] = {}
-    messages, down = [], 0
+    messages = []
     for node in nodes:
         rank = state.node_ranks.get(node, full)
         if rank not in by_rank:
-            arrays = rank_slice(state.global_arrays, rank) if rank and rank != full else state.global_arrays
-            by_rank[rank] = round_content(arrays, cfg, rnd, {keys.RUN_ID: state.run_id, **(extra or {})})
+            by_rank[rank] = RecordDict({**traffic.adapter_records(cfg, state, rnd, rank), keys.SPEC: spec})
         content = by_rank[rank]
-        down += payload_bytes(content.array_records[keys.ADAPTER])
+        traffic.add_bytes(row, node, down=message_bytes(content, keys.ADAPTER))
         messages.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)))
-    return stream_replies(grid, messages, cfg.server.round_timeout), down
+    if clock is not None:
+        clock.push(time.perf_counter() - started)
+    return stream_replies(grid, messages, cfg.server.round_timeout)
 
 
 def stream_replies(grid: GridLike, messages: list[Message], timeout: float) -> Iterator[tuple[int, Message]]:
@@ -175,26 +187,36 @@ def _train_round(
     ``denominator`` is what ``central`` DP divides the noised sum by (the expected number of
     clients), fixed before any reply arrives.
     """
-    replies, down = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd, extra)
+    clock = RoundClock(sequential=bool(getattr(grid, "in_process", False)))
+    row["time"] = clock.parts
+    row.update(bytes_up=0, bytes_down=0)
+    replies = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd, row, clock, extra)
+    compressed = cfg.compression.uplink != "none"
     central = privacy.central_round(cfg, denominator, state.noise_rng) if cfg.privacy.mechanism == "central" else None
     aggregator = make_aggregator(cfg.strategy, state.global_arrays)
     failures: list[dict[str, Any]] = []
     accepted: list[tuple[int, float, float]] = []  # (node, weight, train loss): never the delta
     exhausted: list[int] = []
-    up = 0
+    checks: dict[str, dict[str, int]] = {}
     answered = set()
     for node, reply in replies:  # streamed: each reply is folded in, then dropped
         answered.add(node)
-        if not reply.has_error() and keys.DELTA in reply.content.array_records:
-            up += payload_bytes(reply.content.array_records[keys.DELTA])
+        if not reply.has_error():
+            clock.arrived(reply.content.metric_records.get(keys.METRICS, {}))
+            traffic.add_bytes(row, node, up=message_bytes(reply.content, keys.DELTA))
+        folding = time.perf_counter()
         try:
             if declined(reply, node, state):
                 exhausted.append(node)
                 continue
             ok = validation.accept_reply(reply, cfg, state.global_arrays)
             if central is not None:
+                delta, norm = ok.delta, ok.norm
+                if compressed:  # decoding may move a clipped delta past C by a rounding step: clip again
+                    delta, before = clip(delta, cfg.privacy.clip_norm)
+                    norm = min(before, cfg.privacy.clip_norm)
                 try:
-                    central.noised.add(ok.delta, ok.norm, fits=bool(ok.metrics.get(keys.UNDER_CLIP, 0)))
+                    central.noised.add(delta, norm, fits=bool(ok.metrics.get(keys.UNDER_CLIP, 0)))
                 except ValueError as exc:
                     raise UpdateRejected(str(exc)) from None
             elif ok.masks is not None:
@@ -204,22 +226,28 @@ def _train_round(
             else:
                 aggregator.add(ok.delta, ok.weight)
             record_site_epsilon(ok.metrics, node, state)
+            if (counts := site_metrics.data_checks(ok.metrics)) is not None:
+                checks[str(node)] = counts
         except UpdateRejected as exc:
             log.warning("round %d: rejected reply from node %d: %s", rnd, node, exc)
             failures.append({"node": node, "reason": str(exc)})
             continue
         finally:
             release(reply)
+            clock.add("aggregate", time.perf_counter() - folding)
+            clock.resume()
         state.node_ranks[node] = ok.rank
         accepted.append((node, ok.weight, ok.train_loss))
     for node in sorted(set(nodes) - answered):
         reason = f"no reply within `server.round-timeout` = {cfg.server.round_timeout:.0f} s"
         log.warning("round %d: node %d failed: %s", rnd, node, reason)
         failures.append({"node": node, "reason": reason})
-    row.update(replied=len(accepted), failed=len(failures), failures=failures, bytes_up=up, bytes_down=down)
+    row.update(replied=len(accepted), failed=len(failures), failures=failures)
     row["replied_nodes"] = sorted(node for node, _, _ in accepted)
     if exhausted:
         row["budget_exhausted_nodes"] = sorted(exhausted)
+    if checks:
+        row["data_checks"] = checks
     losses = [(loss, w) for _, w, loss in accepted if not math.isnan(loss)]
     row["train_loss"] = sum(loss * w for loss, w in losses) / sum(w for _, w in losses) if losses else None
     account_round(cfg, state, rnd, released=bool(accepted))
@@ -230,6 +258,7 @@ def _train_round(
         )
         row["updated"] = False
         return
+    stepping = time.perf_counter()
     if central is not None:
         delta = central.noised.result(validation.expected_keys(state.global_arrays, cfg))
         row.update(clip_norm=cfg.privacy.clip_norm, **privacy.adapt_clip(cfg, state.privacy, central, state.noise_rng))
@@ -238,6 +267,7 @@ def _train_round(
         row.update(aggregator.metrics())
     state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}
     row["updated"] = True
+    clock.add("aggregate", time.perf_counter() - stepping)
 
 
 def declined(reply: Message, node: int, state: ServerState) -> bool:
@@ -260,9 +290,14 @@ def record_site_epsilon(metrics: Mapping[str, Any], node: int, state: ServerStat
         state.privacy.site_epsilon[node] = max(float(eps), state.privacy.site_epsilon.get(node, 0.0))
 
 
-def account_round(cfg: RunConfig, state: ServerState, rnd: int, *, released: bool) -> None:
-    """Charge the round to the run's ledger: a user-level event, or an un-noised release."""
-    event = privacy.user_event(cfg, cfg.privacy.noise_multiplier)
+def account_round(cfg: RunConfig, state: ServerState, rnd: int, *, released: bool, event: Event | None = None) -> None:
+    """Charge the round to the run's ledger: ``event`` (what the round really released), else its
+    user-level event, or an un-noised release. ``distributed`` rounds also charge their target to the
+    ``floor`` ledger."""
+    target = privacy.user_event(cfg, cfg.privacy.noise_multiplier, state.global_arrays)
+    if cfg.privacy.mechanism == "distributed" and target is not None:
+        state.privacy.floor.add(target)
+    event = event or target
     if event is not None:
         state.privacy.ledger.add(event)
     elif cfg.privacy.mechanism == "none" and released:
@@ -290,38 +325,46 @@ def server_step(cfg: RunConfig, state: ServerState, delta: Arrays) -> Arrays:
     return new
 
 
-def _federated_eval(cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, row: dict[str, Any]) -> float | None:
+def _federated_eval(
+    cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, row: dict[str, Any]
+) -> dict[str, float]:
+    """Every connected site's ``eval.metrics`` on its held-out split; each site's own values go
+    into ``row["sites_eval"]``, and the federation's (example-weighted) values are returned."""
     nodes = sorted(grid.get_node_ids())
     if not cfg.eval.federated or not nodes:
-        return None
-    replies, down = _send(grid, state, cfg, nodes, MessageType.EVALUATE, rnd)
-    row["bytes_down"] = row.get("bytes_down", 0) + down
-    total, weight = 0.0, 0.0
+        return {}
+    replies = _send(grid, state, cfg, nodes, MessageType.EVALUATE, rnd, row)
+    entries: dict[str, dict[str, Any]] = {}
     for node, reply in replies:
         if reply.has_error():
             log.warning("round %d: eval failed on node %d: %s", rnd, node, reply.error.reason)
             continue
-        metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
-        loss, n = metrics.get(keys.EVAL_LOSS), metrics.get(keys.NUM_EXAMPLES)
-        if isinstance(loss, float) and math.isfinite(loss) and isinstance(n, int) and n > 0:
-            total, weight = total + loss * n, weight + n
-    return total / weight if weight else None
+        entry = site_metrics.eval_entry(reply.content.metric_records.get(keys.METRICS, {}))
+        if entry is not None:
+            entries[str(node)] = entry
+    if entries:
+        row["sites_eval"] = entries
+    return site_metrics.combine(entries)
 
 
 def evaluate_round(
     cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, row: dict[str, Any], evaluate: Evaluate
 ) -> None:
-    """Centralized and federated held-out loss of the current global adapter, into ``row``."""
+    """Centralized and federated ``eval.metrics`` of the current global adapter, into ``row``."""
+    central: Mapping[str, float]
+    started = time.perf_counter()
+    if cfg.compression.downlink != "none":  # evaluate exactly what the sites will receive
+        traffic.adapter_records(cfg, state, rnd, None)
     if getattr(grid, "in_process", False):  # sites share this process's model: one at a time
-        central = evaluate(state.global_arrays) if cfg.eval.centralized else None
+        central = evaluate(state.global_arrays, cfg) if cfg.eval.centralized else {}
         federated = _federated_eval(cfg, grid, state, rnd, row)
     else:  # the server's own eval overlaps with the sites' eval instead of running before it
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(evaluate, state.global_arrays) if cfg.eval.centralized else None
+            pending = pool.submit(evaluate, state.global_arrays, cfg) if cfg.eval.centralized else None
             federated = _federated_eval(cfg, grid, state, rnd, row)
-            central = pending.result() if pending is not None else None
-    row.update(eval_loss_central=central, eval_loss_federated=federated)
-    row["eval_loss"] = central if central is not None else federated
+            central = pending.result() if pending is not None else {}
+    row.update(site_metrics.round_columns(cfg.eval.metric_names(), central, federated))
+    row.setdefault("time", {})["eval"] = time.perf_counter() - started
 
 
 def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, on_round: OnRound) -> ServerState:
@@ -333,24 +376,31 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
     """
     base = plan.base
     family = privacy.unit(plan)
-    solved = privacy.solved_noise(plan)
+    solved = privacy.solved_noise(plan, state.global_arrays)
     if solved is not None:
         log.info(
             "privacy: noise multiplier %.4f keeps the planned rounds within epsilon %g",
             solved,
             base.privacy.target_epsilon,
         )
-    projected = privacy.projected_epsilon(plan, solved)
+    projected = privacy.projected_epsilon(plan, solved, state.global_arrays)
     if projected is not None:
         log.info(
             "privacy: the planned %d rounds reach user-level epsilon %.3f at delta %g (%s)%s",
             *(base.num_server_rounds, projected, base.privacy.delta, base.privacy.accountant),
             "; the budget will stop the run earlier" if 0 < base.privacy.target_epsilon < projected else "",
         )
+    privacy.check_distributed(plan, solved, state.global_arrays)  # before round 1, once z is known
     extra = {keys.DP_PLANNED_STEPS: privacy.dpsgd_planned_steps(plan)}
     if state.round == 0 and not state.history:
         start = time.monotonic()
-        wait_for_nodes(grid, base.server.min_clients, base.server.wait_for_clients)
+        connected = wait_for_nodes(grid, base.server.min_clients, base.server.wait_for_clients)
+        try:
+            traffic.check_budget(base, state, 0, traffic.projected_bytes(base, state, [], _evaluated(base, connected)))
+        except CommunicationBudgetExceeded as exc:
+            state.communication_stopped = str(exc)
+            log.warning("%s", exc)
+            return state
         row: dict[str, Any] = {
             "round": 0,
             "sampled": 0,
@@ -371,13 +421,21 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         cfg = privacy.round_config(plan.for_round(rnd), state.privacy, solved)
         start = time.monotonic()
         try:
-            privacy.check_budget(cfg, state.privacy, rnd)
-            nodes = _eligible(wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients), cfg, state)
+            privacy.check_budget(cfg, state.privacy, rnd, state.global_arrays)
+            connected = wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients)
+            nodes = _eligible(connected, cfg, state)
         except PrivacyBudgetExceeded as exc:
             state.privacy.stopped = str(exc)
             log.warning("%s", exc)
             break
         sampled = sample_nodes(nodes, cfg, state.rng)
+        try:
+            moves = traffic.projected_bytes(cfg, state, sampled, _evaluated(cfg, connected))
+            traffic.check_budget(cfg, state, rnd, moves)
+        except CommunicationBudgetExceeded as exc:
+            state.communication_stopped = str(exc)
+            log.warning("%s", exc)
+            break
         denominator = cfg.server.fraction_train * len(nodes) if cfg.server.sampling == "poisson" else len(sampled)
         row = {"round": rnd, "sampled": len(sampled), "sampled_nodes": sampled, "spec": plan.spec(rnd)}
         if cfg.secagg.protocol == "secagg":
@@ -393,6 +451,11 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         state.history.append(row)
         on_round(state, row)
     return state
+
+
+def _evaluated(cfg: RunConfig, connected: list[int]) -> list[int]:
+    """The nodes federated evaluation will send the adapter to."""
+    return connected if cfg.eval.federated else []
 
 
 def _eligible(nodes: list[int], cfg: RunConfig, state: ServerState) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +14,10 @@ from rich.tree import Tree
 
 from fedtune.config import RunConfig
 from fedtune.privacy import rounds as privacy
+from fedtune.privacy.accounting import Event
+from fedtune.privacy.skellam import SkellamEvent
 from fedtune.strategies.plan import Plan
+from fedtune.task_metrics import GENERATED, column
 
 if TYPE_CHECKING:
     from fedtune.server.loop import ServerState
@@ -58,14 +62,24 @@ def _cell(value: Any, fmt: str) -> str:
     return format(value, fmt)
 
 
-def table_header() -> str:
+Column = tuple[str, str, int, str]
+
+
+def columns(metrics: Sequence[str] = ()) -> list[Column]:
+    """The table's columns: :data:`COLUMNS`, with one column per task metric after ``eval_loss``."""
+    extra = [(column(m), column(m), max(len(column(m)), 6), ".3f") for m in metrics if m in GENERATED]
+    at = [k for _, k, _, _ in COLUMNS].index("eval_loss") + 1
+    return COLUMNS[:at] + extra + COLUMNS[at:]
+
+
+def table_header(cols: Sequence[Column] = COLUMNS) -> str:
     """The per-round table's header line."""
-    return " | ".join(h.rjust(w) for h, _, w, _ in COLUMNS)
+    return " | ".join(h.rjust(w) for h, _, w, _ in cols)
 
 
-def table_row(row: dict[str, Any]) -> str:
+def table_row(row: dict[str, Any], cols: Sequence[Column] = COLUMNS) -> str:
     """One round as a table line."""
-    return " | ".join(_cell(row.get(k), f).rjust(w) for _, k, w, f in COLUMNS)
+    return " | ".join(_cell(row.get(k), f).rjust(w) for _, k, w, f in cols)
 
 
 def config_tree(cfg: RunConfig) -> str:
@@ -89,16 +103,19 @@ class Reporter:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.path = out / METRICS_FILE
+        self.cols: list[Column] = list(COLUMNS)
 
     def start(self, plan: Plan) -> None:
         """Log the config tree, the plan table (if any) and the round table's header."""
+        rounds = [plan.base, *(plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1))]
+        self.cols = columns(list(dict.fromkeys(m for cfg in rounds for m in cfg.eval.metric_names())))
         log.info("%s", config_tree(plan.base))
         if plan.entries:
             log.info(
                 "Round plan:\n%s",
                 "\n".join(f"  rounds {span:>7} | {changes}" for span, changes in plan.table()),
             )
-        log.info("%s", table_header())
+        log.info("%s", table_header(self.cols))
 
     def truncate(self, last_round: int) -> None:
         """Keep only rounds up to ``last_round`` in ``metrics.jsonl`` (before resuming)."""
@@ -114,12 +131,13 @@ class Reporter:
         """Append the round to ``metrics.jsonl`` and print its table line."""
         with self.path.open("a") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
-        log.info("%s", table_row(row))
+        log.info("%s", table_row(row, self.cols))
 
     def finish(self, cfg: RunConfig, history: list[dict[str, Any]], extra: dict[str, Any]) -> None:
         """Write the round table (markdown), the loss plot and ``summary.json``."""
-        lines = ["| " + " | ".join(h for h, _, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(_cell(r.get(k), f) for _, k, _, f in COLUMNS) + " |" for r in history]
+        cols = self.cols
+        lines = ["| " + " | ".join(h for h, _, _, _ in cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_cell(r.get(k), f) for _, k, _, f in cols) + " |" for r in history]
         (self.out / TABLE_FILE).write_text("\n".join(lines) + "\n")
         plot_losses(history, self.out / "plots" / "loss.png")
         evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
@@ -175,16 +193,34 @@ TRUST = {
     "local": "each site clips and noises its own update before sending: the guarantee holds against the server too",
     "dp-sgd": "each site clips and noises its own training steps (Opacus): the guarantee holds for each "
     "training example against the server too",
+    "distributed": "honest-but-curious server: under SecAgg+ it sees only the sum of the surviving clients' "
+    "inputs, each the client's delta clipped to `privacy.clip-norm` and rounded to integers, plus that client's "
+    "Skellam noise share; the clients are trusted to clip and to add their share (drawn from OS entropy). "
+    "Neighbouring runs differ in one site's data (its update zero instead, while it still adds its share). "
+    "`epsilon` counts the noise of every survivor, all shares secret from the server",
 }
+DISTRIBUTED_COLLUSION = (
+    "Each share is sized so that m = max(secagg threshold, `server.min-replies`) shares carry the target noise "
+    "(a round with fewer survivors is abandoned). A client colluding with the server reveals its own share. "
+    "`epsilon_under_collusion` charges every round only its target noise: it holds as long as, in every round, "
+    "the clients that dropped after sending their key shares plus the survivors colluding with the server number "
+    "at most n - m (n: the clients that sent their key shares). `epsilon` assumes no survivor colludes."
+)
 NOT_COVERED = (
-    "Not covered: dataset sizes (public, as in Opacus), and the per-site held-out loss that federated "
-    "evaluation (`eval.federated`) reports without noise."
+    "Not covered: dataset sizes (public, as in Opacus), and the per-site held-out loss and task metrics "
+    "(`eval.metrics`) that federated evaluation (`eval.federated`) reports without noise."
 )
 
 
 def json_number(value: float | None) -> float | str | None:
     """``value`` for JSON: infinity as the string "inf" (JSON has no infinity)."""
     return "inf" if value is not None and math.isinf(value) else value
+
+
+def _event_json(e: Event) -> dict[str, Any]:
+    if isinstance(e, SkellamEvent):
+        return {"skellam_mu": e.mu, "l1_sensitivity": e.l1, "l2_sensitivity": e.l2, "rounds": e.steps}
+    return {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "rounds": e.steps}
 
 
 def privacy_summary(plan: Plan, state: ServerState) -> dict[str, Any]:
@@ -219,15 +255,19 @@ def privacy_summary(plan: Plan, state: ServerState) -> dict[str, Any]:
         out["sites"] = {str(k): json_number(v) for k, v in sorted(state.privacy.site_epsilon.items())}
         out["sites_exhausted"] = sorted(state.privacy.exhausted)
     else:
-        out["events"] = [
-            {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "rounds": e.steps}
-            for e in state.privacy.ledger.events
-        ]
+        out["events"] = [_event_json(e) for e in state.privacy.ledger.events]
+        poisson = plan.base.server.sampling == "poisson"
         out["client_sampling"] = (
-            f"poisson, q = {plan.base.server.fraction_train}"
-            if plan.base.server.sampling == "poisson"
-            else "fixed-size: no amplification claimed (q = 1)"
+            "fixed-size: no amplification claimed (q = 1)"
+            if not poisson
+            else "poisson, but no amplification claimed (q = 1)"
+            if family == "distributed"
+            else f"poisson, q = {plan.base.server.fraction_train}"
         )
+    if family == "distributed":
+        floor = state.privacy.floor.epsilon(p.delta, p.accountant)
+        out["epsilon_under_collusion"] = json_number(floor)
+        out["collusion"] = DISTRIBUTED_COLLUSION
     return out
 
 
@@ -243,7 +283,12 @@ def secagg_summary(plan: Plan) -> dict[str, Any] | None:
         "and nothing about any one update, as long as fewer than the threshold of a client's share holders "
         "collude with it",
         "server_still_learns": "who was sampled and who replied at each stage, each client's number of "
-        "examples and LoRA rank, and the sum",
+        "examples and LoRA rank, and the sum"
+        + (
+            " (in `privacy.mechanism` = distributed rounds, a sum that already carries the clients' noise shares)"
+            if any(plan.for_round(r).privacy.mechanism == "distributed" for r in rounds)
+            else ""
+        ),
     }
 
 

@@ -15,6 +15,10 @@ sampled clients, each under a timeout; the pure stage functions live in ``fedtun
    key shares of U2 - U3; the server removes the masks, dequantizes and divides by sum alpha_i (per
    entry, over the sites whose rank covers it), then takes the strategy's server step.
 
+Under ``privacy.mechanism = distributed`` stage 3 answers the clipped delta as integers plus a Skellam
+noise share (``fedtune.privacy.distributed``) in a modulus wide enough for the noise; the server decodes
+the signed sum, divides it by the expected number of clients and records the noise the survivors added.
+
 A round that cannot finish (too few clients at some stage, a corrupt share) is abandoned: nothing is
 released and the global adapter stays as it was; the row says why.
 """
@@ -23,108 +27,33 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedtune import keys
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError
-from fedtune.lora import rank_of, rank_slice
-from fedtune.privacy import rounds as privacy
+from fedtune.lora import rank_of
+from fedtune.privacy import distributed
 from fedtune.privacy.secagg import flat, settings, stages
-from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
+from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.privacy.secagg.graph import neighbours
 from fedtune.privacy.secagg.masking import add, round_context
 from fedtune.privacy.secagg.quantize import wire_dtype
-from fedtune.server.loop import (
-    GridLike,
-    ServerState,
-    account_round,
-    declined,
-    record_site_epsilon,
-    release,
-    server_step,
-    stream_replies,
-)
-from fedtune.server.validation import expected_keys
-from fedtune.wire import payload_bytes, record_from_arrays
+from fedtune.privacy.skellam import SkellamEvent
+from fedtune.server import traffic
+from fedtune.server.loop import GridLike, ServerState, account_round, declined, record_site_epsilon, server_step
+from fedtune.server.secagg_exchanges import Exchanges, enough, kind_of, owned
+from fedtune.server.secagg_sum import Unmasked, aggregate
+from fedtune.server.validation import expected_keys, rank_ok
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 KEY_BYTES = 32
-
-
-def _payload(content: RecordDict) -> int:
-    """Bytes of array data and of byte strings (keys, ciphertexts, shares) a message carries."""
-    total = sum(payload_bytes(r) for r in content.array_records.values())
-    for record in content.config_records.values():
-        for value in record.values():
-            if isinstance(value, bytes):
-                total += len(value)
-            elif isinstance(value, list):
-                total += sum(len(v) for v in value if isinstance(v, bytes))
-    return total
-
-
-@dataclass
-class _Exchanges:
-    """Sends each stage's messages, keeps what answered, and tallies failures, bytes and seconds."""
-
-    grid: GridLike
-    rnd: int
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-    failures: dict[int, str] = field(default_factory=dict)
-
-    def run(
-        self,
-        stage: str,
-        kind: str,
-        contents: Mapping[int, RecordDict],
-        timeout: float,
-        handle: Callable[[int, Message], T | None],
-    ) -> dict[int, T]:
-        """Each node's ``handle``d reply; a node that errs, answers badly or not in time is a failure, one
-        whose ``handle`` returns None simply leaves (a dp-sgd site out of budget)."""
-        start = time.monotonic()
-        messages = [Message(c, dst_node_id=n, message_type=kind, group_id=str(self.rnd)) for n, c in contents.items()]
-        down, up, out, answered = sum(_payload(c) for c in contents.values()), 0, {}, set()
-        for node, reply in stream_replies(self.grid, messages, timeout):
-            if node not in contents or node in answered:
-                continue  # not asked this stage, or a second answer
-            answered.add(node)
-            try:
-                if reply.has_error():
-                    raise SecAggError(f"client error: {reply.error.reason}")
-                up += _payload(reply.content)
-                value = handle(node, reply)
-                if value is not None:
-                    out[node] = value
-            except (SecAggError, KeyError, TypeError, ValueError) as exc:
-                self.fail(node, stage, str(exc))
-            finally:
-                release(reply)
-        for node in sorted(set(contents) - answered):
-            self.fail(node, stage, f"no reply within {timeout:g} s")
-        n_down, n_up = max(len(contents), 1), max(len(answered), 1)
-        self.stages[stage] = {
-            "seconds": time.monotonic() - start,
-            "clients": len(contents),
-            "answered": len(out),
-            "bytes_down": down,
-            "bytes_up": up,
-            "bytes_down_per_client": down / n_down,
-            "bytes_up_per_client": up / n_up,
-        }
-        return out
-
-    def fail(self, node: int, stage: str, reason: str) -> None:
-        log.warning("round %d: secagg stage %s: node %d failed: %s", self.rnd, stage, node, reason)
-        self.failures.setdefault(node, f"secagg {stage}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -147,9 +76,11 @@ def secagg_round(
     """Run one SecAgg+ round with ``nodes``; update ``state.global_arrays`` unless it is abandoned; fill ``row``
     as ``loop._train_round`` does, plus ``row["secagg"]`` (parameters, survivors, per-stage bytes and seconds).
 
-    ``denominator`` is what ``central`` DP divides the noised sum by (the expected number of clients).
+    ``denominator`` is what ``central`` and ``distributed`` DP divide the noised sum by (the expected number
+    of clients). Under ``distributed`` the round is charged the noise its survivors' shares really add up to
+    (``row["secagg"]["distributed"]``); an abandoned round is charged its target noise.
     """
-    ex = _Exchanges(grid, rnd)
+    ex = Exchanges(grid, rnd)
     info: dict[str, Any] = {"stages": ex.stages}
     exhausted: list[int] = []
     survivors: list[int] = []
@@ -161,7 +92,9 @@ def secagg_round(
         log.warning("round %d: secure aggregation abandoned, global adapter unchanged: %s", rnd, exc)
         updated = False
     info["dropped"] = sorted(set(nodes) - set(survivors))
-    account_round(cfg, state, rnd, released=updated)
+    dp = info.get("distributed")
+    released = SkellamEvent(dp["l1"], dp["l2"], dp["mu_released"], 1) if updated and dp else None
+    account_round(cfg, state, rnd, released=updated, event=released)
     failures = [{"node": n, "reason": r} for n, r in sorted(ex.failures.items())]
     row.update(
         replied=len(survivors),
@@ -180,7 +113,7 @@ def secagg_round(
 
 def _protocol(
     cfg: RunConfig,
-    ex: _Exchanges,
+    ex: Exchanges,
     state: ServerState,
     rnd: int,
     nodes: list[int],
@@ -202,15 +135,15 @@ def _protocol(
         examples, rank = metrics[keys.NUM_EXAMPLES], metrics[keys.LORA_RANK]
         if not (isinstance(enc, bytes) and isinstance(mask, bytes) and len(enc) == len(mask) == KEY_BYTES):
             raise SecAggError("public keys must be two 32-byte strings")
-        if not (isinstance(examples, int) and examples >= 1 and isinstance(rank, int) and 1 <= rank <= full_rank):
+        if not (isinstance(examples, int) and examples >= 1 and rank_ok(rank, full_rank)):
             raise SecAggError(f"'{keys.NUM_EXAMPLES}' = {examples!r} or '{keys.LORA_RANK}' = {rank!r} is invalid")
         weight = float(examples) if cfg.strategy.weighting == "examples" else 1.0
         return _Advert(stages.PublicKeys(enc, mask), weight, rank)
 
     ask = RecordDict({keys.SPEC: spec, keys.SECAGG: ConfigRecord({keys.ROUND: rnd})})
-    adverts = ex.run("keys", _kind(MessageType.QUERY, keys.SECAGG_KEYS), {n: ask for n in nodes}, timeout, advert)
+    adverts = ex.run("keys", kind_of(MessageType.QUERY, keys.SECAGG_KEYS), {n: ask for n in nodes}, timeout, advert)
     u1 = sorted(adverts)
-    _enough(u1, 2, "advertised keys")
+    enough(u1, 2, "advertised keys")
     params = settings.resolve(cfg, len(u1))  # the graph is laid over U1
     info.update(
         degree=params.effective_degree,
@@ -219,14 +152,14 @@ def _protocol(
         modulus_bits=params.modulus_bits,
         clip=params.clip,
     )
-    _enough(u1, params.threshold, "advertised keys")
+    enough(u1, params.threshold, "advertised keys")
     for node in u1:
         state.node_ranks[node] = adverts[node].rank
     graph = neighbours(u1, params.degree)
 
     # Stage 2: each client's shares for its neighbours, encrypted; the server only relays them.
     def outbox(node: int, reply: Message) -> dict[int, bytes]:
-        return _owned(reply.content.config_records[keys.SECAGG], keys.SA_IDS, keys.SA_CIPHERTEXTS, graph[node])
+        return owned(reply.content.config_records[keys.SECAGG], keys.SA_IDS, keys.SA_CIPHERTEXTS, graph[node])
 
     def share_request(node: int) -> RecordDict:
         peers = sorted(graph[node])
@@ -244,21 +177,25 @@ def _protocol(
             }
         )
 
-    kind = _kind(MessageType.QUERY, keys.SECAGG_SHARE)
+    kind = kind_of(MessageType.QUERY, keys.SECAGG_SHARE)
     sent = ex.run("shares", kind, {n: share_request(n) for n in u1}, timeout, outbox)
     u2 = sorted(sent)
-    _enough(u2, params.threshold, "sent their shares")
+    enough(u2, params.threshold, "sent their shares")
 
     # Stage 3: train and send alpha_i * delta_i, quantized and masked; only the running sum is kept.
     expected = expected_keys(state.global_arrays, cfg)
     length = flat.length(expected)
     top = max(adverts[i].weight for i in u2)
     alpha = {i: adverts[i].weight / top for i in u2}
-    wire = wire_dtype(params.modulus_bits)
-    adapters: dict[int, ArrayRecord] = {}
-    for rank in {adverts[i].rank for i in u2}:
-        arrays = rank_slice(state.global_arrays, rank) if rank != full_rank else state.global_arrays
-        adapters[rank] = record_from_arrays(arrays)
+    bits, cal = params.modulus_bits, None
+    if cfg.privacy.mechanism == "distributed":
+        cal = distributed.calibrate(cfg, length, params.threshold)
+        if found := distributed.problems(cfg, length, len(u2), params.threshold):
+            raise ConfigError(" ".join(found))
+        bits = cal.modulus_need(len(u2))
+        info.update(modulus_bits=bits)
+    wire = wire_dtype(bits)
+    adapters = {rank: traffic.adapter_records(cfg, state, rnd, rank) for rank in {adverts[i].rank for i in u2}}
 
     def train_request(node: int) -> RecordDict:
         senders = sorted(set(graph[node]) & set(u2))
@@ -269,12 +206,10 @@ def _protocol(
             keys.SA_ALPHA: alpha[node],
             keys.SA_QUANT_BITS: params.quant_bits,
             keys.SA_CLIP: params.clip,
-            keys.SA_MODULUS_BITS: params.modulus_bits,
+            keys.SA_MODULUS_BITS: bits,
             keys.SA_LENGTH: length,
         }
-        return RecordDict(
-            {keys.ADAPTER: adapters[adverts[node].rank], keys.SPEC: spec, keys.SECAGG: ConfigRecord(record)}
-        )
+        return RecordDict({**adapters[adverts[node].rank], keys.SPEC: spec, keys.SECAGG: ConfigRecord(record)})
 
     total: list[np.ndarray] = []
 
@@ -288,85 +223,36 @@ def _protocol(
         vector = arrays[keys.MASKED].numpy()
         if vector.dtype != wire or vector.shape != (length,):
             raise SecAggError(f"masked input is {vector.dtype} {vector.shape}, expected {wire} ({length},)")
-        total[:] = [add([*total, vector], params.modulus_bits)]
+        total[:] = [add([*total, vector], bits)]
         record_site_epsilon(reply.content.metric_records.get(keys.METRICS, {}), node, state)
         return True
 
-    kind = _kind(MessageType.TRAIN, keys.SECAGG_TRAIN)
+    kind = kind_of(MessageType.TRAIN, keys.SECAGG_TRAIN)
     masked = ex.run("masked", kind, {n: train_request(n) for n in u2}, cfg.server.round_timeout, fold)
     u3 = sorted(masked)
-    _enough(u3, max(params.threshold, cfg.server.min_replies), "sent their masked input")
+    enough(u3, max(params.threshold, cfg.server.min_replies), "sent their masked input")
     dropped = sorted(set(u2) - set(u3))
     info.update(survivors=len(u3), recovered=dropped)
 
     # Stage 4: seed shares of the survivors, key shares of the dropped; then unmask and step.
     def shares_of(node: int, reply: Message) -> tuple[dict[int, bytes], dict[int, bytes]]:
         record = reply.content.config_records[keys.SECAGG]
-        seeds = _owned(record, keys.SA_SEED_OWNERS, keys.SA_SEED_SHARES)
-        return seeds, _owned(record, keys.SA_KEY_OWNERS, keys.SA_KEY_SHARES)
+        seeds = owned(record, keys.SA_SEED_OWNERS, keys.SA_SEED_SHARES)
+        return seeds, owned(record, keys.SA_KEY_OWNERS, keys.SA_KEY_SHARES)
 
     ask_unmask = RecordDict(
         {keys.SECAGG: ConfigRecord({keys.ROUND: rnd, keys.SA_SURVIVORS: u3, keys.SA_DROPPED: dropped})}
     )
-    kind = _kind(MessageType.QUERY, keys.SECAGG_UNMASK)
+    kind = kind_of(MessageType.QUERY, keys.SECAGG_UNMASK)
     replies = ex.run("unmask", kind, {n: ask_unmask for n in u3}, timeout, shares_of)
     start = time.monotonic()
     context = round_context(rnd, state.run_id.encode())
     masked_with = {j: graph[j] & set(u3) for j in dropped}
     publics = {i: adverts[i].public.mask for i in u1}
-    ints = stages.unmask_sum(total[0], replies.values(), u3, masked_with, publics, params.modulus_bits, rnd, context)
-    summed = params.quantizer().dequantize_sum(ints, len(u3))  # sum_i alpha_i delta_i, float64 (L,)
+    ints = stages.unmask_sum(total[0], replies.values(), u3, masked_with, publics, bits, rnd, context)
     weights = {i: (alpha[i], adverts[i].rank) for i in u3}
-    delta = _mean(cfg, summed, weights, expected, full_rank, denominator, state)
+    summed = Unmasked(ints, bits, params, cal, weights)
+    delta = aggregate(cfg, summed, expected, full_rank, denominator, state, info)
     state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}
     ex.stages["unmask"]["seconds"] += time.monotonic() - start
     return u3
-
-
-def _mean(
-    cfg: RunConfig,
-    summed: np.ndarray,
-    weights: Mapping[int, tuple[float, int]],
-    expected: dict[str, np.ndarray],
-    full_rank: int,
-    denominator: float,
-    state: ServerState,
-) -> dict[str, np.ndarray]:
-    """The round's aggregate from the sum: the noised sum over ``denominator`` (``central``), else the
-    weighted mean, each entry divided by the alpha of the sites whose rank covers it."""
-    if cfg.privacy.mechanism == "central":
-        central = privacy.central_round(cfg, denominator, state.noise_rng)
-        central.noised.add_sum(flat.unflatten(summed, expected), len(weights))
-        return central.noised.result(expected)
-    by_rank: dict[int, float] = {}
-    for a, rank in weights.values():
-        by_rank[rank] = by_rank.get(rank, 0.0) + a
-    if set(by_rank) <= {full_rank}:
-        return flat.unflatten(summed / sum(by_rank.values()), expected)
-    cover = sum(a * flat.coverage(rank, expected) for rank, a in by_rank.items())
-    mean = np.divide(summed, cover, out=np.zeros_like(summed), where=cover > 0)
-    return flat.unflatten(mean, expected)
-
-
-def _owned(
-    record: Mapping[str, Any], owners_key: str, values_key: str, exactly: frozenset[int] | None = None
-) -> dict[int, bytes]:
-    """{owner: bytes} from two parallel lists; ``exactly``: the owners that must appear, once each."""
-    owners, values = record[owners_key], record[values_key]
-    if not (isinstance(owners, list) and isinstance(values, list) and len(owners) == len(values)):
-        raise SecAggError(f"'{owners_key}' and '{values_key}' must be lists of equal length")
-    if not all(isinstance(v, bytes) for v in values) or len(set(owners)) != len(owners):
-        raise SecAggError(f"'{values_key}' must be byte strings, one per distinct owner")
-    out = {int(o): v for o, v in zip(owners, values, strict=True)}
-    if exactly is not None and set(out) != exactly:
-        raise SecAggError(f"'{owners_key}' must be exactly the neighbours {sorted(exactly)}, got {sorted(out)}")
-    return out
-
-
-def _enough(who: list[int], needed: int, did: str) -> None:
-    if len(who) < max(needed, 2):
-        raise TooFewSurvivors(f"only {len(who)} client(s) {did}; the round needs at least {max(needed, 2)}.")
-
-
-def _kind(category: str, action: str) -> str:
-    return f"{category}.{action}"

@@ -5,17 +5,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from flwr.app import Message
 
 from fedtune import keys
+from fedtune.codec import Scheme
 from fedtune.config import RunConfig
 from fedtune.errors import UpdateRejected
 from fedtune.lora import pad_rank, rank_of, rank_slice, sent_keys
 from fedtune.strategies.kernels import sum_of_squares
-from fedtune.wire import arrays_from_record
+from fedtune.wire import decode
 
 Arrays = dict[str, np.ndarray]
 
@@ -48,6 +49,19 @@ def validate_delta(delta: Arrays, reference: Arrays, max_norm: float) -> float:
     return norm
 
 
+def rank_ok(rank: Any, full_rank: int) -> TypeGuard[int]:
+    """A site's reported LoRA rank: 1..the global rank, or 0 when the global state has no LoRA
+    matrices (``peft.method`` other than lora)."""
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        return False
+    return 1 <= rank <= full_rank if full_rank else rank == 0
+
+
+def rank_range(full_rank: int) -> str:
+    """What :func:`rank_ok` accepts, in words."""
+    return f"1..{full_rank}" if full_rank else "0 (the run's `peft.method` has no LoRA rank)"
+
+
 @dataclass(frozen=True)
 class Accepted:
     """A reply that passed validation, ready for the aggregator."""
@@ -74,8 +88,7 @@ def accept_reply(reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accep
     """Check one train reply end to end; raise UpdateRejected naming the reason."""
     if reply.has_error():
         raise UpdateRejected(f"client error: {reply.error.reason}")
-    record = reply.content.array_records.get(keys.DELTA)
-    if record is None:
+    if keys.DELTA not in reply.content.array_records:
         raise UpdateRejected(f"reply has no '{keys.DELTA}' record")
     metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
     examples = metrics.get(keys.NUM_EXAMPLES)
@@ -84,10 +97,12 @@ def accept_reply(reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accep
     expected = expected_keys(global_arrays, cfg)
     full_rank = rank_of(global_arrays) or 0
     rank = metrics.get(keys.LORA_RANK, full_rank)
-    if not isinstance(rank, int) or not 1 <= rank <= max(full_rank, 1):
-        raise UpdateRejected(f"'{keys.LORA_RANK}' = {rank!r} is outside 1..{full_rank}")
-    delta = arrays_from_record(record)
-    norm = validate_delta(delta, rank_slice(expected, rank), cfg.server.max_update_norm)
+    if not rank_ok(rank, full_rank):
+        raise UpdateRejected(f"'{keys.LORA_RANK}' = {rank!r} is outside {rank_range(full_rank)}")
+    reference = rank_slice(expected, rank) if full_rank else expected
+    scheme = Scheme.of(cfg.compression, "uplink")
+    delta = decode(reply.content, keys.DELTA, scheme, {k: v.shape for k, v in reference.items()})
+    norm = validate_delta(delta, reference, cfg.server.max_update_norm)
     masks = None
     if rank < full_rank:
         delta, masks = pad_rank(delta, expected)

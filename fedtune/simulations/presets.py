@@ -39,8 +39,9 @@ PRESETS: dict[str, dict[str, Scalar]] = {
         "simulation.num-supernodes": 3,
     },
     # The demo: SmolLM2-135M-Instruct, one simulated site per hospital in the demo data (the
-    # defaults of fedtune/config.py, which [tool.flwr.app.config] mirrors).
-    "smollm2": {},
+    # defaults of fedtune/config.py, which [tool.flwr.app.config] mirrors), plus task metrics on
+    # answers generated for 4 held-out prompts per evaluation (generation is slow on a CPU).
+    "smollm2": {"eval.metrics": "loss,exact-match,f1,rouge-l", "eval.max-generate": 4},
 }
 
 
@@ -51,9 +52,13 @@ def preset(name: str) -> dict[str, Scalar]:
     return dict(PRESETS[name])
 
 
-def build_tiny_model(directory: Path, seed: int = 0, chat_template: bool = True) -> Path:
+def build_tiny_model(directory: Path, seed: int = 0, chat_template: bool = True, biases: bool = False) -> Path:
     # The seed is the model's own (default 0), not the run's: every site must build the same base.
-    """Build (once) a tiny Llama and a BPE tokenizer trained on the demo data, saved to ``directory``."""
+    """Build (once) a tiny Llama and a BPE tokenizer trained on the demo data, saved to ``directory``.
+
+    ``biases`` gives its attention and MLP projections bias parameters (Llama has none by default),
+    so that ``peft.method = bitfit`` has something to train.
+    """
     if (directory / "config.json").is_file():
         return directory
 
@@ -72,6 +77,8 @@ def build_tiny_model(directory: Path, seed: int = 0, chat_template: bool = True)
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=True,
             initializer_range=0.15,  # wider than 0.02 so a frozen random head can express peaked logits
+            attention_bias=biases,
+            mlp_bias=biases,
         )
         torch.manual_seed(seed)
         LlamaForCausalLM(config).save_pretrained(tmp)

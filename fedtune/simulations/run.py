@@ -10,7 +10,9 @@ from fedtune.data.loaders import eval_source, load_records, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import check_format
 from fedtune.errors import ConfigError
+from fedtune.hardware import check_site
 from fedtune.logs import quiet_flower, setup_logging
+from fedtune.methods import check_model_files
 from fedtune.models import load_tokenizer, resolve_model
 from fedtune.privacy import compat
 from fedtune.server.app import make_server_app, run_server
@@ -30,7 +32,9 @@ def precheck(plan: Plan) -> None:
             f"`server.min-clients` ({cfg.server.min_clients}) exceeds the {n} simulated sites "
             "(`simulation.num-supernodes` / --clients)."
         )
+    check_site(cfg, "the simulated sites")
     path = resolve_model(cfg.model)
+    check_model_files(cfg, path)
     check_format(cfg.data, load_tokenizer(path), cfg.model.name)
     rows = load_records(train_source(cfg.data), cfg.data)
     for pid in range(n):

@@ -25,9 +25,16 @@ from fedtune.errors import ConfigError
 
 PREFIX = "plan."
 # The model, the adapter's shape and the data stay fixed for a run.
-FIXED_PREFIXES = ("model.", "lora.", "data.", "simulation.", "output.")
+FIXED_PREFIXES = ("model.", "lora.", "peft.", "data.", "simulation.", "output.")
 # One budget for the run: its target, delta and accountant cannot change halfway.
-FIXED_KEYS = ("num-server-rounds", "seed", "privacy.target-epsilon", "privacy.delta", "privacy.accountant")
+FIXED_KEYS = (
+    "num-server-rounds",
+    "seed",
+    "privacy.target-epsilon",
+    "privacy.delta",
+    "privacy.accountant",
+    "communication.budget-mb",
+)
 _RANGE = re.compile(r"^(\d+)(?:-(\d*))?$")
 
 

@@ -35,7 +35,7 @@ SECAGG_KINDS = {"query.secagg_keys", "query.secagg_share", "train.secagg", "quer
 FAST = {
     "num-server-rounds": 2,
     "secagg.protocol": "secagg",
-    "secagg.stage-timeout": 1.0,
+    "secagg.stage-timeout": 3.0,  # lost replies wait this long; training must fit in it under load
     "train.local-steps": 2,
     "train.batch-size": 2,
     "eval.federated": False,

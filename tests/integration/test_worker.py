@@ -78,9 +78,11 @@ def test_a_round_through_the_worker_equals_the_in_process_handlers(tiny_model: P
             # Assert: the same reply, bit for bit, addressed to the same message
             assert not forwarded.has_error(), forwarded.error.reason if forwarded.has_error() else ""
             assert forwarded.metadata.reply_to_message_id == direct.metadata.reply_to_message_id
-            assert dict(forwarded.content.metric_records[keys.METRICS]) == dict(
-                direct.content.metric_records[keys.METRICS]
-            )
+            timeless = [  # a site's own seconds (time-load, time-train, ...) differ from run to run
+                {k: v for k, v in reply.content.metric_records[keys.METRICS].items() if not k.startswith("time-")}
+                for reply in (forwarded, direct)
+            ]
+            assert timeless[0] == timeless[1]
             if kind == MessageType.TRAIN:
                 ours = arrays_from_record(forwarded.content.array_records[keys.DELTA])
                 theirs = arrays_from_record(direct.content.array_records[keys.DELTA])

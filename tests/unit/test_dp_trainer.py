@@ -111,3 +111,30 @@ def test_per_example_clip_bound_holds_on_padded_batches(setup: tuple[Any, list[E
         optimizer.zero_grad(set_to_none=True)
         gsm._close()
         model.eval()
+
+
+def test_virtual_steps_give_the_update_of_the_whole_poisson_batch(setup: tuple[Any, list[Example]]) -> None:
+    # Prepare: no noise, a clip norm that binds, the same Poisson batches (same generator, q = 0.5)
+    model, examples = setup
+    init_adapter(model, seed=5)
+    set_trainable(model, freeze_a=False)
+    rng = np.random.default_rng(0)  # a non-zero B, as after earlier rounds
+    start = {
+        k: v + (0.05 * rng.standard_normal(v.shape)).astype(np.float32) if "lora_B" in k else v
+        for k, v in adapter_arrays(model).items()
+    }
+    dp = DPSettings(0.0, 1e-2, 0.5, 3)
+
+    def after(cfg: TrainConfig) -> dict[str, np.ndarray]:
+        load_adapter_arrays(model, start)
+        train_dp(model, examples, cfg, dp, pad_id=0, desc="dp", generator=torch.Generator().manual_seed(1))
+        end = adapter_arrays(model)
+        return {k: end[k] - start[k] for k in start}
+
+    # Execute
+    whole = after(TrainConfig(local_steps=3, batch_size=6, lr=5e-4))
+    chunked = after(TrainConfig(local_steps=3, batch_size=2, grad_accum_steps=3, lr=5e-4))
+
+    # Assert: per-example clipping and the sum do not depend on how the batch is chunked
+    assert max(float(np.abs(whole[k]).max()) for k in whole) > 1e-3
+    assert max(float(np.abs(whole[k] - chunked[k]).max()) for k in whole) < 1e-6

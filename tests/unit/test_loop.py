@@ -55,7 +55,7 @@ def honest(msg: Message) -> Message:
 def run_loop(cfg: Plan, grid: FakeGrid) -> tuple[loop.ServerState, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     state = loop.ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(cfg.base.seed))
-    state = loop.run(cfg, grid, state, evaluate=lambda arrays: None, on_round=lambda s, row: rows.append(row))
+    state = loop.run(cfg, grid, state, evaluate=lambda arrays, cfg: {}, on_round=lambda s, row: rows.append(row))
     return state, rows
 
 
@@ -243,7 +243,7 @@ def test_server_memory_does_not_grow_with_the_number_of_replies(task_identity: N
 
     # Execute
     tracemalloc.start()
-    state = loop.run(plan, LazyGrid(list(range(1, 41))), state, evaluate=lambda a: None, on_round=lambda s, r: None)
+    state = loop.run(plan, LazyGrid(list(range(1, 41))), state, evaluate=lambda a, c: {}, on_round=lambda s, r: None)
     peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
 

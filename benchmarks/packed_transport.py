@@ -1,0 +1,65 @@
+"""Deployed round time with the adapter sent one array per PEFT key (float32, the default) against
+one packed array (``compression.uplink/downlink = float32``, lossless; then int8), same invocation.
+
+Reuses ``deploy_round.py``'s harness: ``fedtune server`` + N x ``fedtune client`` (with the site
+worker) on 127.0.0.1 with TLS and SuperNode authentication; the SuperNodes' own log lines give the
+seconds spent pulling each message from the SuperLink and pushing each reply. Prints markdown:
+
+    .venv/bin/python benchmarks/packed_transport.py --preset tiny --sites 3 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from deploy_round import CLI, ENV, run_variant
+
+VARIANTS = {
+    "per-key float32 (baseline)": [],
+    "packed float32": ["compression.uplink=float32", "compression.downlink=float32"],
+    "packed int8": ["compression.uplink=int8", "compression.downlink=int8"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], help="server config (KEY=VALUE, repeatable)")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="fedtune-packed-"))
+    print(f"logs in {root}")
+    keys = root / "keys"
+    subprocess.run([*CLI, "keys", "--out", str(keys), "--nodes", str(args.sites)], env=ENV, check=True)
+    results = {}
+    for i, (name, sets) in enumerate(VARIANTS.items()):
+        variant = argparse.Namespace(**{**vars(args), "set": [*args.set, *sets]})
+        results[name] = run_variant(keys, root / f"v{i}", variant, worker=True)
+    base = results["per-key float32 (baseline)"]
+    print(f"\n{args.preset}, {args.sites} sites, {args.rounds} rounds, sets {args.set}\n")
+    rounds = " | ".join(f"round {r} (s)" for r in range(1, args.rounds + 1))
+    print(
+        f"| variant | bytes up per client | {rounds} | ratio to baseline | pull message, mean (s) "
+        "| push reply, mean (s) | eval loss |"
+    )
+    print("|---|---|" + "---|" * (args.rounds + 4))
+    for name, result in results.items():
+        rows = result["rows"][1:]
+        ratio = " / ".join(f"{r['seconds'] / b['seconds']:.2f}" for r, b in zip(rows, base["rows"][1:], strict=True))
+        per = [s[r] for s in result["sites"] for r in s if r >= 1]
+        pull = statistics.mean(p["pull"] for p in per if "pull" in p)
+        push = statistics.mean(p["push"] for p in per if "push" in p)
+        up = statistics.mean(c["up"] for r in rows for c in r["bytes_per_client"].values())
+        cells = [f"{up:,.0f}", *(f"{r['seconds']:.1f}" for r in rows), ratio, f"{pull:.2f}", f"{push:.2f}"]
+        print(f"| {name} | " + " | ".join(cells) + f" | {rows[-1]['eval_loss']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

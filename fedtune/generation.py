@@ -1,0 +1,81 @@
+"""Greedy answers to held-out prompts, and their task metrics (what ``eval.metrics`` asks for)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedtune import task_metrics
+from fedtune.config import DataConfig, EvalConfig
+from fedtune.data.prompts import render_prompt
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Mapping[str, Any]],
+    data: DataConfig,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    """Greedy answers of ``model`` to each record's prompt, decoded without special tokens.
+
+    Prompts are left-padded into batches of ``batch_size``, so every answer starts at the same
+    column and generation stops once every answer in the batch has ended.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    answers: list[str] = []
+    for start in range(0, len(records), batch_size):
+        prompts = [render_prompt(r, data, tokenizer) for r in records[start : start + batch_size]]
+        enc = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+        enc = enc.to(device)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )  # (B, T_prompt + T_new)
+        width = enc["input_ids"].shape[1]
+        answers += [str(tokenizer.decode(row[width:], skip_special_tokens=True)).strip() for row in out]
+    return answers
+
+
+def generated_names(cfg: EvalConfig) -> list[str]:
+    """The metrics in ``eval.metrics`` that need generated answers."""
+    return [n for n in cfg.metric_names() if n in task_metrics.GENERATED]
+
+
+def label_of(record: Mapping[str, Any], data: DataConfig) -> str | None:
+    """The record's label (``data.label-field``) as text, or None when there is none."""
+    if not data.label_field:
+        return None
+    value = record.get(data.label_field)
+    return None if value is None or str(value).strip() == "" else str(value)
+
+
+def task_scores(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Mapping[str, Any]],
+    data: DataConfig,
+    cfg: EvalConfig,
+) -> tuple[dict[str, float], int]:
+    """The generated-answer metrics ``eval.metrics`` names on the first ``eval.max-generate``
+    records, and how many records were generated for (0 when no such metric is asked for)."""
+    names = generated_names(cfg)
+    chosen = list(records[: cfg.max_generate])
+    if not names or not chosen:
+        return {}, 0
+    answers = generate_answers(
+        model, tokenizer, chosen, data, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+    )
+    references = [str(r.get(data.output_field) or "") for r in chosen]
+    labels = [label_of(r, data) for r in chosen]
+    return task_metrics.score(names, answers, references, labels), len(chosen)

@@ -1,0 +1,115 @@
+"""SecAgg+'s message exchanges with the sampled clients: send one stage, keep what answered in time,
+tally failures, bytes and seconds; and the checks every stage's replies share.
+
+``server/secagg_round.py`` runs the four stages through :class:`Exchanges`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from flwr.app import Message, RecordDict
+
+from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
+from fedtune.server.loop import GridLike, release, stream_replies
+from fedtune.wire import payload_bytes
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _payload(content: RecordDict) -> int:
+    """Bytes of array data and of byte strings (keys, ciphertexts, shares) a message carries."""
+    total = sum(payload_bytes(r) for r in content.array_records.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            if isinstance(value, bytes):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(v) for v in value if isinstance(v, bytes))
+    return total
+
+
+@dataclass
+class Exchanges:
+    """Sends each stage's messages, keeps what answered, and tallies failures, bytes and seconds."""
+
+    grid: GridLike
+    rnd: int
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+
+    def run(
+        self,
+        stage: str,
+        kind: str,
+        contents: Mapping[int, RecordDict],
+        timeout: float,
+        handle: Callable[[int, Message], T | None],
+    ) -> dict[int, T]:
+        """Each node's ``handle``d reply; a node that errs, answers badly or not in time is a failure, one
+        whose ``handle`` returns None simply leaves (a dp-sgd site out of budget)."""
+        start = time.monotonic()
+        messages = [Message(c, dst_node_id=n, message_type=kind, group_id=str(self.rnd)) for n, c in contents.items()]
+        down, up, out, answered = sum(_payload(c) for c in contents.values()), 0, {}, set()
+        for node, reply in stream_replies(self.grid, messages, timeout):
+            if node not in contents or node in answered:
+                continue  # not asked this stage, or a second answer
+            answered.add(node)
+            try:
+                if reply.has_error():
+                    raise SecAggError(f"client error: {reply.error.reason}")
+                up += _payload(reply.content)
+                value = handle(node, reply)
+                if value is not None:
+                    out[node] = value
+            except (SecAggError, KeyError, TypeError, ValueError) as exc:
+                self.fail(node, stage, str(exc))
+            finally:
+                release(reply)
+        for node in sorted(set(contents) - answered):
+            self.fail(node, stage, f"no reply within {timeout:g} s")
+        n_down, n_up = max(len(contents), 1), max(len(answered), 1)
+        self.stages[stage] = {
+            "seconds": time.monotonic() - start,
+            "clients": len(contents),
+            "answered": len(out),
+            "bytes_down": down,
+            "bytes_up": up,
+            "bytes_down_per_client": down / n_down,
+            "bytes_up_per_client": up / n_up,
+        }
+        return out
+
+    def fail(self, node: int, stage: str, reason: str) -> None:
+        log.warning("round %d: secagg stage %s: node %d failed: %s", self.rnd, stage, node, reason)
+        self.failures.setdefault(node, f"secagg {stage}: {reason}")
+
+
+def owned(
+    record: Mapping[str, Any], owners_key: str, values_key: str, exactly: frozenset[int] | None = None
+) -> dict[int, bytes]:
+    """{owner: bytes} from two parallel lists; ``exactly``: the owners that must appear, once each."""
+    owners, values = record[owners_key], record[values_key]
+    if not (isinstance(owners, list) and isinstance(values, list) and len(owners) == len(values)):
+        raise SecAggError(f"'{owners_key}' and '{values_key}' must be lists of equal length")
+    if not all(isinstance(v, bytes) for v in values) or len(set(owners)) != len(owners):
+        raise SecAggError(f"'{values_key}' must be byte strings, one per distinct owner")
+    out = {int(o): v for o, v in zip(owners, values, strict=True)}
+    if exactly is not None and set(out) != exactly:
+        raise SecAggError(f"'{owners_key}' must be exactly the neighbours {sorted(exactly)}, got {sorted(out)}")
+    return out
+
+
+def enough(who: list[int], needed: int, did: str) -> None:
+    if len(who) < max(needed, 2):
+        raise TooFewSurvivors(f"only {len(who)} client(s) {did}; the round needs at least {max(needed, 2)}.")
+
+
+def kind_of(category: str, action: str) -> str:
+    return f"{category}.{action}"

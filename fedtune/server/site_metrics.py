@@ -1,0 +1,134 @@
+"""Per-site evaluation metrics and data-check counts: decoding replies, combining them into a
+round's columns, and ``OUT/sites.json`` (each site's latest scores and their spread across sites)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedtune import keys
+from fedtune.task_metrics import GENERATED, LOSS, column
+
+SITES_FILE = "sites.json"
+NOT_COVERED = (
+    "Not covered by the run's differential-privacy guarantee: each site's held-out loss and task metrics "
+    "(`eval.metrics`) are reported without noise (`eval.federated = false` turns them off)."
+)
+CHECK_NAMES = ("malformed", "empty", "duplicates", "too_long")
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def eval_entry(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One site's eval reply as ``metrics.jsonl`` and ``sites.json`` carry it, or None if unusable."""
+    n = metrics.get(keys.NUM_EXAMPLES)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return None
+    entry: dict[str, Any] = {"num_examples": n}
+    if (loss := _number(metrics.get(keys.EVAL_LOSS))) is not None:
+        entry[column(LOSS)] = loss
+    generated = metrics.get(keys.NUM_GENERATED)
+    if isinstance(generated, int) and not isinstance(generated, bool) and generated >= 1:
+        entry["num_generated"] = generated
+        for name in GENERATED:
+            if (value := _number(metrics.get(name))) is not None and 0 <= value <= 1:
+                entry[column(name)] = value
+    return entry
+
+
+def combine(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The federation's value of each metric, by metric name: the loss weighted by held-out
+    examples, the task metrics by answers generated (as one pooled held-out set would give)."""
+    out: dict[str, float] = {}
+    for name in (LOSS, *GENERATED):
+        weight_key = "num_examples" if name == LOSS else "num_generated"
+        pairs = [(e[column(name)], e[weight_key]) for e in entries.values() if column(name) in e]
+        if pairs:
+            out[name] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+    return out
+
+
+def round_columns(names: Sequence[str], central: Mapping[str, float], federated: Mapping[str, float]) -> dict[str, Any]:
+    """A round's evaluation columns: for each metric, ``<m>_central``, ``<m>_federated`` and ``<m>``
+    (the central value when there is one, else the federated one); the loss columns always."""
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys([LOSS, *names]):
+        col = column(name)
+        c, f = central.get(name), federated.get(name)
+        out.update({f"{col}_central": c, f"{col}_federated": f, col: c if c is not None else f})
+    return out
+
+
+def data_checks(metrics: Mapping[str, Any]) -> dict[str, int] | None:
+    """The data-check counts a train reply carries, or None when it carries none (under DP)."""
+    found: dict[str, int] = {}
+    for name in CHECK_NAMES:
+        value = metrics.get(keys.DATA_CHECK + name.replace("_", "-"))
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return None
+        found[name] = value
+    return found
+
+
+def sites_report(history: Sequence[Mapping[str, Any]], privacy_note: str | None) -> dict[str, Any]:
+    """``sites.json``: each site's latest eval scores (with the round and example counts) and
+    latest data-check counts, and per metric the spread across sites (unweighted: each site counts
+    once, so an unfair model shows as a wide spread)."""
+    sites: dict[str, dict[str, Any]] = {}
+    for row in history:
+        for node, entry in (row.get("sites_eval") or {}).items():
+            sites.setdefault(str(node), {})["eval"] = {"round": row["round"], **entry}
+        for node, counts in (row.get("data_checks") or {}).items():
+            sites.setdefault(str(node), {})["data_checks"] = {"round": row["round"], **counts}
+    spread: dict[str, dict[str, float | int]] = {}
+    for name in (LOSS, *GENERATED):
+        values = [s["eval"][column(name)] for s in sites.values() if column(name) in s.get("eval", {})]
+        if values:
+            spread[column(name)] = {
+                "min": min(values),
+                "max": max(values),
+                "mean": sum(values) / len(values),
+                "sites": len(values),
+            }
+    out: dict[str, Any] = {"sites": dict(sorted(sites.items(), key=lambda kv: int(kv[0]))), "spread": spread}
+    if privacy_note:
+        out["privacy"] = privacy_note
+    return out
+
+
+def write_sites(out: Path, history: Sequence[Mapping[str, Any]], privacy_note: str | None) -> None:
+    """Write ``OUT/sites.json`` atomically (temp file, then rename)."""
+    path = out / SITES_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(sites_report(history, privacy_note), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def base_vs_final(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """``summary.json``'s ``task_metrics``: each task metric of the base model (round 0) and of the
+    final model (the last round that computed it), or None when no round computed any."""
+    names = [column(m) for m in GENERATED if any(r.get(column(m)) is not None for r in history)]
+    if not names or not history or history[0].get("round") != 0:
+        return None
+    last = next(r for r in reversed(history) if any(r.get(n) is not None for n in names))
+    return {
+        "final_round": last["round"],
+        "base": {n: history[0].get(n) for n in names},
+        "final": {n: last.get(n) for n in names},
+    }
+
+
+def base_vs_final_line(section: Mapping[str, Any]) -> str:
+    """One log line: ``rouge_l 0.213 -> 0.871`` per metric."""
+    parts = [f"{n} {_fmt(section['base'][n])} -> {_fmt(section['final'][n])}" for n in section["base"]]
+    return f"Task metrics, base model (round 0) -> final model (round {section['final_round']}): " + ", ".join(parts)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,58 @@
+"""Where a round's time goes: the sites' own load / train / serialize seconds (from their replies),
+transport (each reply's round trip minus what its site reported), and the server's parts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from fedtune import keys
+
+CLIENT_PARTS = {"load": keys.TIME_LOAD, "train": keys.TIME_TRAIN, "serialize": keys.TIME_SERIALIZE}
+
+
+class RoundClock:
+    """Accumulates one round's time breakdown for ``metrics.jsonl`` (``time``).
+
+    Client parts are summed over the round's replies (client-seconds). A reply's round trip starts
+    when the messages are pushed or, on an in-process grid (sites run one after another inside the
+    pull), when the loop asked for the next reply; so ``transport`` also holds any time a message
+    waited for a free simulation worker.
+    """
+
+    def __init__(self, *, sequential: bool) -> None:
+        self.sequential = sequential
+        self.parts: dict[str, float] = {
+            "load": 0.0,
+            "train": 0.0,
+            "serialize": 0.0,
+            "transport": 0.0,
+            "server_serialize": 0.0,
+            "aggregate": 0.0,
+            "eval": 0.0,
+        }
+        self.pushed = self.resumed = time.perf_counter()
+
+    def push(self, serialize_seconds: float) -> None:
+        """The messages are built (``serialize_seconds``) and about to be pushed."""
+        self.parts["server_serialize"] += serialize_seconds
+        self.pushed = self.resumed = time.perf_counter()
+
+    def arrived(self, metrics: Mapping[str, Any]) -> None:
+        """A reply arrived now; take its site's own seconds out of its round trip."""
+        trip = time.perf_counter() - (self.resumed if self.sequential else self.pushed)
+        own = 0.0
+        for part, key in CLIENT_PARTS.items():
+            value = metrics.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+                self.parts[part] += float(value)
+                own += float(value)
+        self.parts["transport"] += max(trip - own, 0.0)
+
+    def resume(self) -> None:
+        """The loop is done with the last reply and waits for the next."""
+        self.resumed = time.perf_counter()
+
+    def add(self, part: str, seconds: float) -> None:
+        self.parts[part] += seconds

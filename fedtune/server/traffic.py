@@ -1,0 +1,116 @@
+"""Communication: the global adapter as each round sends it, bytes per client, and the byte budget.
+
+Under ``compression.downlink`` the server encodes the global adapter and **adopts the dequantized
+values as the global adapter** before sending it, so the server steps from exactly what the
+clients received and computed their deltas against. Re-encoding values that already sit on the
+quantization grid gives them back (the block's largest magnitude maps to the top code exactly), so
+an entry that no round changes does not drift. A compressed global adapter travels at full rank;
+a lower-rank site takes its slice after decoding.
+
+The budget (``communication.budget-mb``) is checked before every round against that round's
+projected bytes: the sizes of every encoding follow from the shapes and the settings, so the
+projection equals what is then sent when every client answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedtune import keys
+from fedtune.codec import Scheme, rng_for
+from fedtune.config import RunConfig
+from fedtune.errors import CommunicationBudgetExceeded
+from fedtune.lora import rank_of, rank_slice, sent_keys
+from fedtune.wire import Arrays, decode, encode, encoded_bytes
+
+if TYPE_CHECKING:
+    from fedtune.server.loop import ServerState
+
+log = logging.getLogger(__name__)
+
+MB = 10**6
+Records = dict[str, ArrayRecord | MetricRecord | ConfigRecord]
+
+
+def adapter_records(cfg: RunConfig, state: ServerState, rnd: int, rank: int | None) -> Records:
+    """The global adapter for a client of LoRA ``rank``: float32 at its rank, or under
+    ``compression.downlink`` the full-rank encoding, which then becomes the global adapter."""
+    scheme = Scheme.of(cfg.compression, "downlink")
+    if scheme is None:
+        full = rank_of(state.global_arrays)
+        arrays = rank_slice(state.global_arrays, rank) if rank and rank != full else state.global_arrays
+        return encode(arrays, keys.ADAPTER, None, rng_for(cfg.seed, rnd, "server"))[0]
+    cached = state.downlink
+    if cached is not None and cached[0] == scheme and cached[1] is state.global_arrays:
+        return cached[2]
+    records, _ = encode(state.global_arrays, keys.ADAPTER, scheme, rng_for(cfg.seed, rnd, "server"))
+    state.global_arrays = decode(RecordDict(records), keys.ADAPTER, scheme)
+    state.downlink = (scheme, state.global_arrays, records)
+    return records
+
+
+def _shapes(arrays: Arrays) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in arrays.items()}
+
+
+def projected_bytes(cfg: RunConfig, state: ServerState, train_nodes: Iterable[int], eval_nodes: Iterable[int]) -> int:
+    """Bytes the round will move if every client answers: the adapter down to each trained and
+    evaluated client, and each trained client's encoded delta up."""
+    down_scheme, up_scheme = Scheme.of(cfg.compression, "downlink"), Scheme.of(cfg.compression, "uplink")
+    full = rank_of(state.global_arrays)
+    sent = sent_keys(state.global_arrays, cfg.lora.freeze_a)
+
+    def down(node: int) -> int:
+        rank = state.node_ranks.get(node, full)
+        arrays = state.global_arrays
+        if down_scheme is None and rank and rank != full:
+            arrays = rank_slice(arrays, rank)
+        return encoded_bytes(_shapes(arrays), down_scheme)
+
+    def up(node: int) -> int:
+        rank = state.node_ranks.get(node, full)
+        arrays = {k: state.global_arrays[k] for k in sent}
+        return encoded_bytes(_shapes(rank_slice(arrays, rank) if rank and rank != full else arrays), up_scheme)
+
+    return sum(down(n) + up(n) for n in train_nodes) + sum(down(n) for n in eval_nodes)
+
+
+def check_budget(cfg: RunConfig, state: ServerState, rnd: int, projected: int) -> None:
+    """Raise CommunicationBudgetExceeded if round ``rnd``'s ``projected`` bytes would pass the budget."""
+    budget = cfg.communication.budget_mb * MB
+    if budget <= 0:
+        return
+    used = sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in state.history)
+    if used + projected > budget:
+        raise CommunicationBudgetExceeded(
+            f"stopped before round {rnd}: it would move {projected / MB:.3f} MB on top of the {used / MB:.3f} MB "
+            f"used so far, past `communication.budget-mb` = {cfg.communication.budget_mb:g}."
+        )
+
+
+def add_bytes(row: dict[str, Any], node: int, *, up: int = 0, down: int = 0) -> None:
+    """Count a message's bytes in the round's totals and in ``row["bytes_per_client"]``."""
+    row["bytes_up"] = row.get("bytes_up", 0) + up
+    row["bytes_down"] = row.get("bytes_down", 0) + down
+    mine = row.setdefault("bytes_per_client", {}).setdefault(str(node), {"up": 0, "down": 0})
+    mine["up"] += up
+    mine["down"] += down
+
+
+def communication_summary(cfg: RunConfig, state: ServerState) -> dict[str, Any]:
+    """``summary.json``'s communication section: totals, the budget, and why the run stopped, if it did."""
+    up = sum(r.get("bytes_up", 0) for r in state.history)
+    down = sum(r.get("bytes_down", 0) for r in state.history)
+    return {
+        "bytes_up": up,
+        "bytes_down": down,
+        "budget_mb": cfg.communication.budget_mb or None,
+        "used_mb": (up + down) / MB,
+        "uplink": cfg.compression.uplink,
+        "downlink": cfg.compression.downlink,
+        "stopped": state.communication_stopped,
+    }
