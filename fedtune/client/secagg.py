@@ -190,7 +190,7 @@ def masked_input(msg: Message, context: Context) -> Message:
             "held-key": [*_list(state, "held-key"), *(held[o].key for o in owners)],
         }
     )
-    array = ArrayRecord({keys.MASKED: Array(masked.astype(wire_dtype(bits)))})
+    array = ArrayRecord({keys.MASKED: Array(masked.astype(wire_dtype(bits), copy=False))})
     return Message(RecordDict({keys.MASKED: array, keys.METRICS: MetricRecord(clear)}), reply_to=msg)
 
 

@@ -9,6 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from scipy.stats import chisquare
 
+from fedtune.privacy.secagg import masking
 from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.privacy.secagg.masking import add, expand, mask, round_context, unmask
 from fedtune.privacy.secagg.quantize import wire_dtype
@@ -124,3 +125,30 @@ def test_narrow_wire_dtypes_sum_and_unmask_like_uint32(bits: int) -> None:
     # Assert
     assert all(v.dtype.itemsize == bits // 8 for v in wire)
     np.testing.assert_array_equal(out, np.sum([x.astype(np.int64) for x in xs.values()], axis=0))
+
+
+def reference_stream(key: bytes, length: int, bits: int) -> np.ndarray:
+    """One whole mask stream, computed the straightforward way: the full ChaCha20 keystream at once, mod 2^b."""
+    nonce = bytes(4) + hashlib.sha256(b"fedtune/secagg+/v1/nonce" + CTX).digest()[:12]
+    stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(4 * length))
+    return np.frombuffer(stream, dtype="<u4").astype(np.int64) % (1 << bits)
+
+
+@pytest.mark.parametrize("bits", [13, 20, 32])
+def test_chunked_masking_equals_the_stream_by_stream_reference(bits: int) -> None:
+    # Prepare: a vector spanning 2.5 of the chunks the streams are expanded in; client 5 has neighbours
+    # on both sides (+ towards 7 and 9, - towards 2)
+    length = int(2.5 * masking._CHUNK)
+    x = np.random.default_rng(bits).integers(0, 1 << (bits - 1), size=length, dtype=np.uint32)
+    pairs = {2: seed(25), 7: seed(57), 9: seed(59)}
+    expected = x.astype(np.int64) + reference_stream(seed(5), length, bits) - reference_stream(seed(25), length, bits)
+    expected += reference_stream(seed(57), length, bits) + reference_stream(seed(59), length, bits)
+
+    # Execute: mask; then unmask as if 5 alone survived and 2, 7 and 9 dropped
+    masked = mask(x, seed(5), pairs, 5, bits, CTX)
+    unmasked = unmask(masked, {5: seed(5)}, {j: {5: key} for j, key in pairs.items()}, bits, CTX)
+
+    # Assert
+    np.testing.assert_array_equal(masked, expected % (1 << bits))
+    np.testing.assert_array_equal(unmasked, x)
+    np.testing.assert_array_equal(expand(seed(5), length, bits, CTX), reference_stream(seed(5), length, bits))
