@@ -199,17 +199,23 @@ def stage_seconds(preset_name: str, sets: list[str], sites: int) -> dict[str, fl
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def setup(description: str, prefix: str) -> tuple[argparse.Namespace, Path, Path]:
+    """The deployed benchmarks' shared options, a fresh log directory and the run's keys."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="server config (KEY=VALUE, repeatable)")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     print(f"logs in {root}")
     keys = root / "keys"
     subprocess.run([*CLI, "keys", "--out", str(keys), "--nodes", str(args.sites)], env=ENV, check=True)
+    return args, root, keys
+
+
+def main() -> None:
+    args, root, keys = setup(__doc__.splitlines()[0], "fedtune-bench-")
     results = {}
     for name, worker in (("no worker (baseline)", False), ("site worker", True)):
         results[name] = run_variant(keys, root / name.split()[0], args, worker)

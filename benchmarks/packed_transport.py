@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from deploy_round import CLI, ENV, run_variant
+from deploy_round import run_variant, setup
 
 VARIANTS = {
     "per-key float32 (baseline)": [],
@@ -28,16 +26,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["tiny", "smollm2"], default="tiny")
-    parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[], help="server config (KEY=VALUE, repeatable)")
-    args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="fedtune-packed-"))
-    print(f"logs in {root}")
-    keys = root / "keys"
-    subprocess.run([*CLI, "keys", "--out", str(keys), "--nodes", str(args.sites)], env=ENV, check=True)
+    args, root, keys = setup(__doc__.splitlines()[0], "fedtune-packed-")
     results = {}
     for i, (name, sets) in enumerate(VARIANTS.items()):
         variant = argparse.Namespace(**{**vars(args), "set": [*args.set, *sets]})

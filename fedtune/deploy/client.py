@@ -143,7 +143,7 @@ def worker_dir(enabled: bool, dry_run: bool = False) -> Iterator[Path | None]:
     if not enabled:
         yield None
     elif dry_run:
-        yield Path(tempfile.gettempdir()) / "fedtune-worker-XXXXXXXX"
+        yield Path(tempfile.gettempdir()) / "fedtune-worker-(made-at-start)"
     else:
         directory = channel.new_private_dir()
         try:
