@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,11 +104,11 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     target = batch["labels"][:, 1:]  # (B, T-1)
     keep = (target != IGNORE).any(dim=0).nonzero().squeeze(1)  # (K,) positions t scored at t + 1
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    try:
+    if _keeps_logits(model):
         # Prompt tuning prepends virtual tokens, so position t of the batch is t + n in the model.
         shifted = model(**inputs, logits_to_keep=keep + _virtual_tokens(model)).logits.float()  # (B, K, V)
         target = target[:, keep]  # (B, K)
-    except TypeError:  # a model class without ``logits_to_keep``: every position
+    else:  # a model class without ``logits_to_keep``: every position
         shifted = _logits(model, batch)[:, :-1, :].float()  # (B, T-1, V)
     loss = torch.nn.functional.cross_entropy(
         shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
@@ -134,6 +135,19 @@ def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The logits of the batch's own tokens, (B, T, V): prompt tuning prepends its virtual tokens'."""
     logits: torch.Tensor = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return logits[:, -batch["input_ids"].shape[1] :, :]
+
+
+_KEEPS_LOGITS: dict[type, bool] = {}
+
+
+def _keeps_logits(model: Any) -> bool:
+    """Whether the (PEFT-wrapped) model's forward takes ``logits_to_keep``, decided once per model
+    class from its signature, so a TypeError raised inside a forward is never mistaken for it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = type(base)
+    if cls not in _KEEPS_LOGITS:
+        _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+    return _KEEPS_LOGITS[cls]
 
 
 def _virtual_tokens(model: Any) -> int:
