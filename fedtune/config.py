@@ -324,7 +324,9 @@ class PrivacyConfig:
     clip_lr: float = 0.2
     """Adaptive clipping: the geometric step size of C."""
     clip_count_stddev: float = 0.0
-    """Adaptive clipping: noise std on the count of clipped updates; 0 means expected clients / 20."""
+    """Adaptive clipping: noise std on the count of updates under C (each counted as +-1/2, so one
+    client moves it by 1/2); must exceed half of ``privacy.noise-multiplier``. 0 means expected
+    clients / 20 or the noise multiplier, whichever is larger."""
     accountant: Literal["rdp", "prv"] = "rdp"
     """Opacus accountant that turns the privacy events into epsilon."""
 

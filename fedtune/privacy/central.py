@@ -4,7 +4,10 @@ DP-FedAvg follows McMahan et al. 2018 (https://arxiv.org/abs/1710.06963): each c
 clipped to L2 norm C, the server adds N(0, (z C)^2) to the sum and divides by a fixed denominator
 (the expected number of clients), so one client changes the released sum by at most C. Adaptive
 clipping follows Andrew et al. 2021 (https://arxiv.org/abs/1905.03871): C moves geometrically
-towards a quantile of the update norms, estimated from a noised count.
+towards a quantile of the update norms, estimated from a noised count of the clients whose update
+fit under C. Each client's bit is centred to +-1/2 before the count is summed (as TF Privacy's
+``QuantileEstimatorQuery`` does), so one client moves the released count by at most 1/2: that is
+the sensitivity under which Andrew et al.'s noise split (``split_noise``) holds.
 
 Everything here is a plain function of arrays; noise comes from the numpy generator passed in.
 """
@@ -25,12 +28,17 @@ def l2_norm(delta: Arrays) -> float:
     return math.sqrt(sum(sum_of_squares(v) for v in delta.values()))
 
 
+CLIP_MARGIN = 2**-22
+"""A clipped delta is scaled to a hair under C (relative 2.4e-7): rounding the float32 products then
+cannot take its norm past C, so one client's contribution is at most C, not C plus rounding."""
+
+
 def clip(delta: Arrays, clip_norm: float) -> tuple[Arrays, float]:
     """``delta`` scaled down to L2 norm at most ``clip_norm``, and its norm before clipping."""
     norm = l2_norm(delta)
     if norm <= clip_norm:
         return delta, norm
-    scale = np.float32(clip_norm / norm)
+    scale = np.float32(clip_norm / norm * (1 - CLIP_MARGIN))
     return {k: (v * scale).astype(np.float32) for k, v in delta.items()}, norm
 
 
@@ -54,8 +62,9 @@ def privatize_locally(delta: Arrays, clip_norm: float, noise_multiplier: float, 
 def split_noise(noise_multiplier: float, count_stddev: float) -> float:
     """The delta's noise multiplier under adaptive clipping, so that the delta and the noised
     count together spend what one Gaussian release with ``noise_multiplier`` does
-    (Andrew et al. 2021, Theorem 1: z^-2 = z_delta^-2 + (2 sigma_b)^-2)."""
-    if count_stddev <= 0:
+    (Andrew et al. 2021: z^-2 = z_delta^-2 + (2 sigma_b)^-2). The count's noise multiplier is
+    sigma_b over its sensitivity 1/2, which holds because ``next_clip_norm`` centres each bit."""
+    if count_stddev <= 0 or noise_multiplier <= 0:
         return noise_multiplier
     if 2 * count_stddev <= noise_multiplier:
         raise ValueError(
@@ -67,6 +76,7 @@ def split_noise(noise_multiplier: float, count_stddev: float) -> float:
 def next_clip_norm(
     clip_norm: float,
     unclipped: int,
+    count: int,
     denominator: float,
     count_stddev: float,
     quantile: float,
@@ -74,17 +84,25 @@ def next_clip_norm(
     rng: np.random.Generator,
 ) -> tuple[float, float]:
     """Andrew et al.'s geometric update: the noised share b of clients whose update fit under C,
-    then C * exp(-lr (b - quantile)). Returns (next C, b)."""
-    share = (unclipped + float(rng.normal(0.0, count_stddev))) / denominator
+    then C * exp(-lr (b - quantile)). Returns (next C, b).
+
+    Of the ``count`` clients added, ``unclipped`` fit under C. The released statistic is the sum of
+    their bits centred to +-1/2, unclipped - count / 2, plus N(0, ``count_stddev``^2): adding or
+    removing one client moves it by exactly 1/2. Then b = released / denominator + 1/2.
+    """
+    released = unclipped - count / 2 + float(rng.normal(0.0, count_stddev))
+    share = released / denominator + 0.5
     return clip_norm * math.exp(-lr * (share - quantile)), share
 
 
 class NoisedSum:
     """DP-FedAvg's aggregate: (sum of clipped deltas + N(0, (z_delta C)^2)) / denominator.
 
-    Deltas are clipped here (``clip_on_server``) or must already fit under C (the client clipped;
-    a larger one is a malformed reply). Every added client has weight 1: weighting by examples
-    would let one client move the sum by more than C.
+    Deltas are clipped here (``clip_on_server``) or the client clipped them: then one whose norm is
+    clearly over C (beyond float rounding, C (1 + 1e-5)) is a malformed reply and is rejected, and
+    every other is clipped again here, so no reply moves the sum by more than C whatever its
+    rounding. Every added client has weight 1: weighting by examples would let one client move the
+    sum by more than C.
     """
 
     def __init__(
@@ -114,8 +132,10 @@ class NoisedSum:
         if self.clip_on_server:
             delta, norm = clip(delta, self.clip_norm)
             fits = norm <= self.clip_norm
-        elif norm > self.clip_norm * (1 + 1e-5):
-            raise ValueError(f"update norm {norm:.6g} exceeds `privacy.clip-norm` = {self.clip_norm:.6g}")
+        else:
+            if norm > self.clip_norm * (1 + 1e-5):
+                raise ValueError(f"update norm {norm:.6g} exceeds `privacy.clip-norm` = {self.clip_norm:.6g}")
+            delta, _ = clip(delta, self.clip_norm)  # within rounding of C: the sensitivity stays C exactly
         if not self._sum:
             self._sum = {k: self._kernel.zeros(v.shape) for k, v in delta.items()}
         for k, v in delta.items():

@@ -224,7 +224,7 @@ def check_budget(cfg: RunConfig, state: PrivacyState, rnd: int, arrays: Arrays |
 def count_stddev(cfg: RunConfig, expected_clients: float) -> float:
     """Adaptive clipping's count noise: ``privacy.clip-count-stddev``, or by default expected
     clients / 20 (Andrew et al.'s choice), raised to at least the noise multiplier so the delta
-    keeps most of the budget."""
+    keeps most of the budget: the count's share of z^-2 is then (2 sigma_b)^-2 <= z^-2 / 4."""
     if cfg.privacy.clip_count_stddev > 0:
         return cfg.privacy.clip_count_stddev
     return max(expected_clients / 20, cfg.privacy.noise_multiplier)
@@ -261,7 +261,14 @@ def adapt_clip(cfg: RunConfig, state: PrivacyState, central: CentralRound, rng: 
     p = cfg.privacy
     noised = central.noised
     new, share = next_clip_norm(
-        p.clip_norm, noised.unclipped, noised.denominator, central.count_stddev, p.target_quantile, p.clip_lr, rng
+        p.clip_norm,
+        noised.unclipped,
+        noised.count,
+        noised.denominator,
+        central.count_stddev,
+        p.target_quantile,
+        p.clip_lr,
+        rng,
     )
     state.clip_norm = new
     return {"clip_norm_next": new, "unclipped_share_noised": share}
