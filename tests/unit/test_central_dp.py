@@ -193,7 +193,7 @@ def test_epsilon_of_the_noise_a_run_really_adds_does_not_exceed_the_printed_one(
     count_sensitivity = max(
         abs(released([1, 0, 1, 0, 1, bit], np.random.default_rng(3))[1] - base_count) for bit in (0, 1)
     )
-    edge = {"w": np.full(4, p.clip_norm * (1 + 1e-6) / 2, np.float32)}  # the largest reply accepted under C
+    edge = {"w": np.full(4, p.clip_norm * (1 + 1e-6) / 2, np.float32)}  # norm C (1 + 1e-6): accepted
     sum_sensitivity = float(np.linalg.norm(released([1, 0, 1, 0, 1], np.random.default_rng(3), edge)[0] - base_sum))
 
     # Assert: epsilon of one subsampled Gaussian whose noise multiplier combines the two measured ones
