@@ -12,6 +12,7 @@ from collections.abc import Callable
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError, IncompatibleComponentsError
 from fedtune.methods import METHODS
+from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg import settings as secagg_settings
 from fedtune.privacy.traffic_rules import budget_vs_secagg, compression_vs_secagg
 from fedtune.strategies import STRATEGIES
@@ -222,18 +223,49 @@ def _secagg_composition(cfg: RunConfig) -> list[str]:
     return out
 
 
+def _sample_sizes(cfg: RunConfig) -> list[int]:
+    """The smallest (and any fixed) number of clients a round samples."""
+    counts = {cfg.server.min_clients}
+    if cfg.server.sampling == "fixed" and cfg.server.num_train:
+        counts.add(max(cfg.server.min_clients, cfg.server.num_train))
+    return sorted(counts)
+
+
 def _secagg_params(cfg: RunConfig) -> list[str]:
     """The settings must work for the smallest (and any fixed) number of clients a round samples."""
     if cfg.secagg.protocol == "none":
         return []
-    counts = {cfg.server.min_clients}
-    if cfg.server.sampling == "fixed" and cfg.server.num_train:
-        counts.add(max(cfg.server.min_clients, cfg.server.num_train))
     return [
         f"`secagg.*` with {n} sampled client(s) (`server.min-clients`/`server.num-train`): {text}"
-        for n in sorted(counts)
+        for n in _sample_sizes(cfg)
         for text in secagg_settings.problems(cfg, n)
     ]
+
+
+def _secagg_rank_bands(cfg: RunConfig) -> list[str]:
+    """Mixed ranks: the server divides each entry by the sites that train it, so the components r_k+1..r_(k+1)
+    are the sum over the sites of rank >= r_(k+1) alone; any sample must hold 0 or at least t of them."""
+    ranks = cfg.simulation.ranks()
+    if cfg.secagg.protocol == "none" or not ranks or cfg.peft.method != "lora":
+        return []
+    sites = cfg.simulation.num_supernodes
+    cycled = [ranks[i % len(ranks)] for i in range(sites)]
+    out = []
+    for n in _sample_sizes(cfg):
+        drawn = min(n, sites)  # what the server samples, and resolves t for
+        t = secagg_settings.threshold(cfg, drawn)
+        # a sample of `drawn` of the sites holds between max(0, drawn - (sites - c)) and c of a band's c sites
+        thin = [(a, b, max(1, drawn - (sites - c))) for a, b, c in flat.bands(cycled)]
+        thin = [(a, b, few) for a, b, few in thin if few < t]
+        if thin:
+            where = ", ".join(f"{a}..{b} trained by only {few}" for a, b, few in thin)
+            out.append(
+                f"`simulation.site-ranks` = {cfg.simulation.site_ranks} over {sites} sites with {drawn} sampled "
+                f"client(s) (`server.min-clients`/`server.num-train`): a sample can have LoRA components {where} "
+                f"site(s), fewer than `secagg.threshold` = {t}, and the unmasked sum would show their update there; "
+                f"every rank band needs 0 or >= t sites of any sample (raise `server.min-clients`, or use fewer ranks)."
+            )
+    return out
 
 
 RULES: list[Rule] = [
@@ -251,6 +283,7 @@ RULES: list[Rule] = [
     _poisson_count,
     _secagg_composition,
     _secagg_params,
+    _secagg_rank_bands,
     compression_vs_secagg,
 ]
 

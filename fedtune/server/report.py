@@ -281,7 +281,8 @@ def secagg_summary(plan: Plan) -> dict[str, Any] | None:
         "rounds": rounds,
         "trust": "honest-but-curious server: it learns the sum of the surviving clients' quantized updates "
         "and nothing about any one update, as long as fewer than the threshold of a client's share holders "
-        "collude with it",
+        "collude with it (with mixed LoRA ranks, each rank band is a sum over at least the threshold of them, "
+        "else the round is abandoned)",
         "server_still_learns": "who was sampled and who replied at each stage, each client's number of "
         "examples and LoRA rank, and the sum"
         + (

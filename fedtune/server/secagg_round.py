@@ -13,7 +13,9 @@ sampled clients, each under a timeout; the pure stage functions live in ``fedtun
    are U3, and only the running sum of their vectors is kept;
 4. ``query.secagg_unmask``: each client in U3 learns U3 and U2 - U3 and answers seed shares of U3 and
    key shares of U2 - U3; the server removes the masks, dequantizes and divides by sum alpha_i (per
-   entry, over the sites whose rank covers it), then takes the strategy's server step.
+   entry, over the sites whose rank covers it), then takes the strategy's server step. That division
+   shows each rank band's sum on its own, so under mixed ranks the round is abandoned before this stage
+   (and before stage 3) when some band is trained by fewer than t of the sites (``covered``).
 
 Under ``privacy.mechanism = distributed`` stage 3 answers the clipped delta as integers plus a Skellam
 noise share (``fedtune.privacy.distributed``) in a modulus wide enough for the noise; the server decodes
@@ -61,6 +63,22 @@ class _Advert:
     public: stages.PublicKeys
     weight: float
     rank: int
+
+
+def covered(ranks: Mapping[int, int], threshold: int, stage: str) -> None:
+    """Raise ``SecAggError`` (abandon the round) when some rank band is trained by fewer than ``threshold``
+    of the sites in ``ranks`` (node: declared LoRA rank): the sum, divided per entry, would show their
+    update in that band as a round with fewer than t survivors would show theirs."""
+    thin = [(a, b, c) for a, b, c in flat.bands(list(ranks.values())) if c < threshold]
+    if thin:
+        where = ", ".join(
+            f"{a}..{b} trained by only {c} site(s) (node {', '.join(str(n) for n in sorted(ranks) if ranks[n] >= b)})"
+            for a, b, c in thin
+        )
+        raise SecAggError(
+            f"{stage}: LoRA components {where}, fewer than the threshold {threshold}; the sum would show "
+            "their update there, so nothing is unmasked."
+        )
 
 
 def secagg_round(
@@ -181,6 +199,7 @@ def _protocol(
     sent = ex.run("shares", kind, {n: share_request(n) for n in u1}, timeout, outbox)
     u2 = sorted(sent)
     enough(u2, params.threshold, "sent their shares")
+    covered({i: adverts[i].rank for i in u2}, params.threshold, "before training")  # U3 can only be thinner
 
     # Stage 3: train and send alpha_i * delta_i, quantized and masked; only the running sum is kept.
     expected = expected_keys(state.global_arrays, cfg)
@@ -234,6 +253,10 @@ def _protocol(
     dropped = sorted(set(u2) - set(u3))
     info.update(survivors=len(u3), recovered=dropped)
 
+    # The declared ranks that size each entry's divisor are the ones checked here, before anything is unmasked.
+    weights = {i: (alpha[i], adverts[i].rank) for i in u3}
+    covered({i: rank for i, (_, rank) in weights.items()}, params.threshold, "before unmasking")
+
     # Stage 4: seed shares of the survivors, key shares of the dropped; then unmask and step.
     def shares_of(node: int, reply: Message) -> tuple[dict[int, bytes], dict[int, bytes]]:
         record = reply.content.config_records[keys.SECAGG]
@@ -250,7 +273,6 @@ def _protocol(
     masked_with = {j: graph[j] & set(u3) for j in dropped}
     publics = {i: adverts[i].public.mask for i in u1}
     ints = stages.unmask_sum(total[0], replies.values(), u3, masked_with, publics, bits, rnd, context)
-    weights = {i: (alpha[i], adverts[i].rank) for i in u3}
     summed = Unmasked(ints, bits, params, cal, weights)
     delta = aggregate(cfg, summed, expected, full_rank, denominator, state, info)
     state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}

@@ -9,6 +9,7 @@ moves by less than n * step / sum(alpha) (per entry, over the sites whose rank c
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -240,7 +241,7 @@ def test_the_server_never_receives_a_clear_delta_under_secagg(plain_and_secagg: 
     ("flat", "sent"),
     [
         ({"lora.freeze-a": True}, lambda k: ".lora_B." in k),
-        ({"lora.r": 4, "simulation.site-ranks": "4,2,1"}, lambda k: True),
+        ({"lora.r": 4, "simulation.site-ranks": "4,4,2", "server.min-clients": 3}, lambda k: True),
     ],
     ids=["ffa", "hetero-ranks"],
 )
@@ -250,13 +251,13 @@ def test_ffa_and_heterogeneous_ranks_aggregate_like_the_plain_rules(
     # Execute
     rows, _ = federate(tiny_model, tmp_path / "run", {**FAST, **flat})
 
-    # Assert: FFA sends B only (A never moves); ranks 4, 2, 1 are averaged per entry over who trained it
+    # Assert: FFA sends B only (A never moves); ranks 4, 4, 2 are averaged per entry over who trained it
     sent_keys = [k for k in adapter(tmp_path / "run", 0) if sent(k)]
     for rnd in (1, 2):
         assert rows[rnd]["updated"]
         assert_round_is_fedavg(tmp_path / "run", rnd, rows[rnd], updates_of(deltas, rnd, [1, 2, 3]), sent_keys)
     if "simulation.site-ranks" in flat:
-        assert [deltas[1, n].site.rank for n in (1, 2, 3)] == [4, 2, 1]
+        assert [deltas[1, n].site.rank for n in (1, 2, 3)] == [4, 4, 2]
 
 
 def is_(msg: Message, kind: str, rnd: int, nodes: Iterable[int]) -> bool:
@@ -301,6 +302,44 @@ def test_a_dropped_client_is_recovered_and_the_result_is_the_survivors_aggregate
     assert row["replied_nodes"] == survivors
     assert row["secagg"]["recovered"] == ([] if stage == "unmask" else [2])
     assert_round_is_fedavg(tmp_path / "run", 1, row, updates_of(deltas, 1, survivors), adapter(tmp_path / "run", 0))
+
+
+@pytest.mark.parametrize(
+    ("ranks", "crashed", "stage"),
+    [((4, 2, 2), [], "before training"), ((4, 4, 2), [2], "before unmasking")],
+    ids=["declared", "after-a-dropout"],
+)
+def test_a_rank_band_under_t_sites_abandons_the_round_before_anything_is_unmasked(
+    tiny_model: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    ranks: tuple[int, ...],
+    crashed: list[int],
+    stage: str,
+) -> None:
+    # Prepare: each site sets its own rank in node config (the plan checker never sees it); t = 2 of 3 sites.
+    # Ranks 4/2/2 leave components 3..4 to node 1 alone; with 4/4/2, node 2 crashes while training.
+    def grid_fn(n: int) -> LocalGrid:
+        grid = WireGrid(crash("train.secagg", 1, crashed), n)
+        for node, rank in zip((1, 2, 3), ranks, strict=True):
+            grid.contexts[node].node_config["lora.r"] = rank
+        return grid
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedtune.server.secagg_round"):
+        rows, grid = federate(tiny_model, tmp_path / "run", {**FAST, "num-server-rounds": 1}, grid_fn)
+
+    # Assert: abandoned, and says why; the global adapter did not move; nobody was asked to unmask
+    out, row = tmp_path / "run", rows[1]
+    why = f"{stage}: LoRA components 3..4 trained by only 1 site(s) (node 1), fewer than the threshold 2"
+    assert row["updated"] is False and row["secagg"]["threshold"] == 2
+    assert row["secagg"]["abandoned"].startswith(why), row["secagg"]
+    assert any(why in r.getMessage() and "abandoned" in r.getMessage() for r in caplog.records)
+    before, after = adapter(out, 0), adapter(out, 1)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    asked = {m.metadata.message_type for m, _ in grid.log}
+    assert "query.secagg_unmask" not in asked
+    assert ("train.secagg" in asked) == bool(crashed)  # a band thin from the start is refused before training
 
 
 @pytest.mark.parametrize("how", ["lost-unmask", "crashed-training"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
@@ -64,7 +65,7 @@ def test_refusals_are_reported_per_round_range_by_the_checker() -> None:
         {},
         {"strategy.name": "fedadam", "strategy.server-lr": 0.01},
         {"lora.freeze-a": True},
-        {"simulation.site-ranks": "4,2"},
+        {"simulation.site-ranks": "4,4,2", "simulation.num-supernodes": 3, "server.min-clients": 3},
         {**CENTRAL, "privacy.clip-norm": 0.5},
         {"privacy.mechanism": "dp-sgd", "privacy.noise-multiplier": 1.0},
         {"privacy.mechanism": "local", "privacy.noise-multiplier": 1.0},
@@ -73,6 +74,66 @@ def test_refusals_are_reported_per_round_range_by_the_checker() -> None:
 )
 def test_linear_rules_and_client_side_privacy_compose_with_secagg(flat: dict[str, Any]) -> None:
     assert problems({**SECAGG, **flat}) == []
+
+
+def sites(ranks: str, n: int, sample: int, **more: Any) -> dict[str, Any]:
+    """``n`` simulated sites cycling ``ranks`` under a global rank of 8, at least ``sample`` of them sampled."""
+    return {
+        **SECAGG,
+        "lora.r": 8,
+        "simulation.site-ranks": ranks,
+        "simulation.num-supernodes": n,
+        "server.min-clients": sample,
+        **more,
+    }
+
+
+@pytest.mark.parametrize(
+    ("flat", "band", "few", "t"),
+    [
+        (sites("4,2,2", 3, 3), "3..4", 1, 2),  # the finding: components 3..4 are site A's alone
+        (sites("4,4,2", 3, 2), "3..4", 1, 2),  # a sample of 2 can be one rank-4 and the rank-2 site
+        (sites("8,4", 4, 4), "5..8", 2, 3),  # 4 sampled of 4: t = 3, two rank-8 sites
+        (sites("4,4,4,2,2", 5, 5, **{"secagg.threshold": 4}), "3..4", 3, 4),  # the auto t = 3 would do
+        (sites("8,4,4,4", 8, 6), "5..8", 1, 4),  # 6 of 8 sites: as few as 1 of the two rank-8 ones
+    ],
+)
+def test_mixed_ranks_with_a_band_under_t_sites_of_a_sample_are_refused_under_secagg(
+    flat: dict[str, Any], band: str, few: int, t: int
+) -> None:
+    # Execute
+    found = problems(flat)
+    # Assert: one line per round range, naming the keys, the band and the threshold; without secagg, no problem
+    pattern = (
+        rf"rounds 1-2: `simulation.site-ranks` = {flat['simulation.site-ranks']} over .* components "
+        rf"{band.replace('.', '[.]')} trained by only {few} site\(s\), fewer than `secagg.threshold` = {t}, and"
+    )
+    assert len([p for p in found if "`simulation.site-ranks`" in p]) == 1, found
+    assert any(re.match(pattern, p) for p in found), found
+    assert problems({**flat, "secagg.protocol": "none"}) == []
+
+
+@pytest.mark.parametrize(
+    "flat",
+    [
+        sites("4,4,2", 3, 3),  # t = 2: components 3..4 by 2 sites, 1..2 by 3
+        sites("4,4,4,2,2", 5, 5),  # t = 3: 3..4 by 3
+        sites("4,4,4,4,4,2", 6, 4),  # any 4 of 6 hold at least 3 rank-4 sites; t = 3
+        sites("2", 2, 2),  # one rank below lora.r: components 3..8 are trained by nobody
+        sites("8,8,8,8", 4, 2),  # one rank
+    ],
+)
+def test_mixed_ranks_with_every_band_over_t_sites_pass_under_secagg(flat: dict[str, Any]) -> None:
+    assert problems(flat) == []
+
+
+def test_a_thin_rank_band_is_reported_with_every_other_problem() -> None:
+    # Prepare
+    plan = Plan.from_flat({"num-server-rounds": 3, **sites("4,2,2", 3, 3), "plan.3.strategy.name": "median"})
+    # Execute / Assert: one error, both problems, each naming its rounds
+    with pytest.raises(IncompatibleComponentsError, match=r"rounds 1-3: `simulation.site-ranks` = 4,2,2 .*\| ") as err:
+        compat.check(plan)
+    assert "round 3: `secagg.protocol` = secagg reveals only the sum" in str(err.value)
 
 
 @pytest.mark.parametrize("n", [*range(2, 40), 64, 100, 257, 1000, 5000])

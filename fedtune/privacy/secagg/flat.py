@@ -7,6 +7,8 @@ rank covers (ranks are public), so it can divide each entry by the weight of the
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 
 from fedtune.lora import LORA_A, LORA_B, pad_rank
@@ -57,3 +59,14 @@ def coverage(rank: int, like: Arrays) -> np.ndarray:
     """1.0 for the flat entries a rank-``rank`` site trains, 0.0 for those it zero-pads, float64 (L,)."""
     _, masks = pad_rank(full_rank_like(like, rank), like)
     return np.concatenate([np.broadcast_to(masks[k], like[k].shape).ravel() for k in sorted(like)])
+
+
+def bands(ranks: Collection[int]) -> list[tuple[int, int, int]]:
+    """The rank bands of sites with LoRA ``ranks``, lowest first: ``(first, last, sites)`` for the components
+    ``first..last`` (1-based) that exactly the ``sites`` sites of rank >= ``last`` train. A rank of 0 (no
+    LoRA) has no bands; components above the highest rank are trained by nobody and are left out."""
+    out, below = [], 0
+    for rank in sorted({r for r in ranks if r > 0}):
+        out.append((below + 1, rank, sum(1 for r in ranks if r >= rank)))
+        below = rank
+    return out

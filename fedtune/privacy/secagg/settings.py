@@ -77,6 +77,11 @@ def _choose(cfg: RunConfig, n_clients: int) -> tuple[int, int, float]:
     return degree, s.threshold or default_threshold(k), s.clip or auto_clip(cfg)
 
 
+def threshold(cfg: RunConfig, n_clients: int) -> int:
+    """The threshold t (``secagg.threshold``, or auto) a round with ``n_clients`` sampled clients resolves to."""
+    return _choose(cfg, n_clients)[1]
+
+
 def problems(cfg: RunConfig, n_clients: int) -> list[str]:
     """Why ``cfg``'s secagg settings cannot run with ``n_clients`` sampled clients (empty when they can)."""
     degree, threshold, clip = _choose(cfg, n_clients)
