@@ -11,6 +11,7 @@ from fedtune.config import RunConfig
 from fedtune.errors import ConfigError, IncompatibleComponentsError
 from fedtune.privacy import compat
 from fedtune.privacy.secagg import settings
+from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.privacy.secagg.graph import check_params, neighbours
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.plan import Plan
@@ -93,6 +94,26 @@ def test_auto_parameters_are_valid_and_the_graph_regular_for_every_n(n: int) -> 
     if n <= 300:
         graph = neighbours(list(range(n)), params.degree)
         assert {len(v) for v in graph.values()} == {params.effective_degree}
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 17, 40, 300])
+@pytest.mark.parametrize(("degree", "threshold"), [(0, 0), (4, 0), (6, 5)])
+def test_a_client_accepts_exactly_the_degree_and_threshold_the_server_resolves(
+    n: int, degree: int, threshold: int
+) -> None:
+    # Prepare: what the server sends (resolve, and the degree the graph it lays really has)
+    cfg = RunConfig.from_flat({**SECAGG, "secagg.degree": degree, "secagg.threshold": threshold})
+    if settings.problems(cfg, n):
+        pytest.skip("settings the server itself refuses for this n")
+    params = settings.resolve(cfg, n)
+    k = len(neighbours(list(range(n)), params.degree)[0])
+    # Execute / Assert: accepted as sent; one neighbour or one share more or less is refused
+    settings.check_assigned(degree, threshold, n, k, params.threshold)
+    for wrong_k, wrong_t in [(k - 1, params.threshold), (k + 1, params.threshold), (k, params.threshold - 1)]:
+        with pytest.raises(SecAggError, match=r"refusing the round|advertised keys"):
+            settings.check_assigned(degree, threshold, n, wrong_k, wrong_t)
+    with pytest.raises(SecAggError, match=f"threshold {params.threshold + 1}, but"):
+        settings.check_assigned(degree, threshold, n, k, params.threshold + 1)
 
 
 def test_auto_clip_follows_the_round_and_covers_local_noise() -> None:
