@@ -45,6 +45,7 @@ SA_ENC_KEY = "encryption-key"
 SA_MASK_KEY = "mask-key"
 SA_CIPHERTEXTS = "ciphertexts"
 SA_THRESHOLD = "threshold"
+SA_CLIENTS = "clients"  # |U1|, the clients that advertised keys: each one recomputes its degree and threshold
 SA_ALPHA = "alpha"  # w_i / max_j w_j: the client scales its delta by it (FedAvg weighting)
 SA_QUANT_BITS = "quant-bits"
 SA_CLIP = "clip"

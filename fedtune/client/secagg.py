@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +22,7 @@ from fedtune.errors import FedtuneError
 from fedtune.privacy import distributed
 from fedtune.privacy.central import clip as l2_clip
 from fedtune.privacy.central import noise_rng
-from fedtune.privacy.secagg import flat, stages
+from fedtune.privacy.secagg import flat, settings, stages
 from fedtune.privacy.secagg.crypto import KeyPair
 from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
 from fedtune.privacy.secagg.masking import round_context
@@ -35,6 +34,8 @@ _STATE_PREFIX = "secagg-round-"
 # Only privacy bookkeeping may travel beside the masked vector (the epsilon a dp-sgd site spent, or its
 # "budget exhausted" answer); a loss, a norm or a clipped bit would leak what secure aggregation hides.
 _CLEAR_METRICS = (keys.EPSILON, keys.NOISE_MULTIPLIER, keys.BUDGET_EXHAUSTED)
+# What a malformed stage message can raise while it is read: each becomes a refusal, never a crash.
+_MALFORMED = (FedtuneError, KeyError, ValueError, TypeError, OverflowError)
 
 
 def _round(msg: Message) -> int:
@@ -76,6 +77,13 @@ def _bytes(record: Mapping[str, Any], key: str) -> bytes:
     return value
 
 
+def _int(record: Mapping[str, Any], key: str) -> int:
+    value = record.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SecAggError(f"`{key}` must be an integer, got {value!r}.")
+    return value
+
+
 def _list(record: Mapping[str, Any], key: str) -> list[Any]:
     value = record.get(key, [])
     return list(value) if isinstance(value, list) else []
@@ -96,7 +104,7 @@ def _reply(msg: Message, record: dict[str, Any], **extra: Any) -> Message:
 def advertise_keys(msg: Message, context: Context) -> Message:
     """Stage 0: fresh key pairs for this round; the public halves, examples and rank go out in the clear."""
     try:
-        _, extra, site = _open_site(msg, context)
+        cfg, extra, site = _open_site(msg, context)
         rnd = int(extra[keys.ROUND])
     except FedtuneError as exc:
         return _refuse(msg, exc)
@@ -109,6 +117,9 @@ def advertise_keys(msg: Message, context: Context) -> Message:
             "enc-public": pair.encryption.public,
             "mask-private": pair.mask.private,
             "mask-public": pair.mask.public,
+            # the round's settings, against which the share stage's degree and threshold are checked
+            "degree-setting": cfg.secagg.degree,
+            "threshold-setting": cfg.secagg.threshold,
         }
     )
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(site.train), keys.LORA_RANK: site.rank})
@@ -118,20 +129,27 @@ def advertise_keys(msg: Message, context: Context) -> Message:
 
 @app.query(keys.SECAGG_SHARE)
 def share_keys(msg: Message, context: Context) -> Message:
-    """Stage 1: split a fresh self-mask seed and the mask secret key; encrypt each neighbour's shares."""
+    """Stage 1: split a fresh self-mask seed and the mask secret key; encrypt each neighbour's shares.
+
+    Refuses the round unless the threshold is a strict majority of this client's share holders and the
+    neighbours and threshold are what the round's settings give for the clients that advertised keys,
+    and refuses any neighbour's unusable public key (naming the neighbour)."""
     try:
         rnd, my_id, state, record = _stage(msg, context)
         peers = _peers(record)
         if my_id in peers:
             raise SecAggError(f"client {my_id} is listed as its own neighbour.")
-        threshold = int(record[keys.SA_THRESHOLD])  # type: ignore[arg-type]
+        threshold, clients = _int(record, keys.SA_THRESHOLD), _int(record, keys.SA_CLIENTS)
+        stages.check_threshold(my_id, len(peers) + 1, threshold)
+        _check_assigned(state, clients, len(peers), threshold)
         seed, own, outbox = stages.share_keys(my_id, _keys(state), peers, threshold, rnd)
-    except (FedtuneError, KeyError, ValueError) as exc:
+    except _MALFORMED as exc:
         return _fail(msg, exc)
     state.update(
         {
             "seed": seed,
             "threshold": threshold,
+            "clients": clients,
             "held-owners": [my_id],
             "held-seed": [own.seed],
             "held-key": [own.key],
@@ -140,6 +158,12 @@ def share_keys(msg: Message, context: Context) -> Message:
     )
     ids = sorted(outbox)
     return _reply(msg, {keys.SA_IDS: ids, keys.SA_CIPHERTEXTS: [outbox[i] for i in ids]})
+
+
+def _check_assigned(setting: Mapping[str, Any], clients: int, neighbours: int, threshold: int) -> None:
+    settings.check_assigned(
+        _int(setting, "degree-setting"), _int(setting, "threshold-setting"), clients, neighbours, threshold
+    )
 
 
 def _peer_lists(peers: Mapping[int, stages.PublicKeys]) -> dict[str, Any]:
@@ -163,24 +187,29 @@ def masked_input(msg: Message, context: Context) -> Message:
         if len(senders) != len(blobs):
             raise SecAggError("senders and ciphertexts differ in number.")
         held = stages.receive_shares(my_id, keys_, peers, dict(zip(senders, blobs, strict=True)), rnd)
-        threshold = int(state["threshold"])  # type: ignore[arg-type]
+        threshold = _int(state, "threshold")
         if len(held) + 1 < threshold:
             raise TooFewSurvivors(
                 f"only {len(held)} neighbours sent shares; with this client, fewer than the threshold {threshold}."
             )
         update = local_update(msg, context)
+        # this stage's spec must give the degree and threshold checked in the share stage (t sizes the noise)
+        secagg_cfg = update.cfg.secagg
+        spec = {"degree-setting": secagg_cfg.degree, "threshold-setting": secagg_cfg.threshold}
+        _check_assigned(spec, _int(state, "clients"), len(peers), threshold)
         clear = {k: v for k, v in update.metrics.items() if k in _CLEAR_METRICS}
         if update.delta is None:  # a dp-sgd site out of budget: it simply drops out of the sum
             return Message(RecordDict({keys.METRICS: MetricRecord(clear)}), reply_to=msg)
-        bits = int(record[keys.SA_MODULUS_BITS])  # type: ignore[arg-type]
+        bits = _int(record, keys.SA_MODULUS_BITS)
         if update.cfg.privacy.mechanism == "distributed":
-            vector = _noised_input(update, record, threshold, bits)
+            vector, min_survivors = _noised_input(update, record, threshold, bits)
+            state["min-survivors"] = min_survivors  # the unmask stage refuses a sum of fewer noise shares
         else:
             vector = _quantized_input(update, record)
         context_bytes = round_context(rnd, str(update.extra.get(keys.RUN_ID, "")).encode())
         u2 = {j: peers[j] for j in held}  # the neighbours in U2: exactly those whose shares arrived
         masked = stages.masked_input(my_id, vector, _bytes(state, "seed"), keys_, u2, bits, rnd, context_bytes)
-    except (FedtuneError, KeyError, ValueError) as exc:
+    except _MALFORMED as exc:
         return _fail(msg, exc)
     owners = sorted(held)
     state.update(
@@ -216,23 +245,23 @@ def _quantized_input(update: Any, record: Mapping[str, Any]) -> np.ndarray:
             "%s: %d of %d values exceed `secagg.clip` = %.3g and are clipped; raise it.",
             *(update.site.name, over, vector.size, quantizer.clip),
         )
-    dither = np.random.default_rng([cfg.seed, int(update.extra[keys.ROUND]), zlib.crc32(update.site.name.encode())])
-    return quantizer.quantize(vector, dither)
+    # The rounding dither comes from the OS's entropy: from the public seed, the server could undo it.
+    return quantizer.quantize(vector, noise_rng())
 
 
-def _noised_input(update: Any, record: Mapping[str, Any], threshold: int, bits: int) -> np.ndarray:
+def _noised_input(update: Any, record: Mapping[str, Any], threshold: int, bits: int) -> tuple[np.ndarray, int]:
     """Distributed DP: the delta clipped to C, scaled, conditionally rounded, plus this client's Skellam
-    share, modulo 2^bits (uint32 (L,)). The share's size comes from the round's spec and the threshold this
-    client was given, never from a number the server sends for it."""
+    share, modulo 2^bits (uint32 (L,)); and the fewest survivors whose shares add up to the target noise.
+    The share's size comes from the round's spec and the threshold this client checked in the share
+    stage, never from a number the server sends for it."""
     cfg, delta = update.cfg, update.delta
     like = _checked_like(delta, cfg.lora.r, record)
     cal = distributed.calibrate(cfg, flat.length(like), threshold)
     if cal.modulus_need(2) > bits:  # with any two clients the sum needs at least this
         raise SecAggError(f"modulus 2^{bits} has no room for this round's noise; the server miscalculated it.")
-    dither = np.random.default_rng([cfg.seed, int(update.extra[keys.ROUND]), zlib.crc32(update.site.name.encode())])
-    ints = distributed.encode(flat.flatten(delta, like), cfg.privacy.clip_norm, cal, dither)
-    ints += distributed.noise_share(ints.size, cal.mu_share, noise_rng())  # from OS entropy, never the seed
-    return distributed.to_ring(ints, bits)
+    ints = distributed.encode(flat.flatten(delta, like), cfg.privacy.clip_norm, cal, noise_rng())  # dither
+    ints += distributed.noise_share(ints.size, cal.mu_share, noise_rng())  # both from OS entropy, never the seed
+    return distributed.to_ring(ints, bits), cal.min_survivors
 
 
 def _checked_like(delta: Any, rank: int, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -254,8 +283,14 @@ def unmask(msg: Message, context: Context) -> Message:
         held = {o: stages.HeldShares(s, k) for o, s, k in zip(owners, seeds, key_shares, strict=True)}
         survivors = [int(i) for i in _list(record, keys.SA_SURVIVORS)]
         dropped = [int(i) for i in _list(record, keys.SA_DROPPED)]
-        seed_out, key_out = stages.unmask_reply(my_id, held, survivors, dropped, int(state["threshold"]))  # type: ignore[arg-type]
-    except (FedtuneError, KeyError, ValueError) as exc:
+        fewest = state.get("min-survivors")
+        if isinstance(fewest, int) and len(set(survivors)) < fewest:
+            raise TooFewSurvivors(
+                f"{len(set(survivors))} survivors' noise shares add up to less than the round's target noise, "
+                f"which needs {fewest}; round abandoned."
+            )
+        seed_out, key_out = stages.unmask_reply(my_id, held, survivors, dropped, _int(state, "threshold"))
+    except _MALFORMED as exc:
         return _fail(msg, exc)
     finally:
         context.state.pop(f"{_STATE_PREFIX}{_safe_round(msg)}", None)  # one answer per round

@@ -55,8 +55,6 @@ from fedtune.server.validation import expected_keys, rank_ok
 
 log = logging.getLogger(__name__)
 
-KEY_BYTES = 32
-
 
 @dataclass(frozen=True)
 class _Advert:
@@ -149,14 +147,13 @@ def _protocol(
     # Stage 1: public keys, examples and rank, in the clear.
     def advert(node: int, reply: Message) -> _Advert:
         record, metrics = reply.content.config_records[keys.SECAGG], reply.content.metric_records[keys.METRICS]
-        enc, mask = record[keys.SA_ENC_KEY], record[keys.SA_MASK_KEY]
         examples, rank = metrics[keys.NUM_EXAMPLES], metrics[keys.LORA_RANK]
-        if not (isinstance(enc, bytes) and isinstance(mask, bytes) and len(enc) == len(mask) == KEY_BYTES):
-            raise SecAggError("public keys must be two 32-byte strings")
+        # 32 bytes each and not a low-order point; else this node fails the key stage and the round goes on
+        public = stages.checked_publics(node, record[keys.SA_ENC_KEY], record[keys.SA_MASK_KEY])
         if not (isinstance(examples, int) and examples >= 1 and rank_ok(rank, full_rank)):
             raise SecAggError(f"'{keys.NUM_EXAMPLES}' = {examples!r} or '{keys.LORA_RANK}' = {rank!r} is invalid")
         weight = float(examples) if cfg.strategy.weighting == "examples" else 1.0
-        return _Advert(stages.PublicKeys(enc, mask), weight, rank)
+        return _Advert(public, weight, rank)
 
     ask = RecordDict({keys.SPEC: spec, keys.SECAGG: ConfigRecord({keys.ROUND: rnd})})
     adverts = ex.run("keys", kind_of(MessageType.QUERY, keys.SECAGG_KEYS), {n: ask for n in nodes}, timeout, advert)
@@ -187,6 +184,7 @@ def _protocol(
                     {
                         keys.ROUND: rnd,
                         keys.SA_THRESHOLD: params.threshold,
+                        keys.SA_CLIENTS: len(u1),
                         keys.SA_IDS: peers,
                         keys.SA_ENC_KEY: [adverts[j].public.encryption for j in peers],
                         keys.SA_MASK_KEY: [adverts[j].public.mask for j in peers],
@@ -272,7 +270,7 @@ def _protocol(
     context = round_context(rnd, state.run_id.encode())
     masked_with = {j: graph[j] & set(u3) for j in dropped}
     publics = {i: adverts[i].public.mask for i in u1}
-    ints = stages.unmask_sum(total[0], replies.values(), u3, masked_with, publics, bits, rnd, context)
+    ints = stages.unmask_sum(total[0], replies.values(), u3, masked_with, publics, bits, rnd, context, params.threshold)
     summed = Unmasked(ints, bits, params, cal, weights)
     delta = aggregate(cfg, summed, expected, full_rank, denominator, state, info)
     state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}

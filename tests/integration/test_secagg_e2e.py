@@ -408,6 +408,34 @@ def test_a_tampered_or_replayed_share_fails_its_recipient_and_the_round_proceeds
         )
 
 
+ORDER_8 = bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157")  # RFC 7748 small order
+
+
+def test_a_low_order_public_key_fails_its_node_at_the_key_stage_and_the_round_goes_on(
+    tiny_model: Path, tmp_path: Path, deltas: dict[tuple[int, int], LocalUpdate]
+) -> None:
+    # Prepare: node 1 advertises a small-order mask key, with which every agreed key would be all zeros
+    # (its neighbours would only meet it when masking, after training; unit tests cover the other keys)
+    def alter(msg: Message, reply: Message) -> None:
+        if is_(msg, "query.secagg_keys", 1, [1]):
+            reply.content.config_records[keys.SECAGG][keys.SA_MASK_KEY] = ORDER_8
+
+    # Execute
+    flat = {**FAST, "num-server-rounds": 1}
+    rows, grid = federate(tiny_model, tmp_path / "run", flat, lambda n: WireGrid(client_app, n, alter=alter))
+
+    # Assert: node 1 fails the key stage, named; nodes 2 and 3 (t = 2 of 2) finish the round without it
+    row = rows[1]
+    (failure,) = row["failures"]
+    assert failure["node"] == 1
+    assert failure["reason"] == (
+        "secagg keys: client 1's mask public key is a low-order X25519 point: every key agreed with it is all zeros."
+    )
+    assert row["updated"] and row["replied_nodes"] == [2, 3] and row["secagg"]["threshold"] == 2
+    assert not [m for m, _ in grid.log if is_(m, "query.secagg_share", 1, [1])]  # never asked again
+    assert_round_is_fedavg(tmp_path / "run", 1, row, updates_of(deltas, 1, [2, 3]), adapter(tmp_path / "run", 0))
+
+
 def test_central_dp_noises_the_unmasked_sum_of_client_clipped_deltas(
     tiny_model: Path, tmp_path: Path, deltas: dict[tuple[int, int], LocalUpdate]
 ) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fedtune.privacy.secagg.crypto import (
     ENCRYPTION_INFO,
     MASK_INFO,
     NONCE_BYTES,
+    check_public_key,
     generate_keypair,
     message_aad,
     open_,
@@ -56,6 +58,50 @@ def test_every_key_pair_is_fresh() -> None:
 def test_a_low_order_public_key_is_refused() -> None:
     with pytest.raises(SecAggError, match="key agreement"):
         shared_key(generate_keypair().private, bytes(32), info=MASK_INFO, round_id=1, my_id=1, peer_id=2)
+
+
+P = 2**255 - 19
+# The small-order u-coordinates of Curve25519 (RFC 7748 §6.1 tells to refuse the all-zero secret they give;
+# libsodium lists them): 0, 1, the two points of order 8, and the non-canonical p-1, p, p+1; plus 0 and 1
+# with the top bit set, which X25519 ignores.
+LOW_ORDER = {
+    "0": bytes(32),
+    "1": (1).to_bytes(32, "little"),
+    "order-8 a": bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    "order-8 b": bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    "p-1": (P - 1).to_bytes(32, "little"),
+    "p": P.to_bytes(32, "little"),
+    "p+1": (P + 1).to_bytes(32, "little"),
+    "0, top bit": (2**255).to_bytes(32, "little"),
+    "1, top bit": (2**255 + 1).to_bytes(32, "little"),
+}
+
+
+@pytest.mark.parametrize("point", LOW_ORDER.values(), ids=LOW_ORDER.keys())
+def test_cryptography_refuses_the_all_zero_secret_of_every_small_order_point(point: bytes) -> None:
+    # the library behaviour check_public_key and shared_key rely on: OpenSSL's X25519 refuses a zero secret
+    with pytest.raises(ValueError, match="shared key"):
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(point))
+
+
+@pytest.mark.parametrize("point", LOW_ORDER.values(), ids=LOW_ORDER.keys())
+def test_a_small_order_public_key_is_refused_by_the_key_check(point: bytes) -> None:
+    with pytest.raises(SecAggError, match="client 7's mask key is a low-order X25519 point"):
+        check_public_key(point, "client 7's mask key")
+
+
+@pytest.mark.parametrize(
+    ("key", "needle"),
+    [(bytes(31), "must be 32 bytes, got 31"), (bytes(33), "must be 32 bytes, got 33"), ("k" * 32, "must be bytes")],
+)
+def test_a_malformed_public_key_is_refused_by_the_key_check(key: object, needle: str) -> None:
+    with pytest.raises(SecAggError, match=f"client 7's mask key {needle}"):
+        check_public_key(key, "client 7's mask key")
+
+
+def test_the_key_check_passes_a_fresh_public_key() -> None:
+    public = generate_keypair().public
+    assert check_public_key(public, "client 7's mask key") == public
 
 
 def test_seal_opens_with_a_reference_aes_gcm_and_uses_a_fresh_nonce() -> None:

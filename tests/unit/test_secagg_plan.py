@@ -12,6 +12,7 @@ from fedtune.config import RunConfig
 from fedtune.errors import ConfigError, IncompatibleComponentsError
 from fedtune.privacy import compat
 from fedtune.privacy.secagg import settings
+from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.privacy.secagg.graph import check_params, neighbours
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.plan import Plan
@@ -154,6 +155,39 @@ def test_auto_parameters_are_valid_and_the_graph_regular_for_every_n(n: int) -> 
     if n <= 300:
         graph = neighbours(list(range(n)), params.degree)
         assert {len(v) for v in graph.values()} == {params.effective_degree}
+
+
+def _settings_the_server_accepts() -> list[tuple[int, int, int]]:
+    """(n, degree, threshold) combinations the server itself does not refuse (those never reach a site)."""
+    out = []
+    for n in [2, 3, 5, 8, 17, 40, 300]:
+        for degree, threshold in [(0, 0), (4, 0), (6, 5)]:
+            cfg = RunConfig.from_flat({**SECAGG, "secagg.degree": degree, "secagg.threshold": threshold})
+            if not settings.problems(cfg, n):
+                out.append((n, degree, threshold))
+    return out
+
+
+def test_the_site_check_covers_most_server_settings() -> None:
+    # Assert: the parametrization below is not emptied by the server's own refusals
+    assert len(_settings_the_server_accepts()) >= 18
+
+
+@pytest.mark.parametrize(("n", "degree", "threshold"), _settings_the_server_accepts())
+def test_a_client_accepts_exactly_the_degree_and_threshold_the_server_resolves(
+    n: int, degree: int, threshold: int
+) -> None:
+    # Prepare: what the server sends (resolve, and the degree the graph it lays really has)
+    cfg = RunConfig.from_flat({**SECAGG, "secagg.degree": degree, "secagg.threshold": threshold})
+    params = settings.resolve(cfg, n)
+    k = len(neighbours(list(range(n)), params.degree)[0])
+    # Execute / Assert: accepted as sent; one neighbour or one share more or less is refused
+    settings.check_assigned(degree, threshold, n, k, params.threshold)
+    for wrong_k, wrong_t in [(k - 1, params.threshold), (k + 1, params.threshold), (k, params.threshold - 1)]:
+        with pytest.raises(SecAggError, match=r"refusing the round|advertised keys"):
+            settings.check_assigned(degree, threshold, n, wrong_k, wrong_t)
+    with pytest.raises(SecAggError, match=f"threshold {params.threshold + 1}, but"):
+        settings.check_assigned(degree, threshold, n, k, params.threshold + 1)
 
 
 def test_auto_clip_follows_the_round_and_covers_local_noise() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -74,7 +74,7 @@ def simulate_round(
     replies = [unmask_reply(i, held[i], u3, dropped, threshold) for i in sorted(u3 - set(before_unmask))]
     masked_with = {j: graph[j] & u3 for j in dropped}
     mask_publics = {i: publics[i].mask for i in ids}
-    result = unmask_sum(total, replies, u3, masked_with, mask_publics, bits, round_id, context)
+    result = unmask_sum(total, replies, u3, masked_with, mask_publics, bits, round_id, context, threshold)
     return Outcome(result, u3, list(masked.values()))
 
 
@@ -172,7 +172,38 @@ def test_the_server_cannot_unmask_with_fewer_than_t_replies() -> None:
     replies = [unmask_reply(i, held[i], ids, [], t) for i in ids[: t - 1]]
     # Execute / Assert
     with pytest.raises(TooFewSurvivors, match="self-mask seed"):
-        unmask_sum(add(ys, bits), replies, ids, {}, {i: pub[i].mask for i in ids}, bits, 9, ctx)
+        unmask_sum(add(ys, bits), replies, ids, {}, {i: pub[i].mask for i in ids}, bits, 9, ctx, t)
+
+
+@pytest.mark.parametrize(("holders", "threshold"), [(5, 1), (5, 2), (4, 2), (5, 6), (2, 1)])
+def test_a_client_refuses_a_threshold_that_is_not_a_strict_majority_of_its_holders(
+    holders: int, threshold: int
+) -> None:
+    # Prepare: with 2t <= holders, a server that lies about who dropped gets both secrets of one client
+    keys = {i: advertise_keys() for i in range(1, holders + 1)}
+    peers = {j: keys[j].public() for j in keys if j != 1}
+    # Execute / Assert
+    with pytest.raises(
+        SecAggError, match=f"threshold {threshold} for its {holders} share holders: it must be a strict"
+    ):
+        share_keys(1, keys[1], peers, threshold, round_id=4)
+
+
+@pytest.mark.parametrize(("holders", "threshold"), [(5, 3), (5, 4), (5, 5), (4, 3), (2, 2)])
+def test_a_client_accepts_a_strict_majority_of_its_holders(holders: int, threshold: int) -> None:
+    keys = {i: advertise_keys() for i in range(1, holders + 1)}
+    peers = {j: keys[j].public() for j in keys if j != 1}
+    _, _, outbox = share_keys(1, keys[1], peers, threshold, round_id=4)
+    assert set(outbox) == set(peers)
+
+
+@pytest.mark.parametrize("which", ["encryption", "mask"])
+def test_a_client_refuses_a_low_order_neighbour_key_before_sharing_naming_the_neighbour(which: str) -> None:
+    keys = {i: advertise_keys() for i in (1, 2, 3)}
+    peers = {j: keys[j].public() for j in (2, 3)}
+    peers[3] = replace(peers[3], **{which: bytes(32)})
+    with pytest.raises(SecAggError, match=f"client 3's {which} public key is a low-order X25519 point"):
+        share_keys(1, keys[1], peers, 2, round_id=4)
 
 
 def test_a_client_refuses_contradictory_unmask_requests() -> None:

@@ -55,6 +55,25 @@ def generate_keypair() -> KeyPair:
     return KeyPair(key.private_bytes_raw(), key.public_key().public_bytes_raw())
 
 
+def check_public_key(key: object, what: str) -> bytes:
+    """``key`` if it is a usable X25519 public key; else ``SecAggError`` naming ``what`` (e.g. "client 7's mask key").
+
+    A key must be 32 bytes and not one of the small-order points (RFC 7748, §6.1: u = 0, 1, p-1, p, p+1
+    and the two order-8 points), with which every agreement gives the all-zero secret. ``cryptography``
+    refuses that secret (OpenSSL checks it), so one agreement with a throwaway key finds them: a
+    small-order point sends every clamped scalar, a multiple of 8, to zero.
+    """
+    if not isinstance(key, bytes):
+        raise SecAggError(f"{what} must be bytes, got {type(key).__name__}.")
+    if len(key) != KEY_BYTES:
+        raise SecAggError(f"{what} must be {KEY_BYTES} bytes, got {len(key)}.")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
+    except ValueError:
+        raise SecAggError(f"{what} is a low-order X25519 point: every key agreed with it is all zeros.") from None
+    return key
+
+
 def pair_salt(round_id: int, id_a: int, id_b: int) -> bytes:
     """HKDF salt binding the round and the unordered pair {id_a, id_b}; both clients derive the same."""
     if id_a == id_b:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from fedtune.config import RunConfig
+from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.privacy.secagg.graph import check_params, default_threshold, effective_degree
 from fedtune.privacy.secagg.graph import problems as graph_problems
 from fedtune.privacy.secagg.quantize import Quantizer
@@ -70,11 +71,34 @@ class Params:
         return Quantizer(clip=self.clip, bits=self.quant_bits)
 
 
-def _choose(cfg: RunConfig, n_clients: int) -> tuple[int, int, float]:
-    s = cfg.secagg
-    degree = s.degree or auto_degree(n_clients)
+def graph_settings(degree_setting: int, threshold_setting: int, n_clients: int) -> tuple[int, int, int]:
+    """(degree, effective degree, threshold) that ``secagg.degree`` and ``secagg.threshold`` (0 = auto) give
+    for ``n_clients``: what :func:`resolve` puts in a round, and what a client recomputes to check it."""
+    degree = degree_setting or auto_degree(n_clients)
     k = effective_degree(max(n_clients, 2), degree)
-    return degree, s.threshold or default_threshold(k), s.clip or auto_clip(cfg)
+    return degree, k, threshold_setting or default_threshold(k)
+
+
+def check_assigned(
+    degree_setting: int, threshold_setting: int, n_clients: int, neighbours: int, threshold: int
+) -> None:
+    """A client's check of the share stage: its ``neighbours`` and ``threshold`` must be what the round's
+    ``secagg.degree`` and ``secagg.threshold`` (from the spec the client received) give for the
+    ``n_clients`` the server says advertised keys. Raises ``SecAggError`` naming the mismatch."""
+    if n_clients < 2 or neighbours >= n_clients:
+        raise SecAggError(f"the server says {n_clients} clients advertised keys, but assigned {neighbours} neighbours.")
+    _, k, t = graph_settings(degree_setting, threshold_setting, n_clients)
+    if (neighbours, threshold) != (k, t):
+        raise SecAggError(
+            f"the server assigned {neighbours} neighbours and threshold {threshold}, but `secagg.degree` = "
+            f"{degree_setting} and `secagg.threshold` = {threshold_setting} (0 = auto) give {k} and {t} for "
+            f"{n_clients} clients; refusing the round."
+        )
+
+
+def _choose(cfg: RunConfig, n_clients: int) -> tuple[int, int, float]:
+    degree, _, threshold = graph_settings(cfg.secagg.degree, cfg.secagg.threshold, n_clients)
+    return degree, threshold, cfg.secagg.clip or auto_clip(cfg)
 
 
 def threshold(cfg: RunConfig, n_clients: int) -> int:

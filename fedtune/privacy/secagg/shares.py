@@ -6,7 +6,9 @@ Bonawitz et al. 2017, https://eprint.iacr.org/2017/281, §4). pycryptodome's
 ``Crypto.Protocol.SecretSharing.Shamir`` shares 16-byte secrets over GF(2^128), so a 32-byte secret is
 shared as two independent halves. It silently returns garbage when given fewer shares than the
 threshold, so each share also carries the threshold and the first 8 bytes of SHA-256 over the secret,
-and ``combine`` checks both.
+and ``combine`` checks both. The threshold a share carries is the sender's word, so ``combine`` also
+takes the round's threshold and refuses any share that claims another: a single share forged with
+threshold 1 would otherwise be the whole polynomial, and so choose the secret.
 
 A share's bytes: index (u16) | threshold (u16) | share of the first half (16) | share of the second
 half (16) | commitment (8). The index is the recipient's 1-based position in the holder list.
@@ -66,26 +68,29 @@ def _parse(share: bytes) -> tuple[int, int, bytes, bytes, bytes]:
     return idx, threshold, body[:_HALF], body[_HALF : 2 * _HALF], body[2 * _HALF :]
 
 
-def combine(shares: Iterable[bytes]) -> bytes:
-    """The 32-byte secret rebuilt from at least ``threshold`` distinct shares of it.
+def combine(shares: Iterable[bytes], threshold: int) -> bytes:
+    """The 32-byte secret rebuilt from at least ``threshold`` (the round's t) distinct shares of it.
 
-    Raises ``TooFewSurvivors`` with fewer distinct shares than the threshold the shares carry, and
-    ``SecAggError`` when the shares disagree or the result does not match the commitment.
+    Raises ``SecAggError`` when a share carries another threshold than ``threshold``, when the shares
+    disagree or the result does not match the commitment, and ``TooFewSurvivors`` with fewer than
+    ``threshold`` distinct shares.
     """
+    if threshold < 1:
+        raise SecAggError(f"the round's threshold must be >= 1, got {threshold}.")
     parsed: dict[int, tuple[int, int, bytes, bytes, bytes]] = {}
     for share in shares:
         entry = _parse(share)
+        if entry[1] != threshold:
+            raise SecAggError(
+                f"share {entry[0]} claims threshold {entry[1]}, but the round's is {threshold}: forged or corrupt."
+            )
         if parsed.setdefault(entry[0], entry) != entry:
             raise SecAggError(f"two different shares carry index {entry[0]}.")
-    if not parsed:
-        raise TooFewSurvivors("no shares to combine.")
-    thresholds = {p[1] for p in parsed.values()}
-    commits = {p[4] for p in parsed.values()}
-    if len(thresholds) != 1 or len(commits) != 1:
-        raise SecAggError("shares of one secret disagree on their threshold or commitment.")
-    (threshold,) = thresholds
     if len(parsed) < threshold:
         raise TooFewSurvivors(f"{len(parsed)} shares cannot rebuild a secret that needs {threshold}.")
+    commits = {p[4] for p in parsed.values()}
+    if len(commits) != 1:
+        raise SecAggError("shares of one secret disagree on their commitment.")
     # Exactly `threshold` points fix the polynomial; more would only cost time.
     chosen = [parsed[i] for i in sorted(parsed)[:threshold]]
     first = Shamir.combine([(p[0], p[2]) for p in chosen], ssss=False)

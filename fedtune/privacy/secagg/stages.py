@@ -39,6 +39,16 @@ class PublicKeys:
     mask: bytes
 
 
+def checked_publics(node: int, encryption: object, mask: object) -> PublicKeys:
+    """Client ``node``'s advertised keys, if both are usable X25519 public keys (``crypto.check_public_key``);
+    else ``SecAggError`` naming the node. The server checks them as they arrive, each client again
+    before it agrees a key with a neighbour."""
+    return PublicKeys(
+        crypto.check_public_key(encryption, f"client {node}'s encryption public key"),
+        crypto.check_public_key(mask, f"client {node}'s mask public key"),
+    )
+
+
 @dataclass(frozen=True)
 class ClientKeys:
     """A client's two key pairs for one round; only ``mask.private`` is ever secret-shared."""
@@ -70,17 +80,29 @@ def _encryption_key(keys: ClientKeys, peer: PublicKeys, my_id: int, peer_id: int
     )
 
 
+def check_threshold(my_id: int, holders: int, threshold: int) -> None:
+    """``SecAggError`` unless ``threshold`` is a strict majority of ``holders``: holders / 2 < t <= holders."""
+    if not holders / 2 < threshold <= holders:
+        raise SecAggError(
+            f"client {my_id} refuses threshold {threshold} for its {holders} share holders: it must be a strict "
+            f"majority, in {holders // 2 + 1}..{holders}, or the server could rebuild both secrets of one client."
+        )
+
+
 def share_keys(
     my_id: int, keys: ClientKeys, peers: Mapping[int, PublicKeys], threshold: int, round_id: int
 ) -> tuple[bytes, HeldShares, dict[int, bytes]]:
     """Stage 1: a fresh self-mask seed, the shares the client keeps, and a ciphertext for each neighbour.
 
-    ``peers``: the public keys of the neighbours that advertised. Raises ``TooFewSurvivors`` when the
-    neighbours and the client together are fewer than ``threshold``.
+    ``peers``: the public keys of the neighbours that advertised. Raises ``SecAggError`` unless
+    ``threshold`` is a strict majority of the share holders (the neighbours and the client), the
+    condition under which a server cannot collect both the seed and the key shares of one client
+    (``graph``), or when a neighbour's key is unusable (naming the neighbour).
     """
     holders = sorted({*peers, my_id})
-    if len(holders) < threshold:
-        raise TooFewSurvivors(f"client {my_id} has {len(holders)} share holders, fewer than the threshold {threshold}.")
+    check_threshold(my_id, len(holders), threshold)
+    for peer, public in peers.items():
+        checked_publics(peer, public.encryption, public.mask)
     seed = os.urandom(shares.SECRET_BYTES)
     seed_shares = shares.split(seed, holders, threshold)
     key_shares = shares.split(keys.mask.private, holders, threshold)
@@ -156,14 +178,15 @@ def unmask_sum(
     bits: int,
     round_id: int,
     context: bytes,
+    threshold: int,
 ) -> np.ndarray:
     """Stage 3, server side: the sum of the survivors' quantized inputs (uint32, mod 2^bits).
 
     ``masked_sum``: ``masking.add`` of the survivors' masked inputs. ``replies``: the ``unmask_reply``
     of every holder that answered. ``dropped_neighbours[j]``: the survivors that masked with dropped
-    client j (its neighbours in U3 that received its shares). Raises ``TooFewSurvivors`` when some
-    secret has fewer shares than its threshold (the round is abandoned and nothing is returned), and
-    ``SecAggError`` when a share is corrupt.
+    client j (its neighbours in U3 that received its shares). ``threshold``: the round's t, which every
+    share must carry. Raises ``TooFewSurvivors`` when some secret has fewer than t shares (the round is
+    abandoned and nothing is returned), and ``SecAggError`` when a share is corrupt or forged.
     """
     seed_shares: dict[int, list[bytes]] = {}
     key_shares: dict[int, list[bytes]] = {}
@@ -172,18 +195,20 @@ def unmask_sum(
             seed_shares.setdefault(owner, []).append(share)
         for owner, share in keys.items():
             key_shares.setdefault(owner, []).append(share)
-    survivor_seeds = {i: _rebuild(seed_shares.get(i, []), i, "self-mask seed") for i in survivors}
+    survivor_seeds = {i: _rebuild(seed_shares.get(i, []), threshold, i, "self-mask seed") for i in survivors}
     dropped_keys = {}
     for j, masked_with in dropped_neighbours.items():
         if not masked_with:
             continue
-        secret = _rebuild(key_shares.get(j, []), j, "mask key")
+        secret = _rebuild(key_shares.get(j, []), threshold, j, "mask key")
         dropped_keys[j] = pair_mask_keys(j, secret, {i: mask_publics[i] for i in masked_with}, round_id)
     return unmask(masked_sum, survivor_seeds, dropped_keys, bits, context)
 
 
-def _rebuild(share_list: list[bytes], owner: int, what: str) -> bytes:
+def _rebuild(share_list: list[bytes], threshold: int, owner: int, what: str) -> bytes:
     try:
-        return shares.combine(share_list)
+        return shares.combine(share_list, threshold)
     except TooFewSurvivors as e:
         raise TooFewSurvivors(f"cannot rebuild the {what} of client {owner}: {e}") from e
+    except SecAggError as e:
+        raise SecAggError(f"cannot rebuild the {what} of client {owner}: {e}") from e
