@@ -14,6 +14,7 @@ import json
 import math
 import time
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -464,8 +465,15 @@ class ServerConfig:
 class EvalConfig:
     """``eval.*``: evaluation."""
 
-    federated: bool = True
-    """Evaluate the global adapter on each site's held-out split every round."""
+    federated: bool | Literal["auto"] = "auto"
+    """Evaluate the global adapter on each site's held-out split every round. ``auto``: on without DP,
+    off under a DP mechanism (whose guarantee does not cover the per-site metrics it reports);
+    ``true`` turns it on under DP too, and the run's trust statement then says they are not covered."""
+
+    def federated_on(self, dp: bool) -> bool:
+        """``eval.federated``'s effective value in a run with (``dp``) or without a DP mechanism."""
+        return (not dp) if self.federated == "auto" else bool(self.federated)
+
     centralized: bool = True
     """Evaluate the global adapter on the server's held-out set every round."""
     batch_size: int = 8
@@ -534,6 +542,13 @@ class OutputConfig:
     """Run directory; empty means ``runs/<timestamp>``."""
     resume: bool = False
     """Continue the run in ``output.dir`` from its last complete checkpoint."""
+    log_participants: bool = False
+    """Write the sampled and replying node ids (and each node's failures, bytes and rank) to the
+    outputs and the log when the accountant claims amplification by client sampling
+    (``privacy.mechanism = central`` with ``server.sampling = poisson``). Off by default, because
+    amplification assumes nobody outside the server knows who was sampled; when on, the guarantee
+    then assumes these outputs stay secret from the adversary. Without such a claim ids are always
+    written."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -661,6 +676,11 @@ def _coerce(key: str, value: Any, ftype: Any) -> Any:
         return value
     if ftype is bool:
         _require(isinstance(value, bool), key, f"must be true or false, got {value!r}.")
+        return value
+    if typing.get_origin(ftype) in (typing.Union, types.UnionType):  # bool | Literal[...]
+        words = [w for arg in typing.get_args(ftype) if typing.get_origin(arg) is Literal for w in typing.get_args(arg)]
+        ok = isinstance(value, bool) or (isinstance(value, str) and value in words)
+        _require(ok, key, f"must be true or false (or {' / '.join(map(json.dumps, words))}), got {value!r}.")
         return value
     if ftype is int:
         _require(

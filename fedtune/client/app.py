@@ -101,7 +101,9 @@ def train(msg: Message, context: Context) -> Message:
     records: dict[str, Any] = {}
     if update.delta is not None:
         records = encode_update(update.delta, update.cfg, update.extra[keys.ROUND], update.site.name, context.state)
-    metrics = {**update.metrics, keys.TIME_SERIALIZE: time.perf_counter() - start}
+    metrics = dict(update.metrics)
+    if update.cfg.privacy.mechanism == "none":  # seconds follow the data: not sent under DP
+        metrics[keys.TIME_SERIALIZE] = time.perf_counter() - start
     return Message(RecordDict({**records, keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -173,7 +175,8 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
     if mechanism == "none":  # data-dependent counts no DP guarantee covers: not sent under DP
         metrics.update({keys.DATA_CHECK + k.replace("_", "-"): v for k, v in site.data_checks.items()})
     metrics[keys.STEPS] = result.steps
-    metrics.update({keys.TIME_LOAD: trained - opened, keys.TIME_TRAIN: time.perf_counter() - trained})
+    if mechanism == "none":  # seconds follow the data (Poisson batch sizes, token counts): not sent under DP
+        metrics.update({keys.TIME_LOAD: trained - opened, keys.TIME_TRAIN: time.perf_counter() - trained})
     return LocalUpdate(cfg, extra, site, delta, metrics)
 
 

@@ -54,6 +54,33 @@ def client_sample_rate(cfg: RunConfig) -> float:
     return cfg.server.fraction_train if cfg.server.sampling == "poisson" else 1.0
 
 
+def amplified(cfg: RunConfig) -> bool:
+    """Whether the round's user-level event counts amplification by client sampling (q < 1).
+
+    Only ``central`` under ``server.sampling = poisson`` does (``local`` and ``distributed`` claim
+    q = 1; ``dp-sgd`` samples examples, not clients). The claim holds only while nobody outside the
+    server can tell who was sampled: the sample is then drawn from OS entropy and kept out of the
+    outputs (``fedtune.server.loop``).
+    """
+    return cfg.privacy.mechanism == "central" and client_sample_rate(cfg) < 1
+
+
+def secret_sample(plan: Plan) -> bool:
+    """Whether some round of ``plan`` claims amplification by client sampling (:func:`amplified`)."""
+    return any(amplified(plan.for_round(r)) for r in range(1, plan.base.num_server_rounds + 1))
+
+
+def participants_hidden(plan: Plan) -> bool:
+    """Whether node ids stay out of the run's outputs: the sample is secret and
+    ``output.log-participants`` does not ask for them."""
+    return secret_sample(plan) and not plan.base.output.log_participants
+
+
+def federated_eval(plan: Plan, cfg: RunConfig) -> bool:
+    """``eval.federated`` of round config ``cfg``: ``auto`` is off when the run uses a DP mechanism."""
+    return cfg.eval.federated_on(unit(plan) is not None)
+
+
 def adapter_length(cfg: RunConfig, arrays: Arrays) -> int:
     """Entries of the flat vector a client sends under SecAgg+ (only B under FFA-LoRA)."""
     return sum(int(arrays[k].size) for k in sent_keys(arrays, cfg.lora.freeze_a))

@@ -15,6 +15,8 @@ from safetensors.numpy import load_file, save_file
 
 from fedtune.errors import FedtuneError
 from fedtune.outputs import read_checkpoint
+from fedtune.privacy import rounds as privacy
+from fedtune.privacy.central import noise_rng
 from fedtune.privacy.rounds import PrivacyState
 from fedtune.server.loop import ServerState
 from fedtune.strategies.plan import Plan
@@ -57,19 +59,22 @@ def round_dir(out: Path, rnd: int) -> Path:
 def save(out: Path, state: ServerState, plan: Plan, write_weights: Callable[[Path, Arrays], None]) -> Path:
     """Checkpoint the global state (``write_weights(dir, arrays)``: a vanilla PEFT folder, or the
     trainable weights for bitfit / full), round, RNGs, optimizer state, node ranks, the privacy
-    ledger, the plan and the metrics history: everything the next round depends on."""
+    ledger, the plan and the metrics history: everything the next round depends on.
+
+    When a round claims amplification by client sampling, the sampling RNG is left out (its state
+    would tell a reader who is sampled next; a resumed run reseeds it), and unless
+    ``output.log-participants`` asks for them so are the node ranks, learned from who replied.
+    """
 
     def fill(tmp: Path) -> None:
         write_weights(tmp, state.global_arrays)
-        meta: dict[str, Any] = {
-            "round": state.round,
-            "rng": state.rng.bit_generator.state,
-            "config": plan.to_flat(),
-            "node_ranks": {str(k): v for k, v in state.node_ranks.items()},
-            "run_id": state.run_id,
-            "privacy": state.privacy.to_dict(),
-            "history": state.history,
-        }
+        meta: dict[str, Any] = {"round": state.round}
+        if not privacy.secret_sample(plan):
+            meta["rng"] = state.rng.bit_generator.state
+        meta["config"] = plan.to_flat()
+        if not privacy.participants_hidden(plan):
+            meta["node_ranks"] = {str(k): v for k, v in state.node_ranks.items()}
+        meta.update(run_id=state.run_id, privacy=state.privacy.to_dict(), history=state.history)
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=str))
         flat = {f"{name}{SEP}{k}": v for name, arrays in state.optimizer_states.items() for k, v in arrays.items()}
         if flat:
@@ -83,8 +88,10 @@ def save(out: Path, state: ServerState, plan: Plan, write_weights: Callable[[Pat
 def load(directory: Path) -> ServerState:
     """Restore the ServerState a checkpoint directory holds."""
     meta = json.loads((directory / STATE_FILE).read_text())
-    rng = np.random.default_rng()
-    rng.bit_generator.state = meta["rng"]
+    rng = noise_rng()  # no sampler saved (the sample is secret): reseed from OS entropy
+    if "rng" in meta:
+        rng = np.random.default_rng()
+        rng.bit_generator.state = meta["rng"]
     arrays = read_checkpoint(directory)
     optimizer_states: dict[str, dict[str, np.ndarray]] = {}
     if (directory / OPTIMIZER_FILE).is_file():

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -53,7 +54,9 @@ class ServerState:
     """Last completed round (0 = only the initial adapter exists)."""
     global_arrays: Arrays
     rng: np.random.Generator
-    """Client sampling RNG (seeded by ``seed``, checkpointed)."""
+    """Client sampling RNG: seeded by ``seed`` and checkpointed, so a run's samples are reproducible;
+    but when a round claims amplification by client sampling (``privacy.rounds.secret_sample``), which
+    assumes the sample secret, :func:`run` reseeds it from OS entropy and it is never checkpointed."""
     history: list[dict[str, Any]] = field(default_factory=list)
     optimizer_states: dict[str, Arrays] = field(default_factory=dict)
     """Server-optimizer state (momentum, Adam moments) by optimizer name, kept across rounds."""
@@ -69,6 +72,9 @@ class ServerState:
     """Why ``communication.budget-mb`` stopped the run, if it did."""
     downlink: tuple[Any, Arrays, dict[str, Any]] | None = None
     """The last compressed downlink (scheme, the global adapter it encodes, its records); not checkpointed."""
+    hidden: bool = False
+    """Who took part stays out of every output and the log (``privacy.rounds.participants_hidden``);
+    set by :func:`run` from the plan, not checkpointed."""
 
 
 Evaluate = Callable[[Arrays, RunConfig], Mapping[str, float]]
@@ -92,9 +98,9 @@ def wait_for_nodes(grid: GridLike, count: int, timeout: float) -> list[int]:
 
 
 def sample_nodes(nodes: list[int], cfg: RunConfig, rng: np.random.Generator) -> list[int]:
-    """Seeded choice of ``server.num-train`` nodes, or ``ceil(fraction-train * connected)``, and at
-    least ``server.min-clients``; under ``server.sampling = poisson`` each node independently with
-    probability ``fraction-train``."""
+    """Choice by ``rng`` (see :attr:`ServerState.rng`) of ``server.num-train`` nodes, or
+    ``ceil(fraction-train * connected)``, and at least ``server.min-clients``; under
+    ``server.sampling = poisson`` each node independently with probability ``fraction-train``."""
     if cfg.server.sampling == "poisson":
         return sorted(
             n for n, draw in zip(nodes, rng.random(len(nodes)), strict=True) if draw < cfg.server.fraction_train
@@ -187,7 +193,8 @@ def _train_round(
     ``denominator`` is what ``central`` DP divides the noised sum by (the expected number of
     clients), fixed before any reply arrives.
     """
-    clock = RoundClock(sequential=bool(getattr(grid, "in_process", False)))
+    sequential = bool(getattr(grid, "in_process", False))
+    clock = RoundClock(sequential=sequential, site_seconds=cfg.privacy.mechanism == "none")
     row["time"] = clock.parts
     row.update(bytes_up=0, bytes_down=0)
     replies = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd, row, clock, extra)
@@ -199,6 +206,7 @@ def _train_round(
     exhausted: list[int] = []
     checks: dict[str, dict[str, int]] = {}
     answered = set()
+    hide = frozenset(nodes) if state.hidden else None
     for node, reply in replies:  # streamed: each reply is folded in, then dropped
         answered.add(node)
         if not reply.has_error():
@@ -229,7 +237,7 @@ def _train_round(
             if (counts := site_metrics.data_checks(ok.metrics)) is not None:
                 checks[str(node)] = counts
         except UpdateRejected as exc:
-            log.warning("round %d: rejected reply from node %d: %s", rnd, node, exc)
+            log.warning("round %d: rejected reply from %s: %s", rnd, who(node, hide), scrub(str(exc), hide))
             failures.append({"node": node, "reason": str(exc)})
             continue
         finally:
@@ -240,7 +248,7 @@ def _train_round(
         accepted.append((node, ok.weight, ok.train_loss))
     for node in sorted(set(nodes) - answered):
         reason = f"no reply within `server.round-timeout` = {cfg.server.round_timeout:.0f} s"
-        log.warning("round %d: node %d failed: %s", rnd, node, reason)
+        log.warning("round %d: %s failed: %s", rnd, who(node, hide), reason)
         failures.append({"node": node, "reason": reason})
     row.update(replied=len(accepted), failed=len(failures), failures=failures)
     row["replied_nodes"] = sorted(node for node, _, _ in accepted)
@@ -331,7 +339,7 @@ def _federated_eval(
     """Every connected site's ``eval.metrics`` on its held-out split; each site's own values go
     into ``row["sites_eval"]``, and the federation's (example-weighted) values are returned."""
     nodes = sorted(grid.get_node_ids())
-    if not cfg.eval.federated or not nodes:
+    if cfg.eval.federated is not True or not nodes:
         return {}
     replies = _send(grid, state, cfg, nodes, MessageType.EVALUATE, rnd, row)
     entries: dict[str, dict[str, Any]] = {}
@@ -374,8 +382,11 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
     privacy budget is checked: a round whose release would pass ``privacy.target-epsilon`` is never
     started; the run stops there and says why (``state.privacy.stopped``).
     """
-    base = plan.base
+    base = _settled(plan, plan.base)
     family = privacy.unit(plan)
+    state.hidden = privacy.participants_hidden(plan)
+    if privacy.secret_sample(plan):  # amplification assumes the sample secret: never from `seed`, new on resume
+        state.rng = noise_rng()
     solved = privacy.solved_noise(plan, state.global_arrays)
     if solved is not None:
         log.info(
@@ -418,7 +429,7 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
     for rnd in range(state.round + 1, base.num_server_rounds + 1):
         if state.privacy.stopped:
             break
-        cfg = privacy.round_config(plan.for_round(rnd), state.privacy, solved)
+        cfg = _settled(plan, privacy.round_config(plan.for_round(rnd), state.privacy, solved))
         start = time.monotonic()
         try:
             privacy.check_budget(cfg, state.privacy, rnd, state.global_arrays)
@@ -447,6 +458,8 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         evaluate_round(cfg, grid, state, rnd, row, evaluate)
         row["seconds"] = time.monotonic() - start
         row["epsilon"] = json_number(state.privacy.epsilon(cfg, family))
+        if state.hidden:
+            redact(row, sampled)
         state.round = rnd
         state.history.append(row)
         on_round(state, row)
@@ -455,7 +468,45 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
 
 def _evaluated(cfg: RunConfig, connected: list[int]) -> list[int]:
     """The nodes federated evaluation will send the adapter to."""
-    return connected if cfg.eval.federated else []
+    return connected if cfg.eval.federated is True else []
+
+
+def _settled(plan: Plan, cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``eval.federated = auto`` resolved for this run (off under a DP mechanism)."""
+    if cfg.eval.federated != "auto":
+        return cfg
+    return cfg.override({"eval.federated": privacy.federated_eval(plan, cfg)})
+
+
+PARTICIPANT_FIELDS = ("sampled_nodes", "replied_nodes", "budget_exhausted_nodes", "bytes_per_client", "data_checks")
+"""Row fields that name, or are keyed by, the nodes that took part in the round's training."""
+
+
+def who(node: int, hide: Collection[int] | None) -> str:
+    """How the log names ``node``: by id, or not at all when ``hide`` holds the round's secret sample."""
+    return f"node {node}" if hide is None else "a sampled node"
+
+
+def scrub(text: str, hide: Collection[int] | None) -> str:
+    """``text`` with each node id in ``hide`` replaced by ``<node>`` (as a whole number)."""
+    if not hide:
+        return text
+    ids = "|".join(sorted((str(n) for n in hide), key=len, reverse=True))
+    return re.sub(rf"(?<![\w.])(?:{ids})(?!\w|\.\d)", "<node>", text)
+
+
+def redact(row: dict[str, Any], sampled: Collection[int]) -> None:
+    """Take who took part out of a round's ``row`` (the sample is secret): the id lists and per-node
+    fields go, failures keep their reasons with every sampled id replaced, SecAgg+ keeps its counts."""
+    for key in PARTICIPANT_FIELDS:
+        row.pop(key, None)
+    if "failures" in row:
+        row["failures"] = [{"reason": scrub(str(f.get("reason", "")), sampled)} for f in row["failures"]]
+    if isinstance(secure := row.get("secagg"), dict):
+        for key in ("dropped", "recovered"):
+            secure.pop(key, None)
+        if "abandoned" in secure:
+            secure["abandoned"] = scrub(str(secure["abandoned"]), sampled)
 
 
 def _eligible(nodes: list[int], cfg: RunConfig, state: ServerState) -> list[int]:

@@ -188,8 +188,7 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
 
 TRUST = {
     "central": "the server sees each clipped update in the clear and adds the noise: the guarantee holds "
-    "against anyone who sees the released adapters, not against the server (nor against whoever reads "
-    "metrics.jsonl, which names the sampled nodes that amplification assumes secret)",
+    "against anyone who sees the released adapters, not against the server",
     "local": "each site clips and noises its own update before sending: the guarantee holds against the server too",
     "dp-sgd": "each site clips and noises its own training steps (Opacus): the guarantee holds for each "
     "training example against the server too",
@@ -206,15 +205,44 @@ DISTRIBUTED_COLLUSION = (
     "the clients that dropped after sending their key shares plus the survivors colluding with the server number "
     "at most n - m (n: the clients that sent their key shares). `epsilon` assumes no survivor colludes."
 )
-NOT_COVERED = (
-    "Not covered: dataset sizes (public, as in Opacus), and the per-site held-out loss and task metrics "
-    "(`eval.metrics`) that federated evaluation (`eval.federated`) reports without noise."
+SAMPLE_SECRET = (
+    "Amplification by client sampling (q = {q}) assumes nobody but the server knows who was sampled: the server "
+    "draws the sample from OS entropy (never from `seed`; the sampler is never checkpointed) and no output names "
+    "the sampled or replying nodes (`output.log-participants` = false)"
 )
+SAMPLE_LOGGED = (
+    "`output.log-participants` = true writes the sampled and replying node ids to metrics.jsonl, summary.json, "
+    "the checkpoints and the log: amplification by client sampling (q = {q}) then assumes those outputs stay "
+    "secret from the adversary"
+)
+NOT_COVERED = "Not covered: dataset sizes (public, as in Opacus), the wall-clock seconds the server measures"
+FEDERATED_EVAL = (
+    ", and the per-site held-out loss and task metrics (`eval.metrics`) that federated evaluation "
+    "(`eval.federated` = true) reports without noise."
+)
+NO_FEDERATED_EVAL = "; federated evaluation is off (`eval.federated`), so no per-site metrics are reported."
 
 
 def json_number(value: float | None) -> float | str | None:
     """``value`` for JSON: infinity as the string "inf" (JSON has no infinity)."""
     return "inf" if value is not None and math.isinf(value) else value
+
+
+def trust(plan: Plan, family: str) -> str:
+    """The trust statement: the mechanism's, plus what amplification by client sampling assumes."""
+    text = TRUST[family]
+    if privacy.secret_sample(plan):
+        q = plan.base.server.fraction_train
+        text += ". " + (SAMPLE_LOGGED if plan.base.output.log_participants else SAMPLE_SECRET).format(q=q)
+    return text
+
+
+def covers(plan: Plan, family: str) -> str:
+    """What the guarantee covers and what it does not (per-site metrics when federated evaluation runs)."""
+    rounds = [plan.base, *(plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1))]
+    evaluated = any(privacy.federated_eval(plan, cfg) for cfg in rounds)
+    unit = "each training example of each site. " if family == "dp-sgd" else "each site's training data as a whole. "
+    return unit + NOT_COVERED + (FEDERATED_EVAL if evaluated else NO_FEDERATED_EVAL)
 
 
 def _event_json(e: Event) -> dict[str, Any]:
@@ -238,11 +266,8 @@ def privacy_summary(plan: Plan, state: ServerState) -> dict[str, Any]:
         "accountant": p.accountant,
         "target_epsilon": p.target_epsilon or None,
         "guarantee_holds": eps is not None and math.isfinite(eps),
-        "trust": TRUST[family],
-        "covers": (
-            "each training example of each site. " if family == "dp-sgd" else "each site's training data as a whole. "
-        )
-        + NOT_COVERED,
+        "trust": trust(plan, family),
+        "covers": covers(plan, family),
         "stopped": state.privacy.stopped,
     }
     if state.privacy.ledger.unprotected:

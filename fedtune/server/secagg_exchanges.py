@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from flwr.app import Message, RecordDict
 
 from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
-from fedtune.server.loop import GridLike, release, stream_replies
+from fedtune.server.loop import GridLike, release, scrub, stream_replies, who
 from fedtune.wire import payload_bytes
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class Exchanges:
     rnd: int
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)
+    hide: Collection[int] | None = None
+    """The round's sample when it is secret: the log then names no node (``loop.who``, ``loop.scrub``)."""
 
     def run(
         self,
@@ -87,7 +89,8 @@ class Exchanges:
         return out
 
     def fail(self, node: int, stage: str, reason: str) -> None:
-        log.warning("round %d: secagg stage %s: node %d failed: %s", self.rnd, stage, node, reason)
+        shown = scrub(reason, self.hide)
+        log.warning("round %d: secagg stage %s: %s failed: %s", self.rnd, stage, who(node, self.hide), shown)
         self.failures.setdefault(node, f"secagg {stage}: {reason}")
 
 

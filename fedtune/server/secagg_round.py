@@ -48,7 +48,15 @@ from fedtune.privacy.secagg.masking import add, round_context
 from fedtune.privacy.secagg.quantize import wire_dtype
 from fedtune.privacy.skellam import SkellamEvent
 from fedtune.server import traffic
-from fedtune.server.loop import GridLike, ServerState, account_round, declined, record_site_epsilon, server_step
+from fedtune.server.loop import (
+    GridLike,
+    ServerState,
+    account_round,
+    declined,
+    record_site_epsilon,
+    scrub,
+    server_step,
+)
 from fedtune.server.secagg_exchanges import Exchanges, enough, kind_of, owned
 from fedtune.server.secagg_sum import Unmasked, aggregate
 from fedtune.server.validation import expected_keys, rank_ok
@@ -96,7 +104,7 @@ def secagg_round(
     of clients). Under ``distributed`` the round is charged the noise its survivors' shares really add up to
     (``row["secagg"]["distributed"]``); an abandoned round is charged its target noise.
     """
-    ex = Exchanges(grid, rnd)
+    ex = Exchanges(grid, rnd, hide=frozenset(nodes) if state.hidden else None)
     info: dict[str, Any] = {"stages": ex.stages}
     exhausted: list[int] = []
     survivors: list[int] = []
@@ -105,7 +113,8 @@ def secagg_round(
         updated = True
     except (SecAggError, ConfigError) as exc:
         info["abandoned"] = str(exc)
-        log.warning("round %d: secure aggregation abandoned, global adapter unchanged: %s", rnd, exc)
+        reason = scrub(str(exc), ex.hide)
+        log.warning("round %d: secure aggregation abandoned, global adapter unchanged: %s", rnd, reason)
         updated = False
     info["dropped"] = sorted(set(nodes) - set(survivors))
     dp = info.get("distributed")

@@ -1,5 +1,8 @@
 """Where a round's time goes: the sites' own load / train / serialize seconds (from their replies),
-transport (each reply's round trip minus what its site reported), and the server's parts."""
+transport (each reply's round trip minus what its site reported), and the server's parts.
+
+Under a DP mechanism sites send no seconds (they follow the data: Poisson batch sizes, token counts),
+so the breakdown holds each reply's whole ``round_trip`` instead of the four site-side parts."""
 
 from __future__ import annotations
 
@@ -21,13 +24,13 @@ class RoundClock:
     waited for a free simulation worker.
     """
 
-    def __init__(self, *, sequential: bool) -> None:
+    def __init__(self, *, sequential: bool, site_seconds: bool = True) -> None:
         self.sequential = sequential
+        self.site_seconds = site_seconds
+        """Whether replies carry their sites' own seconds (never under DP)."""
+        site = dict.fromkeys(["load", "train", "serialize", "transport"] if site_seconds else ["round_trip"], 0.0)
         self.parts: dict[str, float] = {
-            "load": 0.0,
-            "train": 0.0,
-            "serialize": 0.0,
-            "transport": 0.0,
+            **site,
             "server_serialize": 0.0,
             "aggregate": 0.0,
             "eval": 0.0,
@@ -42,6 +45,9 @@ class RoundClock:
     def arrived(self, metrics: Mapping[str, Any]) -> None:
         """A reply arrived now; take its site's own seconds out of its round trip."""
         trip = time.perf_counter() - (self.resumed if self.sequential else self.pushed)
+        if not self.site_seconds:  # a site's seconds under DP are ignored, even if it sent some
+            self.parts["round_trip"] += trip
+            return
         own = 0.0
         for part, key in CLIENT_PARTS.items():
             value = metrics.get(key)

@@ -97,6 +97,43 @@ def test_central_budget_stops_before_it_would_be_exceeded_and_says_so(tiny_model
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_central_dp_with_poisson_sampling_keeps_who_took_part_and_site_seconds_out_of_every_output(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # Prepare: central DP with Poisson sampling (amplification claimed), federated evaluation turned on
+    flat = {
+        "privacy.mechanism": "central",
+        "privacy.noise-multiplier": 1.0,
+        "privacy.clip-norm": 0.05,
+        "strategy.weighting": "uniform",
+        "server.sampling": "poisson",
+        "server.fraction-train": 0.5,
+        "eval.federated": True,
+        "eval.centralized": False,
+    }
+    out = tmp_path / "run"
+    grid = MetricsGrid(3)
+
+    # Execute: two tiny rounds
+    run_server(make_plan(tiny_model, out, flat), grid)
+
+    # Assert: replies carry no seconds, and the round time has no per-site part
+    assert grid.metrics and all(not k.startswith("time-") for ms in grid.metrics.values() for m in ms for k in m)
+    history = rows(out)
+    assert [r["round"] for r in history] == [0, 1, 2]
+    participants = {"sampled_nodes", "replied_nodes", "bytes_per_client"}
+    for row in history[1:]:
+        assert not participants & set(row) and all("node" not in f for f in row["failures"])
+        assert "round_trip" in row["time"] and not {"load", "train", "serialize"} & set(row["time"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert not participants & set(summary["final"])
+    assert "`output.log-participants` = false" in summary["privacy"]["trust"]
+    assert "(`eval.federated` = true) reports without noise" in summary["privacy"]["covers"]
+    saved = json.loads((out / "checkpoints" / "round-002" / "state.json").read_text())
+    assert "rng" not in saved and "node_ranks" not in saved
+    assert json.loads((out / "sites.json").read_text())["sites"]  # federated evaluation ran
+
+
 def test_dpsgd_sites_that_spent_their_budget_decline_and_are_not_sampled_again(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -101,7 +101,7 @@ def test_under_dp_sites_send_no_data_checks_and_sites_json_says_scores_are_not_c
     # Prepare
     out = tmp_path / "run"
     flat = {**METRICS, "privacy.mechanism": "local", "privacy.noise-multiplier": 1.0, "eval.metrics": "loss,f1"}
-    flat.update({"eval.centralized": False, "eval.max-generate": 1})
+    flat.update({"eval.centralized": False, "eval.max-generate": 1, "eval.federated": True})  # off by default
 
     # Execute
     rows = run(tiny_model, out, flat)
@@ -109,5 +109,6 @@ def test_under_dp_sites_send_no_data_checks_and_sites_json_says_scores_are_not_c
     # Assert
     assert all("data_checks" not in row for row in rows) and rows[-1]["replied"] == 2
     sites = json.loads((out / "sites.json").read_text())
+    assert set(sites["sites"]) == {"1", "2"}
     assert all("data_checks" not in s for s in sites["sites"].values())
     assert "not covered" in sites["privacy"].lower() and "task metrics" in sites["privacy"]

@@ -54,6 +54,7 @@ def test_pyproject_config_matches_code_defaults() -> None:
         ({"lora.r": 1.5}, r"`lora\.r` must be an integer"),
         ({"train.lr": "fast"}, r"`train\.lr` must be a number"),
         ({"eval.federated": 1}, r"`eval\.federated` must be true or false"),
+        ({"eval.federated": "yes"}, r"`eval\.federated` must be true or false \(or \"auto\"\), got 'yes'"),
         ({"data.format": "xml"}, r"`data\.format` must be one of alpaca, chat"),
         ({"lora.r": 0}, r"`lora\.r` must be >= 1"),
         ({"server.min-replies": 5}, r"`server\.min-replies` \(5\) must be <= `server\.min-clients`"),
@@ -73,3 +74,26 @@ def test_set_values_parse_as_toml_scalars() -> None:
     assert parse_assignments(["lora.r=16", "model.name=/a/b"]) == {"lora.r": 16, "model.name": "/a/b"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_assignments(["lora.r"])
+
+
+@pytest.mark.parametrize(
+    ("value", "without_dp", "under_dp"),
+    [(None, True, False), ("auto", True, False), (True, True, True), (False, False, False)],
+)
+def test_federated_eval_defaults_off_under_dp_and_keeps_an_explicit_choice(
+    value: object, without_dp: bool, under_dp: bool
+) -> None:
+    # Prepare: the key unset, or set as a user would on the command line
+    flat = {} if value is None else {"eval.federated": parse_value(str(value).lower())}
+
+    # Execute
+    cfg = RunConfig.from_flat(flat)
+
+    # Assert
+    assert (cfg.eval.federated_on(dp=False), cfg.eval.federated_on(dp=True)) == (without_dp, under_dp)
+    assert RunConfig.from_flat(cfg.to_flat()) == cfg
+
+
+def test_participants_are_not_logged_by_default() -> None:
+    assert RunConfig().output.log_participants is False
+    assert RunConfig.from_flat({"output.log-participants": True}).output.log_participants is True

@@ -1,8 +1,13 @@
-"""The round loop driven by a fake grid: sampling, aggregation, failures by node, min-replies."""
+"""The round loop driven by a fake grid: sampling, aggregation, failures by node, min-replies; a
+secret sample under amplification, the sites' seconds and federated evaluation under DP."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,9 +15,10 @@ import pytest
 from flwr.app import Error, Message, MetricRecord, RecordDict
 
 from fedtune import keys
-from fedtune.server import loop
+from fedtune.outputs import WEIGHTS_FILE
+from fedtune.server import checkpoint, loop
 from fedtune.strategies.plan import Plan
-from fedtune.wire import arrays_from_record, record_from_arrays
+from fedtune.wire import Arrays, arrays_from_record, record_from_arrays
 
 GLOBAL = {"m.lora_A.weight": np.ones((2, 4), np.float32), "m.lora_B.weight": np.zeros((4, 2), np.float32)}
 Handler = Callable[[Message], Message | None]
@@ -250,3 +256,189 @@ def test_server_memory_does_not_grow_with_the_number_of_replies(task_identity: N
     # Assert: the mean of node ids 1..40 is 20.5, and the peak is a few deltas, not 40 (160 MiB)
     np.testing.assert_allclose(state.global_arrays["m.lora_A.weight"], 20.5)
     assert peak < 40, peak
+
+
+# Distinctive node ids: one that reaches an output or the log is found by its text.
+NODES = [7_000_000_000 + i for i in range(64)]
+CENTRAL = {"privacy.mechanism": "central", "privacy.noise-multiplier": 1.0, "strategy.weighting": "uniform"}
+POISSON = {"server.sampling": "poisson", "server.fraction-train": 0.5}
+
+
+def clipped(msg: Message) -> Message:
+    """An honest reply whose delta (norm 0.004) fits under any clip norm used here."""
+    if msg.metadata.message_type == "evaluate":
+        return honest(msg)
+    delta = {k: np.full(v.shape, 1e-3, np.float32) for k, v in GLOBAL.items()}
+    metrics = MetricRecord({keys.NUM_EXAMPLES: 5, keys.UNDER_CLIP: 1, keys.TIME_TRAIN: 5.0, keys.TIME_LOAD: 1.0})
+    return Message(RecordDict({keys.DELTA: record_from_arrays(delta), keys.METRICS: metrics}), reply_to=msg)
+
+
+def half_fail(msg: Message) -> Message:
+    """Nodes at even positions err with a reason that names them; the others reply honestly."""
+    node = msg.metadata.dst_node_id
+    if msg.metadata.message_type == "train" and NODES.index(node) % 2 == 0:
+        return Message(Error(code=1, reason=f"client {node} ran out of memory"), reply_to=msg)
+    return clipped(msg)
+
+
+def trained(grid: FakeGrid) -> list[int]:
+    """The nodes a train message went to: the sample."""
+    return sorted(m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train")
+
+
+@contextmanager
+def fedtune_log() -> Iterator[list[str]]:
+    """Every message fedtune logs at INFO and above while the block runs."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("fedtune")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def write_weights(directory: Path, arrays: Arrays) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(arrays, str(directory / WEIGHTS_FILE))
+
+
+@pytest.mark.parametrize(
+    ("flat", "same"),
+    [
+        ({**CENTRAL, **POISSON}, False),  # amplification by client sampling: the sample must be secret
+        ({**CENTRAL, "server.fraction-train": 0.5}, True),  # central, fixed-size: no amplification claimed
+        (POISSON, True),  # no DP: seeded and reproducible
+    ],
+)
+def test_the_sample_follows_the_seed_only_where_no_amplification_is_claimed(
+    task_identity: None, flat: dict[str, Any], same: bool
+) -> None:
+    # Prepare: two runs of one round with the same seed, 64 nodes, q = 0.5
+    plan = Plan.from_flat({"num-server-rounds": 1, "seed": 7, **flat})
+    grids = [FakeGrid(NODES, clipped), FakeGrid(NODES, clipped)]
+
+    # Execute: each run gets the seeded generator the server app gives a new run
+    for grid in grids:
+        run_loop(plan, grid)
+
+    # Assert: two independent Poisson samples of 64 nodes coincide with probability 2^-64
+    first, second = trained(grids[0]), trained(grids[1])
+    assert first and second
+    assert (first == second) is same
+
+
+@pytest.mark.parametrize("log_participants", [False, True])
+def test_a_secret_sample_names_no_node_in_rows_logs_or_checkpoints_unless_asked(
+    task_identity: None, tmp_path: Path, log_participants: bool
+) -> None:
+    # Prepare: central DP with Poisson sampling; about half the sampled nodes fail, naming themselves
+    flat = {
+        "num-server-rounds": 1,
+        **CENTRAL,
+        **POISSON,
+        **({"output.log-participants": True} if log_participants else {}),
+    }
+    grid = FakeGrid(NODES, half_fail)
+    state = loop.ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(0))
+    rows: list[dict[str, Any]] = []
+
+    def on_round(s: loop.ServerState, row: dict[str, Any]) -> None:
+        checkpoint.save(tmp_path, s, Plan.from_flat(flat), write_weights)
+        rows.append(row)
+
+    # Execute: one round, then a resumed run for round 2 from its checkpoint
+    with fedtune_log() as lines:
+        loop.run(Plan.from_flat(flat), grid, state, evaluate=lambda a, c: {}, on_round=on_round)
+        resumed = checkpoint.load(checkpoint.latest(tmp_path))
+        plan2 = Plan.from_flat({**flat, "num-server-rounds": 2})
+        resumed = loop.run(plan2, grid, resumed, evaluate=lambda a, c: {}, on_round=lambda s, r: rows.append(r))
+
+    # Assert: the sampler's state is never saved; the resumed run finishes round 2
+    saved = (checkpoint.latest(tmp_path) / checkpoint.STATE_FILE).read_text()
+    assert "rng" not in json.loads(saved)
+    assert resumed.round == 2 and [r["round"] for r in rows] == [0, 1, 2]
+    row = rows[1]
+    sample = sorted({m.metadata.dst_node_id for m in grid.sent if m.metadata.group_id == "1"})
+    assert row["sampled"] == len(sample) and row["failed"] == len([n for n in sample if NODES.index(n) % 2 == 0])
+    assert row["failed"] > 0
+    outputs = json.dumps(rows) + saved + "\n".join(lines)
+    named = [n for n in NODES if str(n) in outputs]
+    if log_participants:
+        assert row["sampled_nodes"] == sample and all(str(f["node"]) in f["reason"] for f in row["failures"])
+        assert named
+    else:
+        assert named == []
+        assert all(f == {"reason": "client error: client <node> ran out of memory"} for f in row["failures"])
+        assert not {"sampled_nodes", "replied_nodes", "bytes_per_client"} & set(row)
+
+
+def test_under_dp_the_round_time_holds_no_site_seconds(task_identity: None) -> None:
+    # Prepare: every reply claims 1 s of loading and 5 s of training
+    plans = {
+        m: Plan.from_flat({"num-server-rounds": 1, **(CENTRAL if m == "central" else {})}) for m in ("none", "central")
+    }
+
+    # Execute
+    times = {m: run_loop(plan, FakeGrid([1, 2, 3], clipped))[1][1]["time"] for m, plan in plans.items()}
+
+    # Assert: without DP the sites' seconds are summed; under DP they are ignored
+    assert times["none"]["train"] == 15.0 and times["none"]["load"] == 3.0
+    assert not {"load", "train", "serialize", "transport"} & set(times["central"])
+    assert times["central"]["round_trip"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("flat", "evaluated"),
+    [
+        ({}, True),
+        ({"eval.federated": False}, False),
+        (CENTRAL, False),  # auto: off under a DP mechanism
+        ({"privacy.mechanism": "local", "privacy.noise-multiplier": 1.0}, False),
+        ({**CENTRAL, "eval.federated": True}, True),  # an explicit true is kept
+    ],
+)
+def test_federated_evaluation_is_off_by_default_under_dp(
+    task_identity: None, flat: dict[str, Any], evaluated: bool
+) -> None:
+    # Prepare
+    grid = FakeGrid([1, 2, 3], clipped)
+
+    # Execute
+    _, rows = run_loop(Plan.from_flat({"num-server-rounds": 1, **flat}), grid)
+
+    # Assert: rounds 0 and 1 evaluate at every site, or at none
+    asked = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert len(asked) == (6 if evaluated else 0)
+    assert (rows[1]["eval_loss_federated"] is not None) is evaluated
+
+
+def test_redacting_a_secagg_row_keeps_its_counts_and_reasons_but_no_id() -> None:
+    # Prepare: a SecAgg+ round's row as secagg_round fills it, with ids in lists, keys and texts
+    a, b, c = NODES[:3]
+    row: dict[str, Any] = {
+        "sampled": 3,
+        "replied": 2,
+        "failed": 1,
+        "sampled_nodes": [a, b, c],
+        "replied_nodes": [a, c],
+        "bytes_per_client": {str(a): {"up": 1, "down": 2}},
+        "failures": [{"node": b, "reason": f"secagg masked: client {b} got shares from {a}, norm 1.5."}],
+        "secagg": {"survivors": 2, "dropped": [b], "recovered": [b], "abandoned": f"cannot rebuild client {b}."},
+    }
+
+    # Execute
+    loop.redact(row, [a, b, c])
+
+    # Assert: ids go, counts and other numbers stay
+    assert not any(str(n) in json.dumps(row) for n in (a, b, c))
+    assert row["failures"] == [{"reason": "secagg masked: client <node> got shares from <node>, norm 1.5."}]
+    assert row["secagg"] == {"survivors": 2, "abandoned": "cannot rebuild client <node>."}
+    assert (row["sampled"], row["replied"], row["failed"]) == (3, 2, 1)
+    assert not {"sampled_nodes", "replied_nodes", "bytes_per_client"} & set(row)

@@ -1,10 +1,12 @@
 """Privacy settings that would make a printed epsilon false are refused before round 1, naming rounds
-and keys; a site's own budget solves its noise once and declines a round that would overspend."""
+and keys; a site's own budget solves its noise once and declines a round that would overspend; the
+trust statement says what amplification and federated evaluation assume."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import RecordDict
 
@@ -14,6 +16,8 @@ from fedtune.privacy import site as site_privacy
 from fedtune.privacy.accounting import GaussianEvent, epsilon, noise_multiplier
 from fedtune.privacy.ledger import Ledger
 from fedtune.privacy.rounds import projected_epsilon, solved_noise
+from fedtune.server.loop import ServerState
+from fedtune.server.report import privacy_summary
 from fedtune.strategies.plan import Plan
 
 CENTRAL = {"privacy.mechanism": "central", "privacy.noise-multiplier": 1.0, "strategy.weighting": "uniform"}
@@ -97,3 +101,40 @@ def test_site_solves_its_noise_once_and_declines_an_overspending_round(tmp_path:
         site_privacy.SiteBudget(ledger=Ledger([GaussianEvent(1.0, 0.1, 5)])), stale, tmp_path / "old.json"
     )
     assert site_privacy.restore(stale, path).steps() == 20
+
+
+POISSON = {"server.sampling": "poisson", "server.fraction-train": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("flat", "in_trust", "not_in_trust", "in_covers"),
+    [
+        (
+            {**CENTRAL, **POISSON},
+            ["q = 0.5", "OS entropy", "`output.log-participants` = false"],
+            ["metrics.jsonl"],
+            "federated evaluation is off",
+        ),
+        (
+            {**CENTRAL, **POISSON, "output.log-participants": True, "eval.federated": True},
+            ["`output.log-participants` = true", "stay secret from the adversary"],
+            [],
+            "(`eval.federated` = true) reports without noise",
+        ),
+        ({**CENTRAL, "eval.federated": True}, [], ["log-participants"], "(`eval.federated` = true)"),
+        ({"privacy.mechanism": "local", "privacy.noise-multiplier": 1.0}, [], ["participants"], "is off"),
+    ],
+)
+def test_the_trust_statement_names_what_amplification_and_federated_evaluation_assume(
+    flat: dict[str, object], in_trust: list[str], not_in_trust: list[str], in_covers: str
+) -> None:
+    # Prepare
+    plan = Plan.from_flat({"num-server-rounds": 2, **flat})
+
+    # Execute
+    section = privacy_summary(plan, ServerState(round=0, global_arrays={}, rng=np.random.default_rng()))
+
+    # Assert
+    assert all(text in section["trust"] for text in in_trust), section["trust"]
+    assert not any(text in section["trust"] for text in not_in_trust), section["trust"]
+    assert in_covers in section["covers"], section["covers"]
