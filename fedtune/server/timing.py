@@ -3,6 +3,7 @@ transport (each reply's round trip minus what its site reported), and the server
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -40,12 +41,13 @@ class RoundClock:
         self.pushed = self.resumed = time.perf_counter()
 
     def arrived(self, metrics: Mapping[str, Any]) -> None:
-        """A reply arrived now; take its site's own seconds out of its round trip."""
+        """A reply arrived now; take its site's own seconds out of its round trip (a value that is not a
+        finite number >= 0 is the reply's mistake, not a time: it is left out)."""
         trip = time.perf_counter() - (self.resumed if self.sequential else self.pushed)
         own = 0.0
         for part, key in CLIENT_PARTS.items():
             value = metrics.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf:
                 self.parts[part] += float(value)
                 own += float(value)
         self.parts["transport"] += max(trip - own, 0.0)
