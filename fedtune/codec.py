@@ -126,6 +126,7 @@ def index_shapes(index: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """The names and shapes an index describes; UpdateRejected if it is malformed."""
     names, ndims, dims = index.get("names"), index.get("ndims"), index.get("dims")
     ok = all(isinstance(x, list) for x in (names, ndims, dims))
+    ok = ok and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in ndims)  # type: ignore[union-attr]
     if not ok or len(names) != len(ndims) or sum(ndims) != len(dims):  # type: ignore[arg-type]
         raise UpdateRejected("the packed update's index is malformed (names, ndims and dims disagree)")
     if len(set(names)) != len(names):  # type: ignore[arg-type]

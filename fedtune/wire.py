@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 from fedtune import keys
 from fedtune.codec import PACKED, Scheme, Shapes, index_bytes, make_index, pack, packed_size, unpack
@@ -21,9 +22,32 @@ def record_from_arrays(arrays: Arrays) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
 
 
+def load_array(array: Array, name: str) -> np.ndarray:
+    """``array`` as numpy, refusing (UpdateRejected, naming ``name``) bytes that are not one npy array of
+    numbers whose header agrees with its payload: checked before numpy allocates what the header claims."""
+    if array.stype != SType.NUMPY:
+        raise UpdateRejected(f"array {name!r} is serialized as {array.stype!r}, not {SType.NUMPY!r}")
+    data = array.data
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, _, dtype = read(buf)
+    except Exception:  # whatever numpy's header parser makes of garbage bytes
+        raise UpdateRejected(f"array {name!r} is not an npy array") from None
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise UpdateRejected(f"array {name!r} has dtype {dtype}, not a number type")
+    need = math.prod(shape) * dtype.itemsize
+    if len(data) - buf.tell() != need:
+        raise UpdateRejected(
+            f"array {name!r}: its header says {shape} {dtype} ({need} bytes), it carries {len(data) - buf.tell()}"
+        )
+    return np.load(io.BytesIO(data), allow_pickle=False)  # type: ignore[no-any-return]
+
+
 def arrays_from_record(record: ArrayRecord) -> Arrays:
-    """Unwrap an ArrayRecord into numpy arrays by key."""
-    return {k: v.numpy() for k, v in record.items()}
+    """Unwrap an ArrayRecord into numpy arrays by key (UpdateRejected if one is not a valid npy array)."""
+    return {k: load_array(v, k) for k, v in record.items()}
 
 
 def payload_bytes(record: ArrayRecord) -> int:
@@ -76,4 +100,4 @@ def decode(content: RecordDict, array_key: str, scheme: Scheme | None, expected:
     index = content.config_records.get(keys.WIRE)
     if index is None or list(record) != [PACKED]:
         raise UpdateRejected(f"a {scheme.name} message must hold one array {PACKED!r} and its index {keys.WIRE!r}")
-    return unpack(record[PACKED].numpy(), dict(index), scheme, expected)
+    return unpack(load_array(record[PACKED], PACKED), dict(index), scheme, expected)

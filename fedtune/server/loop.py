@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtune import keys
 from fedtune.config import RunConfig
@@ -28,7 +28,7 @@ from fedtune.privacy.central import clip, noise_rng
 from fedtune.server import site_metrics, traffic, validation
 from fedtune.server.report import json_number
 from fedtune.server.timing import RoundClock
-from fedtune.strategies import STRATEGIES, make_aggregator, make_optimizer
+from fedtune.strategies import STRATEGIES, Aggregator, make_aggregator, make_optimizer
 from fedtune.strategies.aggregators import WeightedMean
 from fedtune.strategies.plan import Plan
 from fedtune.wire import Arrays, message_bytes, record_from_arrays
@@ -198,55 +198,56 @@ def _train_round(
     row["time"] = clock.parts
     row.update(bytes_up=0, bytes_down=0)
     replies = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd, row, clock, extra)
-    compressed = cfg.compression.uplink != "none"
     central = privacy.central_round(cfg, denominator, state.noise_rng) if cfg.privacy.mechanism == "central" else None
     aggregator = make_aggregator(cfg.strategy, state.global_arrays)
     failures: list[dict[str, Any]] = []
     accepted: list[tuple[int, float, float]] = []  # (node, weight, train loss): never the delta
     exhausted: list[int] = []
     checks: dict[str, dict[str, int]] = {}
-    answered = set()
+    asked, answered = set(nodes), set[int]()
     hide = frozenset(nodes) if state.hidden else None
+    broken = False  # adding a checked reply raised: the aggregate may hold part of it, so it is not applied
+
+    def fail(node: int, reason: str) -> None:
+        log.warning("round %d: rejected reply from %s: %s", rnd, who(node, hide), scrub(reason, hide))
+        failures.append({"node": node, "reason": reason})
+
     for node, reply in replies:  # streamed: each reply is folded in, then dropped
+        if node not in asked or node in answered:  # not asked, or a second answer: only the first counts
+            release(reply)
+            continue
         answered.add(node)
-        if not reply.has_error():
-            clock.arrived(reply.content.metric_records.get(keys.METRICS, {}))
-            traffic.add_bytes(row, node, up=message_bytes(reply.content, keys.DELTA))
         folding = time.perf_counter()
+        ok: validation.Accepted | None = None
         try:
-            if declined(reply, node, state):
-                exhausted.append(node)
-                continue
-            ok = validation.accept_reply(reply, cfg, state.global_arrays)
-            if central is not None:
-                delta, norm = ok.delta, ok.norm
-                if compressed:  # decoding may move a clipped delta past C by a rounding step: clip again
-                    delta, before = clip(delta, cfg.privacy.clip_norm)
-                    norm = min(before, cfg.privacy.clip_norm)
-                try:
-                    central.noised.add(delta, norm, fits=bool(ok.metrics.get(keys.UNDER_CLIP, 0)))
-                except ValueError as exc:
-                    raise UpdateRejected(str(exc)) from None
-            elif ok.masks is not None:
-                if not isinstance(aggregator, WeightedMean):
-                    raise UpdateRejected(f"`strategy.name` = {cfg.strategy.name} has no rule for rank {ok.rank}")
-                aggregator.add_masked(ok.delta, ok.weight, ok.masks)
-            else:
-                aggregator.add(ok.delta, ok.weight)
-            record_site_epsilon(ok.metrics, node, state)
-            if (counts := site_metrics.data_checks(ok.metrics)) is not None:
-                checks[str(node)] = counts
+            ok = _checked(cfg, state, node, reply, row, clock)
+            if ok is not None:
+                _fold(cfg, ok, aggregator, central)
         except UpdateRejected as exc:
-            log.warning("round %d: rejected reply from %s: %s", rnd, who(node, hide), scrub(str(exc), hide))
-            failures.append({"node": node, "reason": str(exc)})
+            fail(node, validation.refused(exc))
+            continue
+        except Exception as exc:  # a reply is untrusted input: whatever its checks raise fails its node only
+            if ok is None:
+                fail(node, validation.refused(exc))
+                continue
+            # it passed every check, so the server's own aggregate failed: loudly, and the round is not applied
+            log.exception("round %d: adding %s's checked reply failed; the round is not applied", rnd, who(node, hide))
+            fail(node, validation.refused(exc, "the server failed to aggregate it"))
+            broken = True
             continue
         finally:
             release(reply)
             clock.add("aggregate", time.perf_counter() - folding)
             clock.resume()
+        if ok is None:
+            exhausted.append(node)
+            continue
+        record_site_epsilon(ok.epsilon, node, state)
+        if (counts := site_metrics.data_checks(ok.metrics)) is not None:
+            checks[str(node)] = counts
         state.node_ranks[node] = ok.rank
         accepted.append((node, ok.weight, ok.train_loss))
-    for node in sorted(set(nodes) - answered):
+    for node in sorted(asked - answered):
         reason = f"no reply within `server.round-timeout` = {cfg.server.round_timeout:.0f} s"
         log.warning("round %d: %s failed: %s", rnd, who(node, hide), reason)
         failures.append({"node": node, "reason": reason})
@@ -257,13 +258,14 @@ def _train_round(
     if checks:
         row["data_checks"] = checks
     losses = [(loss, w) for _, w, loss in accepted if not math.isnan(loss)]
-    row["train_loss"] = sum(loss * w for loss, w in losses) / sum(w for _, w in losses) if losses else None
-    account_round(cfg, state, rnd, released=bool(accepted))
-    if len(accepted) < cfg.server.min_replies:
-        log.warning(
-            "round %d: %d valid repl%s < `server.min-replies` = %d; global adapter unchanged.",
-            *(rnd, len(accepted), "y" if len(accepted) == 1 else "ies", cfg.server.min_replies),
-        )
+    row["train_loss"] = site_metrics.weighted_mean(losses) if losses else None
+    account_round(cfg, state, rnd, released=bool(accepted) and not broken)
+    if broken or len(accepted) < cfg.server.min_replies:
+        if not broken:
+            log.warning(
+                "round %d: %d valid repl%s < `server.min-replies` = %d; global adapter unchanged.",
+                *(rnd, len(accepted), "y" if len(accepted) == 1 else "ies", cfg.server.min_replies),
+            )
         row["updated"] = False
         return
     stepping = time.perf_counter()
@@ -278,24 +280,60 @@ def _train_round(
     clock.add("aggregate", time.perf_counter() - stepping)
 
 
+def _checked(
+    cfg: RunConfig, state: ServerState, node: int, reply: Message, row: dict[str, Any], clock: RoundClock
+) -> validation.Accepted | None:
+    """One train reply, counted (bytes, the site's seconds) and checked: None when the site declines the
+    round, else the Accepted reply; raises whatever the reply makes the checks raise."""
+    if not reply.has_error():
+        clock.arrived(reply.content.metric_records.get(keys.METRICS, {}))
+        traffic.add_bytes(row, node, up=message_bytes(reply.content, keys.DELTA))
+    if declined(reply, node, state):
+        return None
+    return validation.accept_reply(reply, cfg, state.global_arrays)
+
+
+def _fold(
+    cfg: RunConfig, ok: validation.Accepted, aggregator: Aggregator, central: privacy.CentralRound | None
+) -> None:
+    """Add a checked reply to the round's aggregate; UpdateRejected, before anything is added, when the
+    aggregate's own rule refuses it."""
+    if central is not None:
+        delta, norm = ok.delta, ok.norm
+        if cfg.compression.uplink != "none":  # decoding may move a clipped delta past C by a rounding step: clip again
+            delta, before = clip(delta, cfg.privacy.clip_norm)
+            norm = min(before, cfg.privacy.clip_norm)
+        try:
+            central.noised.add(delta, norm, fits=bool(ok.metrics.get(keys.UNDER_CLIP, 0)))
+        except ValueError as exc:
+            raise UpdateRejected(str(exc)) from None
+    elif ok.masks is not None:
+        if not isinstance(aggregator, WeightedMean):
+            raise UpdateRejected(f"`strategy.name` = {cfg.strategy.name} has no rule for rank {ok.rank}")
+        aggregator.add_masked(ok.delta, ok.weight, ok.masks)
+    else:
+        aggregator.add(ok.delta, ok.weight)
+
+
 def declined(reply: Message, node: int, state: ServerState) -> bool:
-    """A "budget exhausted" reply: not an error; the node is never sampled again."""
+    """A "budget exhausted" reply: not an error; the node is never sampled again. UpdateRejected if the
+    epsilon it reports is malformed (then nothing is recorded)."""
     if reply.has_error():
         return False
     metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
     if metrics.get(keys.BUDGET_EXHAUSTED) != 1:
         return False
-    record_site_epsilon(metrics, node, state)
+    record_site_epsilon(validation.reported_epsilon(metrics), node, state)
     if node not in state.privacy.exhausted:
         state.privacy.exhausted.append(node)
     log.info("node %d has spent its privacy budget and will not be sampled again", node)
     return True
 
 
-def record_site_epsilon(metrics: Mapping[str, Any], node: int, state: ServerState) -> None:
-    eps = metrics.get(keys.EPSILON)
-    if isinstance(eps, int | float) and not isinstance(eps, bool):
-        state.privacy.site_epsilon[node] = max(float(eps), state.privacy.site_epsilon.get(node, 0.0))
+def record_site_epsilon(eps: float | None, node: int, state: ServerState) -> None:
+    """Keep the largest epsilon ``node`` has reported (checked by ``validation.reported_epsilon``)."""
+    if eps is not None:
+        state.privacy.site_epsilon[node] = max(eps, state.privacy.site_epsilon.get(node, 0.0))
 
 
 def account_round(cfg: RunConfig, state: ServerState, rnd: int, *, released: bool, event: Event | None = None) -> None:
@@ -343,13 +381,23 @@ def _federated_eval(
         return {}
     replies = _send(grid, state, cfg, nodes, MessageType.EVALUATE, rnd, row)
     entries: dict[str, dict[str, Any]] = {}
+    failed: list[dict[str, Any]] = []
+    asked, answered = set(nodes), set[int]()
     for node, reply in replies:
-        if reply.has_error():
-            log.warning("round %d: eval failed on node %d: %s", rnd, node, reply.error.reason)
+        if node not in asked or node in answered:  # not asked, or a second answer: only the first counts
             continue
-        entry = site_metrics.eval_entry(reply.content.metric_records.get(keys.METRICS, {}))
-        if entry is not None:
-            entries[str(node)] = entry
+        answered.add(node)
+        try:
+            if reply.has_error():
+                raise UpdateRejected(f"client error: {reply.error.reason}")
+            validation.check_records(reply.content, {keys.METRICS: MetricRecord})
+            entries[str(node)] = site_metrics.eval_entry(reply.content.metric_records.get(keys.METRICS, {}))
+        except Exception as exc:  # a reply is untrusted input: whatever its checks raise fails its node only
+            reason = validation.refused(exc)
+            log.warning("round %d: eval failed on node %d: %s", rnd, node, reason)
+            failed.append({"node": node, "reason": reason})
+    if failed:
+        row["eval_failures"] = failed
     if entries:
         row["sites_eval"] = entries
     return site_metrics.combine(entries)

@@ -16,6 +16,7 @@ from flwr.app import Message, RecordDict
 
 from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
 from fedtune.server.loop import GridLike, release, scrub, stream_replies, who
+from fedtune.server.validation import refused
 from fedtune.wire import payload_bytes
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class Exchanges:
         handle: Callable[[int, Message], T | None],
     ) -> dict[int, T]:
         """Each node's ``handle``d reply; a node that errs, answers badly or not in time is a failure, one
-        whose ``handle`` returns None simply leaves (a dp-sgd site out of budget)."""
+        whose ``handle`` returns None simply leaves (a dp-sgd site out of budget). ``handle`` must leave
+        the round's state untouched when it raises: anything it raises fails that node, never the round."""
         start = time.monotonic()
         messages = [Message(c, dst_node_id=n, message_type=kind, group_id=str(self.rnd)) for n, c in contents.items()]
         down, up, out, answered = sum(_payload(c) for c in contents.values()), 0, {}, set()
@@ -70,8 +72,8 @@ class Exchanges:
                 value = handle(node, reply)
                 if value is not None:
                     out[node] = value
-            except (SecAggError, KeyError, TypeError, ValueError) as exc:
-                self.fail(node, stage, str(exc))
+            except Exception as exc:  # a reply is untrusted input: whatever its handling raises fails its node only
+                self.fail(node, stage, refused(exc))
             finally:
                 release(reply)
         for node in sorted(set(contents) - answered):
@@ -95,17 +97,26 @@ class Exchanges:
 
 
 def owned(
-    record: Mapping[str, Any], owners_key: str, values_key: str, exactly: frozenset[int] | None = None
+    record: Mapping[str, Any],
+    owners_key: str,
+    values_key: str,
+    exactly: frozenset[int] | None = None,
+    within: Collection[int] | None = None,
 ) -> dict[int, bytes]:
-    """{owner: bytes} from two parallel lists; ``exactly``: the owners that must appear, once each."""
+    """{owner: bytes} from two parallel lists of distinct integer owners and byte strings; ``exactly``: the
+    owners that must appear, once each; ``within``: the owners that may."""
     owners, values = record[owners_key], record[values_key]
     if not (isinstance(owners, list) and isinstance(values, list) and len(owners) == len(values)):
         raise SecAggError(f"'{owners_key}' and '{values_key}' must be lists of equal length")
-    if not all(isinstance(v, bytes) for v in values) or len(set(owners)) != len(owners):
-        raise SecAggError(f"'{values_key}' must be byte strings, one per distinct owner")
-    out = {int(o): v for o, v in zip(owners, values, strict=True)}
+    if not all(isinstance(o, int) and not isinstance(o, bool) for o in owners) or len(set(owners)) != len(owners):
+        raise SecAggError(f"'{owners_key}' must be distinct integer node ids")
+    if not all(isinstance(v, bytes) for v in values):
+        raise SecAggError(f"'{values_key}' must be byte strings")
+    out = dict(zip(owners, values, strict=True))
     if exactly is not None and set(out) != exactly:
         raise SecAggError(f"'{owners_key}' must be exactly the neighbours {sorted(exactly)}, got {sorted(out)}")
+    if within is not None and not set(out) <= set(within):
+        raise SecAggError(f"'{owners_key}' names nodes it was not asked about: {sorted(set(out) - set(within))}")
     return out
 
 

@@ -34,14 +34,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtune import keys
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError
 from fedtune.lora import rank_of
 from fedtune.privacy import distributed
-from fedtune.privacy.secagg import flat, settings, stages
+from fedtune.privacy.secagg import flat, settings, shares, stages
 from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.privacy.secagg.graph import neighbours
 from fedtune.privacy.secagg.masking import add, round_context
@@ -59,7 +59,16 @@ from fedtune.server.loop import (
 )
 from fedtune.server.secagg_exchanges import Exchanges, enough, kind_of, owned
 from fedtune.server.secagg_sum import Unmasked, aggregate
-from fedtune.server.validation import expected_keys, rank_ok
+from fedtune.server.validation import (
+    check_records,
+    example_count,
+    expected_keys,
+    rank_ok,
+    rank_range,
+    refused,
+    reported_epsilon,
+)
+from fedtune.wire import load_array
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +164,13 @@ def _protocol(
 
     # Stage 1: public keys, examples and rank, in the clear.
     def advert(node: int, reply: Message) -> _Advert:
+        check_records(reply.content, {keys.SECAGG: ConfigRecord, keys.METRICS: MetricRecord})
         record, metrics = reply.content.config_records[keys.SECAGG], reply.content.metric_records[keys.METRICS]
-        examples, rank = metrics[keys.NUM_EXAMPLES], metrics[keys.LORA_RANK]
+        examples, rank = example_count(metrics), metrics[keys.LORA_RANK]
         # 32 bytes each and not a low-order point; else this node fails the key stage and the round goes on
         public = stages.checked_publics(node, record[keys.SA_ENC_KEY], record[keys.SA_MASK_KEY])
-        if not (isinstance(examples, int) and examples >= 1 and rank_ok(rank, full_rank)):
-            raise SecAggError(f"'{keys.NUM_EXAMPLES}' = {examples!r} or '{keys.LORA_RANK}' = {rank!r} is invalid")
+        if not rank_ok(rank, full_rank):
+            raise SecAggError(f"'{keys.LORA_RANK}' = {rank!r} is outside {rank_range(full_rank)}")
         weight = float(examples) if cfg.strategy.weighting == "examples" else 1.0
         return _Advert(public, weight, rank)
 
@@ -183,6 +193,7 @@ def _protocol(
 
     # Stage 2: each client's shares for its neighbours, encrypted; the server only relays them.
     def outbox(node: int, reply: Message) -> dict[int, bytes]:
+        check_records(reply.content, {keys.SECAGG: ConfigRecord})
         return owned(reply.content.config_records[keys.SECAGG], keys.SA_IDS, keys.SA_CIPHERTEXTS, graph[node])
 
     def share_request(node: int) -> RecordDict:
@@ -240,17 +251,19 @@ def _protocol(
     total: list[np.ndarray] = []
 
     def fold(node: int, reply: Message) -> bool | None:
+        check_records(reply.content, {keys.MASKED: ArrayRecord, keys.METRICS: MetricRecord})
         if declined(reply, node, state):
             exhausted.append(node)
             return None
         arrays = reply.content.array_records[keys.MASKED]
         if list(arrays) != [keys.MASKED]:
             raise SecAggError(f"the masked reply must hold one array '{keys.MASKED}', got {list(arrays)}")
-        vector = arrays[keys.MASKED].numpy()
+        vector = load_array(arrays[keys.MASKED], keys.MASKED)
         if vector.dtype != wire or vector.shape != (length,):
             raise SecAggError(f"masked input is {vector.dtype} {vector.shape}, expected {wire} ({length},)")
-        total[:] = [add([*total, vector], bits)]
-        record_site_epsilon(reply.content.metric_records.get(keys.METRICS, {}), node, state)
+        epsilon = reported_epsilon(reply.content.metric_records.get(keys.METRICS, {}))
+        total[:] = [add([*total, vector], bits)]  # the last step, and one assignment: all of the reply or none
+        record_site_epsilon(epsilon, node, state)
         return True
 
     kind = kind_of(MessageType.TRAIN, keys.SECAGG_TRAIN)
@@ -266,9 +279,13 @@ def _protocol(
 
     # Stage 4: seed shares of the survivors, key shares of the dropped; then unmask and step.
     def shares_of(node: int, reply: Message) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        check_records(reply.content, {keys.SECAGG: ConfigRecord})
         record = reply.content.config_records[keys.SECAGG]
-        seeds = owned(record, keys.SA_SEED_OWNERS, keys.SA_SEED_SHARES)
-        return seeds, owned(record, keys.SA_KEY_OWNERS, keys.SA_KEY_SHARES)
+        seeds = owned(record, keys.SA_SEED_OWNERS, keys.SA_SEED_SHARES, within=u3)
+        key_shares = owned(record, keys.SA_KEY_OWNERS, keys.SA_KEY_SHARES, within=dropped)
+        if any(len(v) != shares.SHARE_BYTES for v in [*seeds.values(), *key_shares.values()]):
+            raise SecAggError(f"every share must be {shares.SHARE_BYTES} bytes")
+        return seeds, key_shares
 
     ask_unmask = RecordDict(
         {keys.SECAGG: ConfigRecord({keys.ROUND: rnd, keys.SA_SURVIVORS: u3, keys.SA_DROPPED: dropped})}
@@ -279,7 +296,14 @@ def _protocol(
     context = round_context(rnd, state.run_id.encode())
     masked_with = {j: graph[j] & set(u3) for j in dropped}
     publics = {i: adverts[i].public.mask for i in u1}
-    ints = stages.unmask_sum(total[0], replies.values(), u3, masked_with, publics, bits, rnd, context, params.threshold)
+    try:
+        ints = stages.unmask_sum(
+            total[0], replies.values(), u3, masked_with, publics, bits, rnd, context, params.threshold
+        )
+    except SecAggError:
+        raise
+    except Exception as exc:  # the shares and keys come from the sites: a failure here abandons the round
+        raise SecAggError(f"unmasking failed: {refused(exc)}") from exc
     summed = Unmasked(ints, bits, params, cal, weights)
     delta = aggregate(cfg, summed, expected, full_rank, denominator, state, info)
     state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}

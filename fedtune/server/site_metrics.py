@@ -4,12 +4,14 @@ round's columns, and ``OUT/sites.json`` (each site's latest scores and their spr
 from __future__ import annotations
 
 import json
-import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedtune import keys
+from fedtune.errors import UpdateRejected
+from fedtune.server.validation import example_count
 from fedtune.task_metrics import GENERATED, LOSS, column
 
 SITES_FILE = "sites.json"
@@ -20,26 +22,37 @@ NOT_COVERED = (
 CHECK_NAMES = ("malformed", "empty", "duplicates", "too_long")
 
 
-def _number(value: Any) -> float | None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
-
-
-def eval_entry(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
-    """One site's eval reply as ``metrics.jsonl`` and ``sites.json`` carry it, or None if unusable."""
-    n = metrics.get(keys.NUM_EXAMPLES)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+def _number(metrics: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
+    """``metrics[key]`` (None if absent); UpdateRejected unless it is a number in [low, high]."""
+    value = metrics.get(key)
+    if value is None:
         return None
-    entry: dict[str, Any] = {"num_examples": n}
-    if (loss := _number(metrics.get(keys.EVAL_LOSS))) is not None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
+        raise UpdateRejected(f"'{key}' must be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def eval_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """One site's eval reply as ``metrics.jsonl`` and ``sites.json`` carry it; UpdateRejected naming
+    the first value that is missing or out of range (a loss must be finite and >= 0, a task metric in
+    [0, 1], a count a whole number in 1..``MAX_EXAMPLES``)."""
+    entry: dict[str, Any] = {"num_examples": example_count(metrics)}
+    if (loss := _number(metrics, keys.EVAL_LOSS, 0.0, sys.float_info.max)) is not None:
         entry[column(LOSS)] = loss
-    generated = metrics.get(keys.NUM_GENERATED)
-    if isinstance(generated, int) and not isinstance(generated, bool) and generated >= 1:
-        entry["num_generated"] = generated
+    if keys.NUM_GENERATED in metrics:
+        entry["num_generated"] = example_count(metrics, keys.NUM_GENERATED)
         for name in GENERATED:
-            if (value := _number(metrics.get(name))) is not None and 0 <= value <= 1:
+            if (value := _number(metrics, name, 0.0, 1.0)) is not None:
                 entry[column(name)] = value
     return entry
+
+
+def weighted_mean(pairs: Sequence[tuple[float, float]]) -> float:
+    """sum(v w) / sum(w) of (value, weight > 0) pairs, computed as a convex combination and kept within
+    [min v, max v], so finite values never overflow to inf however large they are."""
+    total = sum(w for _, w in pairs)
+    mean = sum(v * (w / total) for v, w in pairs)
+    return min(max(mean, min(v for v, _ in pairs)), max(v for v, _ in pairs))
 
 
 def combine(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
@@ -50,7 +63,7 @@ def combine(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
         weight_key = "num_examples" if name == LOSS else "num_generated"
         pairs = [(e[column(name)], e[weight_key]) for e in entries.values() if column(name) in e]
         if pairs:
-            out[name] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+            out[name] = weighted_mean(pairs)
     return out
 
 

@@ -6,6 +6,7 @@ so the breakdown holds each reply's whole ``round_trip`` instead of the four sit
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -43,7 +44,8 @@ class RoundClock:
         self.pushed = self.resumed = time.perf_counter()
 
     def arrived(self, metrics: Mapping[str, Any]) -> None:
-        """A reply arrived now; take its site's own seconds out of its round trip."""
+        """A reply arrived now; take its site's own seconds out of its round trip (a value that is not a
+        finite number >= 0 is the reply's mistake, not a time: it is left out)."""
         trip = time.perf_counter() - (self.resumed if self.sequential else self.pushed)
         if not self.site_seconds:  # a site's seconds under DP are ignored, even if it sent some
             self.parts["round_trip"] += trip
@@ -51,7 +53,7 @@ class RoundClock:
         own = 0.0
         for part, key in CLIENT_PARTS.items():
             value = metrics.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf:
                 self.parts[part] += float(value)
                 own += float(value)
         self.parts["transport"] += max(trip - own, 0.0)

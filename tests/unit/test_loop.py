@@ -442,3 +442,32 @@ def test_redacting_a_secagg_row_keeps_its_counts_and_reasons_but_no_id() -> None
     assert row["secagg"] == {"survivors": 2, "abandoned": "cannot rebuild client <node>."}
     assert (row["sampled"], row["replied"], row["failed"]) == (3, 2, 1)
     assert not {"sampled_nodes", "replied_nodes", "bytes_per_client"} & set(row)
+
+
+def test_an_aggregate_that_fails_on_a_checked_reply_is_not_applied(
+    task_identity: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the aggregator itself fails on node 3's reply (a server bug, not the site's fault)
+    from fedtune.strategies.aggregators import WeightedMean
+
+    real = WeightedMean.add
+
+    def add(self: WeightedMean, delta: dict[str, np.ndarray], weight: float) -> None:
+        real(self, delta, weight)  # node 3's delta is in the sum by now
+        if weight == 3:
+            raise RuntimeError("bug")
+
+    monkeypatch.setattr(WeightedMean, "add", add)
+    cfg = Plan.from_flat({"num-server-rounds": 1, "server.min-clients": 3, "eval.federated": False})
+
+    # Execute
+    with caplog.at_level(logging.ERROR, logger="fedtune"):
+        state, rows = run_loop(cfg, FakeGrid([1, 2, 3], honest))
+
+    # Assert: the round goes on, names the node, logs the traceback, and applies nothing
+    assert rows[1]["updated"] is False
+    assert rows[1]["failures"] == [{"node": 3, "reason": "the server failed to aggregate it (RuntimeError: bug)"}]
+    (error,) = caplog.records
+    assert "adding node 3's checked reply failed" in error.getMessage() and error.exc_info is not None
+    for key, value in GLOBAL.items():
+        np.testing.assert_array_equal(state.global_arrays[key], value)
