@@ -499,7 +499,12 @@ def _flipped(draw: Draw, r: Records, s: Scheme | None) -> tuple[Reply, str]:
 
 
 def train_config(uplink: str) -> RunConfig:
-    flat_cfg = {"server.min-clients": 2, "compression.block-size": 4, "compression.topk-fraction": 0.25}
+    flat_cfg = {
+        "server.min-clients": 2,
+        "eval.federated": True,
+        "compression.block-size": 4,
+        "compression.topk-fraction": 0.25,
+    }
     return Plan.from_flat({**flat_cfg, "compression.uplink": uplink}).for_round(1)
 
 
