@@ -15,24 +15,27 @@ import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import keys, task_metrics
 from fedtune.client.compress import encode_update
 from fedtune.client.dp_trainer import DPSettings, sample_rate, train_dp
 from fedtune.client.parallel import train_parallel
 from fedtune.client.site import Site, open_site
-from fedtune.client.trainer import TrainResult, heldout_loss, train_local
-from fedtune.codec import Scheme
+from fedtune.client.trainer import TrainResult, train_local
 from fedtune.config import SITE_KEYS, SITE_PRIVACY_KEYS, RunConfig
-from fedtune.errors import ConfigError, FedtuneError, UpdateRejected
-from fedtune.generation import task_scores
-from fedtune.logs import quiet_libraries
-from fedtune.lora import rank_slice, sent_keys
-from fedtune.models import adapter_arrays, load_adapter_arrays
-from fedtune.paths import fedtune_home
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import ConfigError, FedtuneError, UpdateRejected
+from fedtune.core.logs import quiet_libraries
+from fedtune.core.paths import fedtune_home
+from fedtune.model import task_metrics
+from fedtune.model.generation import task_scores
+from fedtune.model.loading import adapter_arrays, load_adapter_arrays
+from fedtune.model.lora import rank_slice, sent_keys
+from fedtune.model.scoring import heldout_loss
 from fedtune.privacy import site as site_privacy
 from fedtune.privacy.central import clip, noise_rng, privatize_locally
 from fedtune.strategies import STRATEGIES
-from fedtune.wire import Arrays, decode
+from fedtune.wire import keys
+from fedtune.wire.codec import Scheme
+from fedtune.wire.records import decode
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedtune import keys
 from fedtune.client.app import _open_site, _refuse, app, local_update
-from fedtune.errors import FedtuneError
+from fedtune.core.errors import FedtuneError
 from fedtune.privacy import distributed
 from fedtune.privacy.central import clip as l2_clip
 from fedtune.privacy.central import noise_rng
@@ -28,6 +27,7 @@ from fedtune.privacy.secagg.crypto import KeyPair
 from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
 from fedtune.privacy.secagg.masking import round_context
 from fedtune.privacy.secagg.quantize import Quantizer, wire_dtype
+from fedtune.wire import keys
 
 log = logging.getLogger(__name__)
 

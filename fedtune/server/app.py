@@ -13,17 +13,18 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, default_output_dir, from_run_config
-from fedtune.errors import ConfigError
-from fedtune.hardware import server_model
-from fedtune.logs import quiet_libraries, setup_logging
-from fedtune.methods import initial_state, load_for
-from fedtune.models import pick_device
-from fedtune.outputs import Writer
+from fedtune.config.plan import Plan
+from fedtune.core.atomic import write_atomic_dir
+from fedtune.core.errors import ConfigError
+from fedtune.core.logs import quiet_libraries, setup_logging
+from fedtune.model.hardware import server_model
+from fedtune.model.loading import pick_device
+from fedtune.model.methods import initial_state, load_for
 from fedtune.privacy import compat
 from fedtune.server import checkpoint, loop, site_metrics, traffic
 from fedtune.server.evaluation import CentralEvaluator
+from fedtune.server.outputs import Writer
 from fedtune.server.report import Reporter, privacy_line, privacy_summary, secagg_summary
-from fedtune.strategies.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
 
     state = loop.run(plan, grid, state, evaluate=evaluator, on_round=on_round)
     final = out / writer.final_name()
-    checkpoint.write_atomic_dir(final, lambda tmp: writer.final(tmp, state.global_arrays))
+    write_atomic_dir(final, lambda tmp: writer.final(tmp, state.global_arrays))
     extra: dict[str, Any] = {"base_model": loaded.path, writer.final_name(): str(final), "run_id": state.run_id}
     extra["peft_method"] = cfg.peft.method
     extra["privacy"] = privacy_summary(plan, state)

@@ -17,10 +17,11 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from fedtune import keys
 from fedtune.config import RunConfig
-from fedtune.errors import CommunicationBudgetExceeded, FedtuneError, PrivacyBudgetExceeded, UpdateRejected
-from fedtune.lora import rank_of
+from fedtune.config.plan import Plan
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import CommunicationBudgetExceeded, FedtuneError, PrivacyBudgetExceeded, UpdateRejected
+from fedtune.model.lora import rank_of
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.accounting import Event
 from fedtune.privacy.central import clip, noise_rng
@@ -29,8 +30,8 @@ from fedtune.server.report import json_number
 from fedtune.server.timing import RoundClock
 from fedtune.strategies import STRATEGIES, make_aggregator, make_optimizer
 from fedtune.strategies.aggregators import WeightedMean
-from fedtune.strategies.plan import Plan
-from fedtune.wire import Arrays, message_bytes, record_from_arrays
+from fedtune.wire import keys
+from fedtune.wire.records import message_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from flwr.app import Message, RecordDict
 
 from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
 from fedtune.server.loop import GridLike, release, stream_replies
-from fedtune.wire import payload_bytes
+from fedtune.wire.records import payload_bytes
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,9 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from fedtune import keys
 from fedtune.config import RunConfig
-from fedtune.errors import ConfigError
-from fedtune.lora import rank_of
+from fedtune.core.errors import ConfigError
+from fedtune.model.lora import rank_of
 from fedtune.privacy import distributed
 from fedtune.privacy.secagg import flat, settings, stages
 from fedtune.privacy.secagg.errors import SecAggError
@@ -50,6 +49,7 @@ from fedtune.server.loop import GridLike, ServerState, account_round, declined, 
 from fedtune.server.secagg_exchanges import Exchanges, enough, kind_of, owned
 from fedtune.server.secagg_sum import Unmasked, aggregate
 from fedtune.server.validation import expected_keys, rank_ok
+from fedtune.wire import keys
 
 log = logging.getLogger(__name__)
 

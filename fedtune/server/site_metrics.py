@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedtune import keys
-from fedtune.task_metrics import GENERATED, LOSS, column
+from fedtune.model.task_metrics import GENERATED, LOSS, column
+from fedtune.wire import keys
 
 SITES_FILE = "sites.json"
 NOT_COVERED = (

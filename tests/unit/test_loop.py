@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message, MetricRecord, RecordDict
 
-from fedtune import keys
+from fedtune.config.plan import Plan
 from fedtune.server import loop
-from fedtune.strategies.plan import Plan
-from fedtune.wire import arrays_from_record, record_from_arrays
+from fedtune.wire import keys
+from fedtune.wire.records import arrays_from_record, record_from_arrays
 
 GLOBAL = {"m.lora_A.weight": np.ones((2, 4), np.float32), "m.lora_B.weight": np.zeros((4, 2), np.float32)}
 Handler = Callable[[Message], Message | None]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtune.lora import pad_rank, rank_slice
+from fedtune.model.lora import pad_rank, rank_slice
 from fedtune.privacy.secagg import flat
 
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, Message, MetricRecord, RecordDict
 
-from fedtune import keys
-from fedtune.codec import PACKED, Scheme, index_bytes, rng_for
-from fedtune.errors import IncompatibleComponentsError
+from fedtune.config.plan import Plan
+from fedtune.core.errors import IncompatibleComponentsError
 from fedtune.privacy import compat
 from fedtune.server import loop, traffic
-from fedtune.strategies.plan import Plan
-from fedtune.wire import decode, encode
+from fedtune.wire import keys
+from fedtune.wire.codec import PACKED, Scheme, index_bytes, rng_for
+from fedtune.wire.records import decode, encode
 from tests.unit.test_loop import GLOBAL, FakeGrid, honest, run_loop
 
 
