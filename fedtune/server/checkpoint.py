@@ -15,8 +15,8 @@ from fedtune.core.arrays import Arrays
 from fedtune.core.atomic import write_atomic_dir
 from fedtune.core.errors import FedtuneError
 from fedtune.privacy.rounds import PrivacyState
-from fedtune.server.loop import ServerState
 from fedtune.server.outputs import read_checkpoint
+from fedtune.server.state import ServerState
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "server_optimizer.safetensors"

@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -20,76 +19,23 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from fedtune.config import RunConfig
 from fedtune.config.plan import Plan
 from fedtune.core.arrays import Arrays
-from fedtune.core.errors import CommunicationBudgetExceeded, FedtuneError, PrivacyBudgetExceeded, UpdateRejected
+from fedtune.core.errors import CommunicationBudgetExceeded, PrivacyBudgetExceeded, UpdateRejected
 from fedtune.model.lora import rank_of
 from fedtune.privacy import rounds as privacy
-from fedtune.privacy.accounting import Event
-from fedtune.privacy.central import clip, noise_rng
+from fedtune.privacy.central import clip
 from fedtune.server import site_metrics, traffic, validation
+from fedtune.server.bookkeeping import account_round, declined, record_site_epsilon, server_step
+from fedtune.server.exchange import release, stream_replies, wait_for_nodes
 from fedtune.server.report import json_number
+from fedtune.server.secagg_round import secagg_round
+from fedtune.server.state import Evaluate, GridLike, OnRound, ServerState
 from fedtune.server.timing import RoundClock
-from fedtune.strategies import STRATEGIES, make_aggregator, make_optimizer
+from fedtune.strategies import make_aggregator
 from fedtune.strategies.aggregators import WeightedMean
 from fedtune.wire import keys
 from fedtune.wire.records import message_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
-
-PULL_INTERVAL = 0.5  # seconds between polls for replies (Flower's HttpGrid waits 3 s)
-
-
-class GridLike(Protocol):
-    """The part of Flower's ``Grid`` the loop uses."""
-
-    def get_node_ids(self) -> Iterable[int]: ...
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]: ...
-
-
-@dataclass
-class ServerState:
-    """Everything the next round depends on; a checkpoint stores exactly this."""
-
-    round: int
-    """Last completed round (0 = only the initial adapter exists)."""
-    global_arrays: Arrays
-    rng: np.random.Generator
-    """Client sampling RNG (seeded by ``seed``, checkpointed)."""
-    history: list[dict[str, Any]] = field(default_factory=list)
-    optimizer_states: dict[str, Arrays] = field(default_factory=dict)
-    """Server-optimizer state (momentum, Adam moments) by optimizer name, kept across rounds."""
-    node_ranks: dict[int, int] = field(default_factory=dict)
-    """LoRA rank each node trained at (learned from its replies); it gets that slice next time."""
-    run_id: str = ""
-    """This fedtune run's id (kept across resumes); sites key their privacy ledgers by it."""
-    privacy: privacy.PrivacyState = field(default_factory=privacy.PrivacyState.new)
-    noise_rng: np.random.Generator = field(default_factory=noise_rng)
-    """Central DP noise: seeded from OS entropy, never from ``seed``, and never checkpointed (its
-    state would let anyone holding a checkpoint subtract the noise); a resumed run reseeds it."""
-    communication_stopped: str | None = None
-    """Why ``communication.budget-mb`` stopped the run, if it did."""
-    downlink: tuple[Any, Arrays, dict[str, Any]] | None = None
-    """The last compressed downlink (scheme, the global adapter it encodes, its records); not checkpointed."""
-
-
-Evaluate = Callable[[Arrays, RunConfig], Mapping[str, float]]
-"""Centralized evaluation: the round's ``eval.metrics`` of an adapter, by metric name."""
-OnRound = Callable[[ServerState, dict[str, Any]], None]
-
-
-def wait_for_nodes(grid: GridLike, count: int, timeout: float) -> list[int]:
-    """Connected node ids once at least ``count`` are there; raise after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
-        if time.monotonic() >= deadline:
-            raise FedtuneError(
-                f"only {len(nodes)} of `server.min-clients` = {count} clients connected "
-                f"within `server.wait-for-clients` = {timeout:.0f} s."
-            )
-        time.sleep(1.0)
 
 
 def sample_nodes(nodes: list[int], cfg: RunConfig, rng: np.random.Generator) -> list[int]:
@@ -143,34 +89,6 @@ def _send(
     if clock is not None:
         clock.push(time.perf_counter() - started)
     return stream_replies(grid, messages, cfg.server.round_timeout)
-
-
-def stream_replies(grid: GridLike, messages: list[Message], timeout: float) -> Iterator[tuple[int, Message]]:
-    """Push ``messages`` and yield (node id, reply) as replies arrive, so the caller can fold each
-    one into its aggregate and drop it: server memory then does not grow with the number of clients.
-
-    The node is the one the original message went to: Flower answers for an unreachable node with
-    an error reply from the SuperLink itself, whose source is not that node.
-    """
-    push, pull = getattr(grid, "push_messages", None), getattr(grid, "pull_messages", None)
-    if push is None or pull is None:  # a grid that only offers the batch call
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            yield int(reply.metadata.src_node_id), reply
-        return
-    destinations = [m.metadata.dst_node_id for m in messages]
-    ids = list(push(messages))
-    node_of = dict(zip(ids, destinations, strict=True))
-    pending = set(ids)
-    del messages
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        arrived = list(pull(pending))
-        for reply in arrived:
-            origin = reply.metadata.reply_to_message_id
-            pending.discard(origin)
-            yield int(node_of.get(origin, reply.metadata.src_node_id)), reply
-        if pending and not arrived:
-            time.sleep(PULL_INTERVAL)
 
 
 def _train_round(
@@ -269,61 +187,6 @@ def _train_round(
     state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}
     row["updated"] = True
     clock.add("aggregate", time.perf_counter() - stepping)
-
-
-def declined(reply: Message, node: int, state: ServerState) -> bool:
-    """A "budget exhausted" reply: not an error; the node is never sampled again."""
-    if reply.has_error():
-        return False
-    metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
-    if metrics.get(keys.BUDGET_EXHAUSTED) != 1:
-        return False
-    record_site_epsilon(metrics, node, state)
-    if node not in state.privacy.exhausted:
-        state.privacy.exhausted.append(node)
-    log.info("node %d has spent its privacy budget and will not be sampled again", node)
-    return True
-
-
-def record_site_epsilon(metrics: Mapping[str, Any], node: int, state: ServerState) -> None:
-    eps = metrics.get(keys.EPSILON)
-    if isinstance(eps, int | float) and not isinstance(eps, bool):
-        state.privacy.site_epsilon[node] = max(float(eps), state.privacy.site_epsilon.get(node, 0.0))
-
-
-def account_round(cfg: RunConfig, state: ServerState, rnd: int, *, released: bool, event: Event | None = None) -> None:
-    """Charge the round to the run's ledger: ``event`` (what the round really released), else its
-    user-level event, or an un-noised release. ``distributed`` rounds also charge their target to the
-    ``floor`` ledger."""
-    target = privacy.user_event(cfg, cfg.privacy.noise_multiplier, state.global_arrays)
-    if cfg.privacy.mechanism == "distributed" and target is not None:
-        state.privacy.floor.add(target)
-    event = event or target
-    if event is not None:
-        state.privacy.ledger.add(event)
-    elif cfg.privacy.mechanism == "none" and released:
-        state.privacy.ledger.add_unprotected(rnd)
-
-
-def release(reply: Message) -> None:
-    """Drop a reply's arrays now: Flower's message objects sit in reference cycles, so without
-    this their payload waits for the cyclic garbage collector (about 15 replies here)."""
-    if reply.has_error() or not reply.has_content():
-        return
-    for record in reply.content.array_records.values():
-        for key in list(record.keys()):
-            del record[key]
-
-
-def server_step(cfg: RunConfig, state: ServerState, delta: Arrays) -> Arrays:
-    """Apply the round's server optimizer, restoring and saving its state in ``state``."""
-    name = STRATEGIES.get(cfg.strategy.name).optimizer
-    optimizer = make_optimizer(cfg.strategy)  # built from this round's hyper-parameters
-    optimizer.load_state_dict(state.optimizer_states.get(name, {}))
-    new = optimizer.step({k: state.global_arrays[k] for k in delta}, delta)
-    if saved := optimizer.state_dict():
-        state.optimizer_states[name] = saved
-    return new
 
 
 def _federated_eval(
@@ -440,8 +303,6 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         denominator = cfg.server.fraction_train * len(nodes) if cfg.server.sampling == "poisson" else len(sampled)
         row = {"round": rnd, "sampled": len(sampled), "sampled_nodes": sampled, "spec": plan.spec(rnd)}
         if cfg.secagg.protocol == "secagg":
-            from fedtune.server.secagg_round import secagg_round  # it builds on this module
-
             secagg_round(cfg, grid, state, rnd, sampled, row, extra, max(denominator, 1e-12))
         else:
             _train_round(cfg, grid, state, rnd, sampled, row, extra, max(denominator, 1e-12))

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 from flwr.app import Message, RecordDict
 
 from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
-from fedtune.server.loop import GridLike, release, stream_replies
+from fedtune.server.exchange import release, stream_replies
+from fedtune.server.state import GridLike
 from fedtune.wire.records import payload_bytes
 
 log = logging.getLogger(__name__)

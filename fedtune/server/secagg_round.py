@@ -45,9 +45,10 @@ from fedtune.privacy.secagg.masking import add, round_context
 from fedtune.privacy.secagg.quantize import wire_dtype
 from fedtune.privacy.skellam import SkellamEvent
 from fedtune.server import traffic
-from fedtune.server.loop import GridLike, ServerState, account_round, declined, record_site_epsilon, server_step
+from fedtune.server.bookkeeping import account_round, declined, record_site_epsilon, server_step
 from fedtune.server.secagg_exchanges import Exchanges, enough, kind_of, owned
 from fedtune.server.secagg_sum import Unmasked, aggregate
+from fedtune.server.state import GridLike, ServerState
 from fedtune.server.validation import expected_keys, rank_ok
 from fedtune.wire import keys
 

@@ -17,7 +17,7 @@ from fedtune.privacy import distributed
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg.settings import Params
-from fedtune.server.loop import ServerState
+from fedtune.server.state import ServerState
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from flwr.app import Context, RecordDict
 
-from fedtune.client import app as client_module
+from fedtune.client import pipeline as client_module
 from fedtune.client.app import app as client_app
 from fedtune.client.site import open_site
 from fedtune.config import RunConfig, TrainConfig

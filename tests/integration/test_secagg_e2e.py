@@ -18,8 +18,8 @@ import pytest
 from flwr.app import Context, Message
 
 from fedtune.client import secagg as client_secagg
-from fedtune.client.app import LocalUpdate
 from fedtune.client.app import app as client_app
+from fedtune.client.pipeline import LocalUpdate
 from fedtune.config.plan import Plan
 from fedtune.model.lora import pad_rank
 from fedtune.server import checkpoint

@@ -11,6 +11,7 @@ from flwr.app import Error, Message, MetricRecord, RecordDict
 
 from fedtune.config.plan import Plan
 from fedtune.server import loop
+from fedtune.server.state import ServerState
 from fedtune.wire import keys
 from fedtune.wire.records import arrays_from_record, record_from_arrays
 
@@ -52,9 +53,9 @@ def honest(msg: Message) -> Message:
     return Message(RecordDict({keys.DELTA: record_from_arrays(delta_for(node)), keys.METRICS: metrics}), reply_to=msg)
 
 
-def run_loop(cfg: Plan, grid: FakeGrid) -> tuple[loop.ServerState, list[dict[str, Any]]]:
+def run_loop(cfg: Plan, grid: FakeGrid) -> tuple[ServerState, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
-    state = loop.ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(cfg.base.seed))
+    state = ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(cfg.base.seed))
     state = loop.run(cfg, grid, state, evaluate=lambda arrays, cfg: {}, on_round=lambda s, row: rows.append(row))
     return state, rows
 
@@ -239,7 +240,7 @@ def test_server_memory_does_not_grow_with_the_number_of_replies(task_identity: N
             return []
 
     plan = Plan.from_flat({"num-server-rounds": 1, "server.min-clients": 40, "eval.federated": False})
-    state = loop.ServerState(round=0, global_arrays=dict(big), rng=np.random.default_rng(0), history=[{"round": 0}])
+    state = ServerState(round=0, global_arrays=dict(big), rng=np.random.default_rng(0), history=[{"round": 0}])
 
     # Execute
     tracemalloc.start()
