@@ -32,6 +32,7 @@ lint: setup
 	$(BIN)/ruff check fedtune tests benchmarks
 	$(BIN)/ruff format --check fedtune tests benchmarks
 	$(BIN)/mypy fedtune
+	$(BIN)/lint-imports  # the layers and no import cycles ([tool.importlinter] in pyproject.toml)
 
 test: lint
 	$(BIN)/pytest -q

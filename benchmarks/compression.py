@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import parse_assignments
+from fedtune.config.plan import Plan
 from fedtune.simulations.presets import preset
 from fedtune.simulations.run import simulate
-from fedtune.strategies.plan import Plan
 
 
 def run(flat: dict[str, Any], out: Path) -> list[dict[str, Any]]:

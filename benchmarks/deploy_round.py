@@ -146,18 +146,19 @@ def stage_seconds(preset_name: str, sets: list[str], sites: int) -> dict[str, fl
     """Model load + data, train, serialize, aggregate and eval, timed in this process."""
     from flwr.app import Context, Message, MessageType, RecordDict
 
-    from fedtune import keys
+    from fedtune.client import channel
     from fedtune.client.site import open_site
     from fedtune.config import parse_assignments
-    from fedtune.deploy import channel
-    from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
+    from fedtune.config.plan import Plan
+    from fedtune.model.loading import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
+    from fedtune.model.tiny import build_tiny_model
     from fedtune.server.evaluation import CentralEvaluator
     from fedtune.server.loop import round_content
     from fedtune.simulations.local import _set_task_identity
-    from fedtune.simulations.presets import build_tiny_model, preset
+    from fedtune.simulations.presets import preset
     from fedtune.strategies import make_aggregator
-    from fedtune.strategies.plan import Plan
-    from fedtune.wire import arrays_from_record
+    from fedtune.wire import keys
+    from fedtune.wire.records import arrays_from_record
 
     flat = {**preset(preset_name), **parse_assignments(sets)}
     if preset_name == "tiny":

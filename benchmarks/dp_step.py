@@ -22,12 +22,12 @@ import torch
 from fedtune.client.dp_trainer import DPSettings, train_dp
 from fedtune.client.trainer import train_local
 from fedtune.config import DataConfig, LoraSection, ModelConfig, TrainConfig
+from fedtune.core.logs import quiet_libraries
+from fedtune.core.paths import fedtune_home
 from fedtune.data.loaders import DEMO_TRAIN
 from fedtune.data.prompts import tokenize
-from fedtune.logs import quiet_libraries
-from fedtune.models import init_adapter, load_base, set_trainable, wrap_lora
-from fedtune.paths import fedtune_home
-from fedtune.simulations.presets import build_tiny_model
+from fedtune.model.loading import init_adapter, load_base, set_trainable, wrap_lora
+from fedtune.model.tiny import build_tiny_model
 
 TARGETS = {"q,v": "q_proj,v_proj", "all-linear": "all-linear"}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors.numpy import load_file
 
 from fedtune.config import RunConfig
-from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
+from fedtune.model.loading import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
 from fedtune.server.evaluation import CentralEvaluator
 
 

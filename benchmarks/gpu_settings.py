@@ -32,12 +32,12 @@ import torch
 from fedtune.client.parallel import train_parallel
 from fedtune.client.trainer import train_local
 from fedtune.config import DataConfig, RunConfig
+from fedtune.core.logs import quiet_libraries
+from fedtune.core.paths import fedtune_home
 from fedtune.data.loaders import DEMO_TRAIN
 from fedtune.data.prompts import tokenize
-from fedtune.logs import quiet_libraries
-from fedtune.models import adapter_arrays, init_adapter, load_adapter_arrays, load_base, set_trainable, wrap_lora
-from fedtune.paths import fedtune_home
-from fedtune.simulations.presets import build_tiny_model
+from fedtune.model.loading import adapter_arrays, init_adapter, load_adapter_arrays, load_base, set_trainable, wrap_lora
+from fedtune.model.tiny import build_tiny_model
 
 SETTINGS = ("fp32", "accum-2", "checkpointing", "bf16", "ddp-2")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.outputs import read_checkpoint
+from fedtune.server.outputs import read_checkpoint
 
 LR = {
     "lora": 2e-3,  # the demo's default

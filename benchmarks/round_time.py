@@ -21,10 +21,10 @@ import torch
 
 from fedtune.client import trainer
 from fedtune.config import parse_assignments
+from fedtune.config.plan import Plan
 from fedtune.data.prompts import IGNORE, token_losses
 from fedtune.simulations.presets import preset
 from fedtune.simulations.run import simulate
-from fedtune.strategies.plan import Plan
 
 PARTS = ["load", "train", "serialize", "transport", "server_serialize", "aggregate", "eval"]
 

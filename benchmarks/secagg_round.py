@@ -49,7 +49,7 @@ def build_model(directory: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    from fedtune.simulations.presets import build_tiny_model
+    from fedtune.model.tiny import build_tiny_model
 
     tiny = build_tiny_model(directory.parent / "tiny")
     tokenizer = AutoTokenizer.from_pretrained(tiny)
@@ -89,8 +89,8 @@ def fedtune_run(model: Path, out: Path, n: int, rank: int, rounds: int, protocol
     from secagg_wire import WireGrid  # a sibling file
 
     from fedtune.client.app import app as client_app
+    from fedtune.config.plan import Plan
     from fedtune.server.app import run_server
-    from fedtune.strategies.plan import Plan
 
     grid = WireGrid(client_app, n)
     run_server(Plan.from_flat(fedtune_flat(model, out, n, rank, rounds, protocol)), grid)

@@ -10,17 +10,18 @@ import sys
 from pathlib import Path
 
 from fedtune.config import Scalar, default_output_dir, parse_assignments
-from fedtune.errors import FedtuneError
-from fedtune.logs import quiet_libraries, setup_logging
-from fedtune.strategies.plan import Plan
+from fedtune.config.plan import Plan
+from fedtune.core.errors import FedtuneError
+from fedtune.core.logs import quiet_libraries, setup_logging
 
 log = logging.getLogger("fedtune.cli")
 
 
 def _plan(args: argparse.Namespace, extra: dict[str, Scalar] | None = None) -> Plan:
     """The run's plan from --resume, or from --preset, --rounds/--clients/--seed and --set."""
+    from fedtune.model.tiny import TINY_MODEL_DIR, build_tiny_model
     from fedtune.server.checkpoint import saved_plan
-    from fedtune.simulations.presets import TINY_MODEL_DIR, build_tiny_model, preset
+    from fedtune.simulations.presets import preset
 
     if args.resume:
         # The run's own config, as its last checkpoint recorded it; only --set may change it.
@@ -69,8 +70,9 @@ def _server(args: argparse.Namespace) -> None:
 
 
 def _client(args: argparse.Namespace) -> None:
-    from fedtune import keys
-    from fedtune.deploy import channel, client
+    from fedtune.client import channel
+    from fedtune.deploy import client
+    from fedtune.wire import keys
 
     for flag, path in (("--root-cert", args.root_cert), ("--auth-key", args.auth_key)):
         if path is not None and not Path(path).is_file():
@@ -133,7 +135,7 @@ def _privacy(args: argparse.Namespace) -> None:
 
 
 def _fetch_model(args: argparse.Namespace) -> None:
-    from fedtune.models import fetch_smollm2
+    from fedtune.model.loading import fetch_smollm2
 
     path = fetch_smollm2()
     print(path)

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from fedtune.simulations.presets import build_tiny_model
+from fedtune.model.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

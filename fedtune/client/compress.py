@@ -7,10 +7,11 @@ from typing import Any
 
 from flwr.app import RecordDict
 
-from fedtune import keys
-from fedtune.codec import Scheme, rng_for
 from fedtune.config import RunConfig
-from fedtune.wire import Arrays, arrays_from_record, encode, record_from_arrays
+from fedtune.core.arrays import Arrays
+from fedtune.wire import keys
+from fedtune.wire.codec import Scheme, rng_for
+from fedtune.wire.records import arrays_from_record, encode, record_from_arrays
 
 RESIDUAL_KEY = "fedtune.topk-residual"  # context.state ArrayRecord: what top-k has not sent yet
 

@@ -19,8 +19,8 @@ import grpc
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from fedtune import keys
-from fedtune.deploy import channel
+from fedtune.client import channel
+from fedtune.wire import keys
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import torch.distributed as dist
 
 from fedtune.client.trainer import TrainResult, train_local
 from fedtune.config import RunConfig, Scalar
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import FedtuneError
 from fedtune.data.prompts import Example
-from fedtune.errors import FedtuneError
-from fedtune.wire import Arrays
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ def _join(job: Job, rank: int, device: torch.device, timeout_s: float) -> None:
 
 def _rank_main(job: Job, rank: int, reports: Any) -> None:
     """A spawned rank: load the base and the global adapter, train its shards, report."""
-    from fedtune.methods import load_for, wrap
-    from fedtune.models import load_adapter_arrays, pick_device
+    from fedtune.model.loading import load_adapter_arrays, pick_device
+    from fedtune.model.methods import load_for, wrap
 
     try:
         cfg = RunConfig.from_flat(job.flat)

@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedtune import keys
-from fedtune.client.app import _open_site, _refuse, app, local_update
-from fedtune.errors import FedtuneError
+from fedtune.client.pipeline import local_update, open_round, refuse
+from fedtune.core.errors import FedtuneError
 from fedtune.privacy import distributed
 from fedtune.privacy.central import clip as l2_clip
 from fedtune.privacy.central import noise_rng
@@ -27,6 +26,7 @@ from fedtune.privacy.secagg.crypto import KeyPair
 from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
 from fedtune.privacy.secagg.masking import round_context
 from fedtune.privacy.secagg.quantize import Quantizer, wire_dtype
+from fedtune.wire import keys
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _stage(msg: Message, context: Context) -> tuple[int, int, ConfigRecord, Conf
 
 
 def _fail(msg: Message, exc: Exception) -> Message:
-    return _refuse(msg, exc if isinstance(exc, FedtuneError) else SecAggError(f"malformed stage: {exc}"))
+    return refuse(msg, exc if isinstance(exc, FedtuneError) else SecAggError(f"malformed stage: {exc}"))
 
 
 def _keys(state: ConfigRecord) -> stages.ClientKeys:
@@ -100,14 +100,13 @@ def _reply(msg: Message, record: dict[str, Any], **extra: Any) -> Message:
     return Message(RecordDict({keys.SECAGG: ConfigRecord(record), **extra}), reply_to=msg)
 
 
-@app.query(keys.SECAGG_KEYS)
 def advertise_keys(msg: Message, context: Context) -> Message:
     """Stage 0: fresh key pairs for this round; the public halves, examples and rank go out in the clear."""
     try:
-        cfg, extra, site = _open_site(msg, context)
+        cfg, extra, site = open_round(msg, context)
         rnd = int(extra[keys.ROUND])
     except FedtuneError as exc:
-        return _refuse(msg, exc)
+        return refuse(msg, exc)
     for name in [n for n in context.state if n.startswith(_STATE_PREFIX)]:
         del context.state[name]  # a round this site dropped out of
     pair = stages.advertise_keys()
@@ -127,7 +126,6 @@ def advertise_keys(msg: Message, context: Context) -> Message:
     return _reply(msg, public, **{keys.METRICS: metrics})
 
 
-@app.query(keys.SECAGG_SHARE)
 def share_keys(msg: Message, context: Context) -> Message:
     """Stage 1: split a fresh self-mask seed and the mask secret key; encrypt each neighbour's shares.
 
@@ -175,7 +173,6 @@ def _peer_lists(peers: Mapping[int, stages.PublicKeys]) -> dict[str, Any]:
     }
 
 
-@app.train(keys.SECAGG_TRAIN)
 def masked_input(msg: Message, context: Context) -> Message:
     """Stage 2: decrypt the neighbours' shares, train, and reply with the quantized, masked, weighted delta."""
     try:
@@ -273,7 +270,6 @@ def _checked_like(delta: Any, rank: int, record: Mapping[str, Any]) -> dict[str,
     return like
 
 
-@app.query(keys.SECAGG_UNMASK)
 def unmask(msg: Message, context: Context) -> Message:
     """Stage 3: reveal seed shares of the survivors and key shares of the dropped, never both for one client."""
     try:

@@ -9,16 +9,16 @@ from typing import Any
 
 import torch
 
-from fedtune import keys
 from fedtune.config import RunConfig
+from fedtune.core.errors import ConfigError
 from fedtune.data.checks import count_duplicates
 from fedtune.data.loaders import load_checked, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import IGNORE, Example, check_format, tokenize
-from fedtune.errors import ConfigError
-from fedtune.hardware import check_site
-from fedtune.methods import load_for, wrap
-from fedtune.models import LoadedModel, pick_device
+from fedtune.model.hardware import check_site
+from fedtune.model.loading import LoadedModel, pick_device
+from fedtune.model.methods import load_for, wrap
+from fedtune.wire import keys
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from fedtune.config import TrainConfig
 from fedtune.data.prompts import IGNORE, Example, collate, token_losses
-from fedtune.hardware import autocast_dtype
+from fedtune.model.hardware import autocast_dtype
 
 
 @dataclass(frozen=True)
@@ -157,18 +157,3 @@ def distributed(model: Any, device: torch.device) -> Any:
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, init_sync=False)
-
-
-@torch.no_grad()
-def heldout_loss(model: Any, examples: list[Example], *, batch_size: int, pad_id: int) -> float:
-    """Mean next-token loss over the response tokens of ``examples``."""
-    device = next(model.parameters()).device
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id, device)
-        loss, n = token_losses(model, batch)
-        total += loss.double().cpu()
-        count += int(n)
-    return float(total / max(count, 1))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import DataConfig
-from fedtune.errors import DataError
+from fedtune.core.errors import DataError
 
 SHOWN = 20  # problems listed one per line in a log; the rest are counted
 

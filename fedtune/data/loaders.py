@@ -11,9 +11,9 @@ import datasets
 from datasets import Dataset
 
 from fedtune.config import DataConfig
+from fedtune.core.errors import DataError
 from fedtune.data import checks
 from fedtune.data.checks import CheckReport, Problem
-from fedtune.errors import DataError
 
 log = logging.getLogger(__name__)
 

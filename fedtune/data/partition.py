@@ -6,7 +6,7 @@ from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
 from fedtune.config import DataConfig
-from fedtune.errors import ConfigError, DataError
+from fedtune.core.errors import ConfigError, DataError
 
 
 def make_partitioner(cfg: DataConfig, num_partitions: int, seed: int, columns: list[str]) -> Partitioner:

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.config import DataConfig
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 
 IGNORE = -100  # label value the loss skips (prompt and padding tokens)
 

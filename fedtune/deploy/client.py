@@ -21,11 +21,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedtune import keys
+from fedtune.client import channel
 from fedtune.config import SITE_KEYS, RunConfig, Scalar, toml_scalar
-from fedtune.deploy import channel, procs
-from fedtune.errors import ConfigError, FedtuneError
-from fedtune.paths import tiny_model_dir
+from fedtune.core.errors import ConfigError, FedtuneError
+from fedtune.core.paths import tiny_model_dir
+from fedtune.deploy import procs
+from fedtune.wire import keys
 
 GPU_KEYS = ("model.quantization", "model.device-map", "train.precision", "train.num-processes", "train.device")
 PRESET_SITES = {"tiny": 3, "smollm2": 5}  # sites the built-in demo data is split into
@@ -64,13 +65,13 @@ def build_node_config(
     if device:
         config["train.device"] = device
     if any(k in config for k in GPU_KEYS):  # refuse what this machine cannot run before joining
-        from fedtune.hardware import check_site  # imports torch: only when a GPU setting is given
+        from fedtune.model.hardware import check_site  # imports torch: only when a GPU setting is given
 
         check_site(RunConfig().override({k: v for k, v in config.items() if k != "lora.r"}), "this site")
     if preset is not None:
         if preset == "tiny" and "model.name" not in config:
             if not (tiny_model_dir() / "config.json").is_file():  # the builder imports torch: only once
-                from fedtune.simulations.presets import build_tiny_model
+                from fedtune.model.tiny import build_tiny_model
 
                 build_tiny_model(tiny_model_dir())
             config["model.name"] = str(tiny_model_dir())

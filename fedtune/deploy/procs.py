@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from fedtune.errors import FedtuneError
+from fedtune.core.errors import FedtuneError
 
 # Flower's SuperLink otherwise runs `uv sync` for every run, which downloads packages or fails
 # offline; telemetry is off as well.

@@ -18,15 +18,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from fedtune.config import toml_scalar
+from fedtune.config.plan import Plan
+from fedtune.core.errors import FedtuneError
 from fedtune.data.loaders import eval_source, load_records
 from fedtune.data.prompts import check_format
 from fedtune.deploy import procs
 from fedtune.deploy.keys import KeyLayout
-from fedtune.errors import FedtuneError
-from fedtune.models import load_tokenizer, resolve_model
+from fedtune.model.loading import load_tokenizer, resolve_model
 from fedtune.privacy import compat
 from fedtune.server.report import SUMMARY_FILE
-from fedtune.strategies.plan import Plan
 
 log = logging.getLogger(__name__)
 

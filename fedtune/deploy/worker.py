@@ -31,8 +31,8 @@ from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.deploy import channel
-from fedtune.errors import FedtuneError
+from fedtune.client import channel
+from fedtune.core.errors import FedtuneError
 
 log = logging.getLogger("fedtune.deploy.worker")  # also when run as __main__
 
@@ -132,7 +132,7 @@ def serve(directory: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fedtune.deploy.worker``."""
-    from fedtune.logs import setup_logging
+    from fedtune.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="fedtune-site-worker", description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True, help="private directory (0700) holding the token file")

@@ -21,7 +21,7 @@ from opacus.accountants.accountant import IAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.privacy.skellam import ORDERS, SkellamEvent
 
 Accountant = Literal["rdp", "prv"]

@@ -19,7 +19,7 @@ import secrets
 
 import numpy as np
 
-from fedtune.strategies.base import Arrays
+from fedtune.core.arrays import Arrays
 from fedtune.strategies.kernels import Accumulator, sum_of_squares
 
 

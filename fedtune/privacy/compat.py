@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedtune.config import RunConfig
-from fedtune.errors import ConfigError, IncompatibleComponentsError
-from fedtune.methods import METHODS
+from fedtune.config.plan import Plan, group_rounds
+from fedtune.core.errors import ConfigError, IncompatibleComponentsError
+from fedtune.model.methods import METHODS
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg import settings as secagg_settings
 from fedtune.privacy.traffic_rules import budget_vs_secagg, compression_vs_secagg
 from fedtune.strategies import STRATEGIES
-from fedtune.strategies.plan import Plan, group_rounds
 
 Rule = Callable[[RunConfig], list[str]]
 

@@ -29,15 +29,15 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import RunConfig
-from fedtune.errors import IncompatibleComponentsError, PrivacyBudgetExceeded
-from fedtune.lora import sent_keys
+from fedtune.config.plan import Plan, group_rounds
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import IncompatibleComponentsError, PrivacyBudgetExceeded
+from fedtune.model.lora import sent_keys
 from fedtune.privacy import distributed
 from fedtune.privacy.accounting import Event, GaussianEvent
 from fedtune.privacy.central import NoisedSum, next_clip_norm, split_noise
 from fedtune.privacy.ledger import Ledger, solve_noise
 from fedtune.privacy.secagg import settings as secagg_settings
-from fedtune.strategies.plan import Plan, group_rounds
-from fedtune.wire import Arrays
 
 USER_LEVEL = ("central", "local", "distributed")
 UNITS = {

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from opacus.accountants import RDPAccountant
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 
 #: Opacus's RDP orders; every RDP curve in fedtune is a value per order, in this order.
 ORDERS: tuple[float, ...] = tuple(float(a) for a in RDPAccountant.DEFAULT_ALPHAS)

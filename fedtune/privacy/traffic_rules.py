@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedtune.config import RunConfig
-from fedtune.strategies.plan import Plan, group_rounds
+from fedtune.config.plan import Plan, group_rounds
 
 
 def compression_vs_secagg(cfg: RunConfig) -> list[str]:

@@ -13,17 +13,19 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, default_output_dir, from_run_config
-from fedtune.errors import ConfigError
-from fedtune.hardware import server_model
-from fedtune.logs import quiet_libraries, setup_logging
-from fedtune.methods import initial_state, load_for
-from fedtune.models import pick_device
-from fedtune.outputs import Writer
+from fedtune.config.plan import Plan
+from fedtune.core.atomic import write_atomic_dir
+from fedtune.core.errors import ConfigError
+from fedtune.core.logs import quiet_libraries, setup_logging
+from fedtune.model.hardware import server_model
+from fedtune.model.loading import pick_device
+from fedtune.model.methods import initial_state, load_for
 from fedtune.privacy import compat
 from fedtune.server import checkpoint, loop, site_metrics, traffic
 from fedtune.server.evaluation import CentralEvaluator
+from fedtune.server.outputs import Writer
 from fedtune.server.report import Reporter, privacy_line, privacy_summary, secagg_summary
-from fedtune.strategies.plan import Plan
+from fedtune.server.state import GridLike, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ def output_dir(cfg: RunConfig) -> Path:
     return Path(cfg.output.dir or default_output_dir())
 
 
-def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict[str, Any]:
+def run_server(plan: Plan, grid: GridLike, *, resume: bool = False) -> dict[str, Any]:
     """The whole server job: init the adapter (or resume from the last complete checkpoint), run
     every round, write outputs; returns the summary extras."""
     compat.check(plan)
@@ -49,7 +51,7 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     # The server holds the base model for the seeded initial state and centralized evaluation.
     loaded = load_for(cfg, pick_device("auto"), server_model(cfg.model))
     initial = initial_state(loaded, cfg)  # seeded: the same initial global state whatever ran before
-    state = loop.ServerState(
+    state = ServerState(
         round=0, global_arrays=initial, rng=np.random.default_rng(cfg.seed), run_id=secrets.token_hex(8)
     )
     if resume:
@@ -62,14 +64,14 @@ def run_server(plan: Plan, grid: loop.GridLike, *, resume: bool = False) -> dict
     reporter.start(plan)
     note = site_metrics.NOT_COVERED if privacy_summary(plan, state)["mechanism"] != "none" else None
 
-    def on_round(s: loop.ServerState, row: dict[str, Any]) -> None:
+    def on_round(s: ServerState, row: dict[str, Any]) -> None:
         checkpoint.save(out, s, plan, writer.checkpoint)
         reporter.row(row)
         site_metrics.write_sites(out, s.history, note)
 
     state = loop.run(plan, grid, state, evaluate=evaluator, on_round=on_round)
     final = out / writer.final_name()
-    checkpoint.write_atomic_dir(final, lambda tmp: writer.final(tmp, state.global_arrays))
+    write_atomic_dir(final, lambda tmp: writer.final(tmp, state.global_arrays))
     extra: dict[str, Any] = {"base_model": loaded.path, writer.final_name(): str(final), "run_id": state.run_id}
     extra["peft_method"] = cfg.peft.method
     extra["privacy"] = privacy_summary(plan, state)

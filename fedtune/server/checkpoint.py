@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,42 +10,19 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from fedtune.errors import FedtuneError
-from fedtune.outputs import read_checkpoint
+from fedtune.config.plan import Plan
+from fedtune.core.arrays import Arrays
+from fedtune.core.atomic import write_atomic_dir
+from fedtune.core.errors import FedtuneError
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.central import noise_rng
 from fedtune.privacy.rounds import PrivacyState
-from fedtune.server.loop import ServerState
-from fedtune.strategies.plan import Plan
-from fedtune.wire import Arrays
+from fedtune.server.outputs import read_checkpoint
+from fedtune.server.state import ServerState
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "server_optimizer.safetensors"
 SEP = "::"  # optimizer name :: buffer key
-
-
-def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
-    """Build a directory with ``fill(tmp)`` beside ``target`` and rename it into place.
-
-    A crash leaves either the old ``target`` or the new one, never a half-written one.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any mkdir
-    try:
-        fill(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def round_dir(out: Path, rnd: int) -> Path:

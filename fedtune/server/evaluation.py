@@ -6,15 +6,15 @@ from typing import Any
 
 import torch
 
-from fedtune import task_metrics
-from fedtune.client.trainer import heldout_loss
 from fedtune.config import RunConfig
+from fedtune.core.arrays import Arrays
 from fedtune.data.loaders import eval_source, load_records
 from fedtune.data.prompts import Example, render_prompt, tokenize
-from fedtune.generation import task_scores
-from fedtune.methods import METHODS, wrap
-from fedtune.models import LoadedModel, load_adapter_arrays
-from fedtune.wire import Arrays
+from fedtune.model import task_metrics
+from fedtune.model.generation import task_scores
+from fedtune.model.loading import LoadedModel, load_adapter_arrays
+from fedtune.model.methods import METHODS, wrap
+from fedtune.model.scoring import heldout_loss
 
 
 class CentralEvaluator:

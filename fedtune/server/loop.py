@@ -8,93 +8,35 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedtune import keys
 from fedtune.config import RunConfig
-from fedtune.errors import CommunicationBudgetExceeded, FedtuneError, PrivacyBudgetExceeded, UpdateRejected
-from fedtune.lora import rank_of
+from fedtune.config.plan import Plan
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import CommunicationBudgetExceeded, PrivacyBudgetExceeded, UpdateRejected
+from fedtune.model.lora import rank_of
 from fedtune.privacy import rounds as privacy
-from fedtune.privacy.accounting import Event
 from fedtune.privacy.central import clip, noise_rng
 from fedtune.server import site_metrics, traffic, validation
+from fedtune.server.bookkeeping import account_round, declined, record_site_epsilon, server_step
+from fedtune.server.exchange import release, stream_replies, wait_for_nodes
+from fedtune.server.participants import redact, scrub, who
 from fedtune.server.report import json_number
+from fedtune.server.secagg_round import secagg_round
+from fedtune.server.state import Evaluate, GridLike, OnRound, ServerState
 from fedtune.server.timing import RoundClock
-from fedtune.strategies import STRATEGIES, Aggregator, make_aggregator, make_optimizer
+from fedtune.strategies import Aggregator, make_aggregator
 from fedtune.strategies.aggregators import WeightedMean
-from fedtune.strategies.plan import Plan
-from fedtune.wire import Arrays, message_bytes, record_from_arrays
+from fedtune.wire import keys
+from fedtune.wire.records import message_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
-
-PULL_INTERVAL = 0.5  # seconds between polls for replies (Flower's HttpGrid waits 3 s)
-
-
-class GridLike(Protocol):
-    """The part of Flower's ``Grid`` the loop uses."""
-
-    def get_node_ids(self) -> Iterable[int]: ...
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]: ...
-
-
-@dataclass
-class ServerState:
-    """Everything the next round depends on; a checkpoint stores exactly this."""
-
-    round: int
-    """Last completed round (0 = only the initial adapter exists)."""
-    global_arrays: Arrays
-    rng: np.random.Generator
-    """Client sampling RNG: seeded by ``seed`` and checkpointed, so a run's samples are reproducible;
-    but when a round claims amplification by client sampling (``privacy.rounds.secret_sample``), which
-    assumes the sample secret, :func:`run` reseeds it from OS entropy and it is never checkpointed."""
-    history: list[dict[str, Any]] = field(default_factory=list)
-    optimizer_states: dict[str, Arrays] = field(default_factory=dict)
-    """Server-optimizer state (momentum, Adam moments) by optimizer name, kept across rounds."""
-    node_ranks: dict[int, int] = field(default_factory=dict)
-    """LoRA rank each node trained at (learned from its replies); it gets that slice next time."""
-    run_id: str = ""
-    """This fedtune run's id (kept across resumes); sites key their privacy ledgers by it."""
-    privacy: privacy.PrivacyState = field(default_factory=privacy.PrivacyState.new)
-    noise_rng: np.random.Generator = field(default_factory=noise_rng)
-    """Central DP noise: seeded from OS entropy, never from ``seed``, and never checkpointed (its
-    state would let anyone holding a checkpoint subtract the noise); a resumed run reseeds it."""
-    communication_stopped: str | None = None
-    """Why ``communication.budget-mb`` stopped the run, if it did."""
-    downlink: tuple[Any, Arrays, dict[str, Any]] | None = None
-    """The last compressed downlink (scheme, the global adapter it encodes, its records); not checkpointed."""
-    hidden: bool = False
-    """Who took part stays out of every output and the log (``privacy.rounds.participants_hidden``);
-    set by :func:`run` from the plan, not checkpointed."""
-
-
-Evaluate = Callable[[Arrays, RunConfig], Mapping[str, float]]
-"""Centralized evaluation: the round's ``eval.metrics`` of an adapter, by metric name."""
-OnRound = Callable[[ServerState, dict[str, Any]], None]
-
-
-def wait_for_nodes(grid: GridLike, count: int, timeout: float) -> list[int]:
-    """Connected node ids once at least ``count`` are there; raise after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
-        if time.monotonic() >= deadline:
-            raise FedtuneError(
-                f"only {len(nodes)} of `server.min-clients` = {count} clients connected "
-                f"within `server.wait-for-clients` = {timeout:.0f} s."
-            )
-        time.sleep(1.0)
 
 
 def sample_nodes(nodes: list[int], cfg: RunConfig, rng: np.random.Generator) -> list[int]:
@@ -148,34 +90,6 @@ def _send(
     if clock is not None:
         clock.push(time.perf_counter() - started)
     return stream_replies(grid, messages, cfg.server.round_timeout)
-
-
-def stream_replies(grid: GridLike, messages: list[Message], timeout: float) -> Iterator[tuple[int, Message]]:
-    """Push ``messages`` and yield (node id, reply) as replies arrive, so the caller can fold each
-    one into its aggregate and drop it: server memory then does not grow with the number of clients.
-
-    The node is the one the original message went to: Flower answers for an unreachable node with
-    an error reply from the SuperLink itself, whose source is not that node.
-    """
-    push, pull = getattr(grid, "push_messages", None), getattr(grid, "pull_messages", None)
-    if push is None or pull is None:  # a grid that only offers the batch call
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            yield int(reply.metadata.src_node_id), reply
-        return
-    destinations = [m.metadata.dst_node_id for m in messages]
-    ids = list(push(messages))
-    node_of = dict(zip(ids, destinations, strict=True))
-    pending = set(ids)
-    del messages
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        arrived = list(pull(pending))
-        for reply in arrived:
-            origin = reply.metadata.reply_to_message_id
-            pending.discard(origin)
-            yield int(node_of.get(origin, reply.metadata.src_node_id)), reply
-        if pending and not arrived:
-            time.sleep(PULL_INTERVAL)
 
 
 def _train_round(
@@ -315,62 +229,6 @@ def _fold(
         aggregator.add(ok.delta, ok.weight)
 
 
-def declined(reply: Message, node: int, state: ServerState) -> bool:
-    """A "budget exhausted" reply: not an error; the node is never sampled again. UpdateRejected if the
-    epsilon it reports is malformed (then nothing is recorded)."""
-    if reply.has_error():
-        return False
-    metrics: Mapping[str, Any] = reply.content.metric_records.get(keys.METRICS, {})
-    if metrics.get(keys.BUDGET_EXHAUSTED) != 1:
-        return False
-    record_site_epsilon(validation.reported_epsilon(metrics), node, state)
-    if node not in state.privacy.exhausted:
-        state.privacy.exhausted.append(node)
-    log.info("node %d has spent its privacy budget and will not be sampled again", node)
-    return True
-
-
-def record_site_epsilon(eps: float | None, node: int, state: ServerState) -> None:
-    """Keep the largest epsilon ``node`` has reported (checked by ``validation.reported_epsilon``)."""
-    if eps is not None:
-        state.privacy.site_epsilon[node] = max(eps, state.privacy.site_epsilon.get(node, 0.0))
-
-
-def account_round(cfg: RunConfig, state: ServerState, rnd: int, *, released: bool, event: Event | None = None) -> None:
-    """Charge the round to the run's ledger: ``event`` (what the round really released), else its
-    user-level event, or an un-noised release. ``distributed`` rounds also charge their target to the
-    ``floor`` ledger."""
-    target = privacy.user_event(cfg, cfg.privacy.noise_multiplier, state.global_arrays)
-    if cfg.privacy.mechanism == "distributed" and target is not None:
-        state.privacy.floor.add(target)
-    event = event or target
-    if event is not None:
-        state.privacy.ledger.add(event)
-    elif cfg.privacy.mechanism == "none" and released:
-        state.privacy.ledger.add_unprotected(rnd)
-
-
-def release(reply: Message) -> None:
-    """Drop a reply's arrays now: Flower's message objects sit in reference cycles, so without
-    this their payload waits for the cyclic garbage collector (about 15 replies here)."""
-    if reply.has_error() or not reply.has_content():
-        return
-    for record in reply.content.array_records.values():
-        for key in list(record.keys()):
-            del record[key]
-
-
-def server_step(cfg: RunConfig, state: ServerState, delta: Arrays) -> Arrays:
-    """Apply the round's server optimizer, restoring and saving its state in ``state``."""
-    name = STRATEGIES.get(cfg.strategy.name).optimizer
-    optimizer = make_optimizer(cfg.strategy)  # built from this round's hyper-parameters
-    optimizer.load_state_dict(state.optimizer_states.get(name, {}))
-    new = optimizer.step({k: state.global_arrays[k] for k in delta}, delta)
-    if saved := optimizer.state_dict():
-        state.optimizer_states[name] = saved
-    return new
-
-
 def _federated_eval(
     cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, row: dict[str, Any]
 ) -> dict[str, float]:
@@ -498,8 +356,6 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         denominator = cfg.server.fraction_train * len(nodes) if cfg.server.sampling == "poisson" else len(sampled)
         row = {"round": rnd, "sampled": len(sampled), "sampled_nodes": sampled, "spec": plan.spec(rnd)}
         if cfg.secagg.protocol == "secagg":
-            from fedtune.server.secagg_round import secagg_round  # it builds on this module
-
             secagg_round(cfg, grid, state, rnd, sampled, row, extra, max(denominator, 1e-12))
         else:
             _train_round(cfg, grid, state, rnd, sampled, row, extra, max(denominator, 1e-12))
@@ -524,37 +380,6 @@ def _settled(plan: Plan, cfg: RunConfig) -> RunConfig:
     if cfg.eval.federated != "auto":
         return cfg
     return cfg.override({"eval.federated": privacy.federated_eval(plan, cfg)})
-
-
-PARTICIPANT_FIELDS = ("sampled_nodes", "replied_nodes", "budget_exhausted_nodes", "bytes_per_client", "data_checks")
-"""Row fields that name, or are keyed by, the nodes that took part in the round's training."""
-
-
-def who(node: int, hide: Collection[int] | None) -> str:
-    """How the log names ``node``: by id, or not at all when ``hide`` holds the round's secret sample."""
-    return f"node {node}" if hide is None else "a sampled node"
-
-
-def scrub(text: str, hide: Collection[int] | None) -> str:
-    """``text`` with each node id in ``hide`` replaced by ``<node>`` (as a whole number)."""
-    if not hide:
-        return text
-    ids = "|".join(sorted((str(n) for n in hide), key=len, reverse=True))
-    return re.sub(rf"(?<![\w.])(?:{ids})(?!\w|\.\d)", "<node>", text)
-
-
-def redact(row: dict[str, Any], sampled: Collection[int]) -> None:
-    """Take who took part out of a round's ``row`` (the sample is secret): the id lists and per-node
-    fields go, failures keep their reasons with every sampled id replaced, SecAgg+ keeps its counts."""
-    for key in PARTICIPANT_FIELDS:
-        row.pop(key, None)
-    if "failures" in row:
-        row["failures"] = [{"reason": scrub(str(f.get("reason", "")), sampled)} for f in row["failures"]]
-    if isinstance(secure := row.get("secagg"), dict):
-        for key in ("dropped", "recovered"):
-            secure.pop(key, None)
-        if "abandoned" in secure:
-            secure["abandoned"] = scrub(str(secure["abandoned"]), sampled)
 
 
 def _eligible(nodes: list[int], cfg: RunConfig, state: ServerState) -> list[int]:

@@ -7,20 +7,18 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.tree import Tree
 
 from fedtune.config import RunConfig
+from fedtune.config.plan import Plan
+from fedtune.model.task_metrics import GENERATED, column
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.accounting import Event
 from fedtune.privacy.skellam import SkellamEvent
-from fedtune.strategies.plan import Plan
-from fedtune.task_metrics import GENERATED, column
-
-if TYPE_CHECKING:
-    from fedtune.server.loop import ServerState
+from fedtune.server.state import ServerState
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,11 @@ from typing import Any, TypeVar
 from flwr.app import Message, RecordDict
 
 from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
-from fedtune.server.loop import GridLike, release, scrub, stream_replies, who
+from fedtune.server.exchange import release, stream_replies
+from fedtune.server.participants import scrub, who
+from fedtune.server.state import GridLike
 from fedtune.server.validation import refused
-from fedtune.wire import payload_bytes
+from fedtune.wire.records import payload_bytes
 
 log = logging.getLogger(__name__)
 

@@ -36,10 +36,9 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedtune import keys
 from fedtune.config import RunConfig
-from fedtune.errors import ConfigError
-from fedtune.lora import rank_of
+from fedtune.core.errors import ConfigError
+from fedtune.model.lora import rank_of
 from fedtune.privacy import distributed
 from fedtune.privacy.secagg import flat, settings, shares, stages
 from fedtune.privacy.secagg.errors import SecAggError
@@ -48,17 +47,11 @@ from fedtune.privacy.secagg.masking import add, round_context
 from fedtune.privacy.secagg.quantize import wire_dtype
 from fedtune.privacy.skellam import SkellamEvent
 from fedtune.server import traffic
-from fedtune.server.loop import (
-    GridLike,
-    ServerState,
-    account_round,
-    declined,
-    record_site_epsilon,
-    scrub,
-    server_step,
-)
+from fedtune.server.bookkeeping import account_round, declined, record_site_epsilon, server_step
+from fedtune.server.participants import scrub
 from fedtune.server.secagg_exchanges import Exchanges, enough, kind_of, owned
 from fedtune.server.secagg_sum import Unmasked, aggregate
+from fedtune.server.state import GridLike, ServerState
 from fedtune.server.validation import (
     check_records,
     example_count,
@@ -68,7 +61,8 @@ from fedtune.server.validation import (
     refused,
     reported_epsilon,
 )
-from fedtune.wire import load_array
+from fedtune.wire import keys
+from fedtune.wire.records import load_array
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import RunConfig
+from fedtune.core.arrays import Arrays
 from fedtune.privacy import distributed
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg.settings import Params
-from fedtune.server.loop import ServerState
-from fedtune.wire import Arrays
+from fedtune.server.state import ServerState
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedtune import keys
-from fedtune.errors import UpdateRejected
+from fedtune.core.errors import UpdateRejected
+from fedtune.model.task_metrics import GENERATED, LOSS, column
 from fedtune.server.validation import example_count
-from fedtune.task_metrics import GENERATED, LOSS, column
+from fedtune.wire import keys
 
 SITES_FILE = "sites.json"
 NOT_COVERED = (

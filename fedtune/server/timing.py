@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from fedtune import keys
+from fedtune.wire import keys
 
 CLIENT_PARTS = {"load": keys.TIME_LOAD, "train": keys.TIME_TRAIN, "serialize": keys.TIME_SERIALIZE}
 

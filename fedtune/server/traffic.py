@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedtune import keys
-from fedtune.codec import Scheme, rng_for
 from fedtune.config import RunConfig
-from fedtune.errors import CommunicationBudgetExceeded
-from fedtune.lora import rank_of, rank_slice, sent_keys
-from fedtune.wire import Arrays, decode, encode, encoded_bytes
-
-if TYPE_CHECKING:
-    from fedtune.server.loop import ServerState
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import CommunicationBudgetExceeded
+from fedtune.model.lora import rank_of, rank_slice, sent_keys
+from fedtune.server.state import ServerState
+from fedtune.wire import keys
+from fedtune.wire.codec import Scheme, rng_for
+from fedtune.wire.records import decode, encode, encoded_bytes
 
 log = logging.getLogger(__name__)
 

@@ -13,18 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedtune import keys
-from fedtune.codec import Scheme
 from fedtune.config import RunConfig
-from fedtune.errors import FedtuneError, UpdateRejected
-from fedtune.lora import pad_rank, rank_of, rank_slice, sent_keys
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import FedtuneError, UpdateRejected
+from fedtune.model.lora import pad_rank, rank_of, rank_slice, sent_keys
 from fedtune.strategies.kernels import sum_of_squares
-from fedtune.wire import decode
-
-Arrays = dict[str, np.ndarray]
+from fedtune.wire import keys
+from fedtune.wire.codec import Scheme
+from fedtune.wire.records import decode
 
 log = logging.getLogger(__name__)
 

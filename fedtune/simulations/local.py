@@ -21,7 +21,7 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 
-from fedtune import keys
+from fedtune.wire import keys
 
 log = logging.getLogger(__name__)
 

@@ -6,18 +6,18 @@ import logging
 import os
 
 from fedtune.client.app import app as client_app
+from fedtune.config.plan import Plan
+from fedtune.core.errors import ConfigError
+from fedtune.core.logs import quiet_flower, setup_logging
 from fedtune.data.loaders import eval_source, load_records, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import check_format
-from fedtune.errors import ConfigError
-from fedtune.hardware import check_site
-from fedtune.logs import quiet_flower, setup_logging
-from fedtune.methods import check_model_files
-from fedtune.models import load_tokenizer, resolve_model
+from fedtune.model.hardware import check_site
+from fedtune.model.loading import load_tokenizer, resolve_model
+from fedtune.model.methods import check_model_files
 from fedtune.privacy import compat
 from fedtune.server.app import make_server_app, run_server
 from fedtune.simulations.local import LocalGrid
-from fedtune.strategies.plan import Plan
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,10 @@ delta moves the global adapter).
 """
 
 from fedtune.config import StrategyConfig
-from fedtune.registry import Registry
+from fedtune.core.arrays import Arrays
+from fedtune.core.registry import Registry
 from fedtune.strategies.aggregators import Krum, Median, MultiKrum, TrimmedMean, WeightedMean
-from fedtune.strategies.base import Aggregator, Arrays, OptimizerFactory, ServerOptimizer, StrategySpec
+from fedtune.strategies.base import Aggregator, OptimizerFactory, ServerOptimizer, StrategySpec
 from fedtune.strategies.exact import ExactLoRA
 from fedtune.strategies.fedopt import FedAdagrad, FedAdam, FedYogi, ServerMomentum, ServerSGD
 

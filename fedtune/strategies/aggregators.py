@@ -12,8 +12,8 @@ import math
 import numpy as np
 
 from fedtune.config import StrategyConfig
-from fedtune.errors import FedtuneError
-from fedtune.strategies.base import Arrays
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import FedtuneError
 from fedtune.strategies.kernels import Accumulator
 
 

@@ -11,11 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
 from fedtune.config import StrategyConfig
-
-Arrays = dict[str, np.ndarray]
+from fedtune.core.arrays import Arrays
 
 
 class Aggregator(Protocol):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from fedtune.config import StrategyConfig
-from fedtune.lora import LORA_A, LORA_B
+from fedtune.core.arrays import Arrays
+from fedtune.model.lora import LORA_A, LORA_B
 from fedtune.strategies.aggregators import WeightedMean, _Collect
-from fedtune.strategies.base import Arrays
 
 
 def lora_pairs(keys: list[str]) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from fedtune.config import StrategyConfig
-from fedtune.strategies.base import Arrays
+from fedtune.core.arrays import Arrays
 
 
 class ServerSGD:

@@ -16,10 +16,10 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from fedtune import keys
 from fedtune.client.app import app as client_app
 from fedtune.config import TrainConfig
-from fedtune.wire import arrays_from_record
+from fedtune.wire import keys
+from fedtune.wire.records import arrays_from_record
 from tests.integration.test_data_parallel import EXACT, NODE, delta, train_message
 from tests.unit.test_trainer import delta_after, max_abs, site_setup
 

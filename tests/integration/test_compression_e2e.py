@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedtune.client.compress import RESIDUAL_KEY
-from fedtune.codec import Scheme
 from fedtune.config import CompressionConfig
-from fedtune.lora import sent_keys
+from fedtune.model.lora import sent_keys
 from fedtune.server.checkpoint import load, round_dir
-from fedtune.wire import encoded_bytes
+from fedtune.wire.codec import Scheme
+from fedtune.wire.records import encoded_bytes
 from tests.integration.test_strategies_e2e import federate
 
 BASE = {"num-server-rounds": 4, "simulation.num-supernodes": 3, "server.min-clients": 3, "seed": 2}

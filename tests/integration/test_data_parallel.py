@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 
-from fedtune import keys
 from fedtune.client.app import app as client_app
-from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
+from fedtune.config.plan import Plan
+from fedtune.core.arrays import Arrays
+from fedtune.model.loading import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
 from fedtune.server.loop import round_content
 from fedtune.simulations.presets import preset
-from fedtune.strategies.plan import Plan
-from fedtune.wire import Arrays, arrays_from_record
+from fedtune.wire import keys
+from fedtune.wire.records import arrays_from_record
 
 NODE = {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 3}
 # 5 examples a micro-batch (uneven shards of 2 and 3 examples of uneven lengths), 2 micro-batches a

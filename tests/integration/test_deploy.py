@@ -281,10 +281,10 @@ def test_server_killed_after_round_1_resumes_and_equals_an_uninterrupted_run(
     from safetensors.numpy import load_file
 
     from fedtune.client.app import app as client_app
+    from fedtune.config.plan import Plan
     from fedtune.server.app import run_server
     from fedtune.server.checkpoint import saved_plan
     from fedtune.simulations.local import LocalGrid
-    from fedtune.strategies.plan import Plan
 
     plan = Plan.from_flat({**saved_plan(run), "output.dir": str(tmp_path / "straight"), "output.resume": False})
     threads = torch.get_num_threads()

@@ -12,7 +12,7 @@ import pytest
 from opacus.accountants.analysis.rdp import get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
-from fedtune.client.app import LocalUpdate
+from fedtune.client.pipeline import LocalUpdate
 from tests.integration.test_secagg_e2e import FAST, WireGrid, adapter, crash, federate, record_deltas
 
 TARGET = 6.0

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from flwr.app import Context, RecordDict
 
-from fedtune import keys
-from fedtune.client import app as client_module
+from fedtune.client import pipeline as client_module
 from fedtune.client.app import app as client_app
 from fedtune.client.site import open_site
 from fedtune.config import RunConfig, TrainConfig
 from fedtune.simulations.presets import preset
+from fedtune.wire import keys
 from tests.integration.test_data_parallel import NODE, train_message
 from tests.integration.test_privacy_e2e import opacus_epsilon
 

@@ -19,17 +19,17 @@ from flwr.app import Message, MessageType
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from fedtune import keys
 from fedtune.client.app import app as client_app
 from fedtune.config import PEFT_METHODS
-from fedtune.methods import METHODS, load_for, wrap
-from fedtune.models import load_adapter_arrays
+from fedtune.config.plan import Plan
+from fedtune.model.loading import load_adapter_arrays
+from fedtune.model.methods import METHODS, load_for, wrap
 from fedtune.server.app import run_server
 from fedtune.server.checkpoint import saved_plan
 from fedtune.simulations.local import LocalGrid
 from fedtune.simulations.presets import preset
-from fedtune.strategies.plan import Plan
-from fedtune.wire import arrays_from_record
+from fedtune.wire import keys
+from fedtune.wire.records import arrays_from_record
 
 Arrays = dict[str, np.ndarray]
 

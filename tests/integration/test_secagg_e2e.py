@@ -18,17 +18,17 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message
 
-from fedtune import keys
 from fedtune.client import secagg as client_secagg
-from fedtune.client.app import LocalUpdate
 from fedtune.client.app import app as client_app
-from fedtune.lora import pad_rank
+from fedtune.client.pipeline import LocalUpdate
+from fedtune.config.plan import Plan
+from fedtune.model.lora import pad_rank
 from fedtune.server import checkpoint
 from fedtune.server.app import run_server
 from fedtune.simulations.local import LocalGrid
 from fedtune.simulations.presets import preset
 from fedtune.strategies.aggregators import WeightedMean
-from fedtune.strategies.plan import Plan
+from fedtune.wire import keys
 
 Arrays = dict[str, np.ndarray]
 ClientFn = Callable[[Message, Context], Message]

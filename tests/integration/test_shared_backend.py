@@ -16,16 +16,16 @@ import numpy as np
 from flwr.app import Context, Message
 from safetensors.numpy import load_file
 
-from fedtune import keys
 from fedtune.client.app import app as client_app
 from fedtune.config import RunConfig
-from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
+from fedtune.config.plan import Plan
+from fedtune.model.loading import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
 from fedtune.server.app import run_server
 from fedtune.server.loop import round_content
 from fedtune.simulations.local import LocalGrid
 from fedtune.simulations.presets import preset
-from fedtune.strategies.plan import Plan
-from fedtune.wire import arrays_from_record
+from fedtune.wire import keys
+from fedtune.wire.records import arrays_from_record
 
 SITES = 50
 

@@ -19,17 +19,17 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from fedtune import keys
 from fedtune.client.app import app as client_app
-from fedtune.errors import ConfigError
+from fedtune.config.plan import Plan
+from fedtune.core.errors import ConfigError
 from fedtune.privacy import compat
 from fedtune.server.app import run_server
 from fedtune.server.checkpoint import saved_plan
 from fedtune.simulations.local import LocalGrid
 from fedtune.simulations.presets import preset
 from fedtune.strategies import STRATEGIES
-from fedtune.strategies.plan import Plan
-from fedtune.wire import arrays_from_record, record_from_arrays
+from fedtune.wire import keys
+from fedtune.wire.records import arrays_from_record, record_from_arrays
 
 ClientFn = Callable[[Message, Context], Message]
 

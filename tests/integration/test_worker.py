@@ -21,17 +21,16 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import keys
-from fedtune.client import edge
+from fedtune.client import channel, edge
 from fedtune.client.app import app as client_app
-from fedtune.deploy import channel
+from fedtune.config.plan import Plan
+from fedtune.core.errors import FedtuneError
 from fedtune.deploy.worker import SiteWorker, start_server
-from fedtune.errors import FedtuneError
-from fedtune.models import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
+from fedtune.model.loading import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
 from fedtune.server.loop import round_content
 from fedtune.simulations.presets import preset
-from fedtune.strategies.plan import Plan
-from fedtune.wire import arrays_from_record
+from fedtune.wire import keys
+from fedtune.wire.records import arrays_from_record
 
 ClientFn = Callable[[Message, Context], Message]
 

@@ -8,7 +8,7 @@ import pytest
 from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.privacy.accounting import GaussianEvent, epsilon, noise_multiplier
 
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's default orders

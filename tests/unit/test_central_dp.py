@@ -13,12 +13,13 @@ from flwr.app import Message, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from fedtune import keys
+from fedtune.config.plan import Plan
 from fedtune.privacy import rounds
 from fedtune.privacy.central import NoisedSum, clip, l2_norm, next_clip_norm, privatize_locally, split_noise
 from fedtune.server import loop
-from fedtune.strategies.plan import Plan
-from fedtune.wire import record_from_arrays
+from fedtune.server.state import ServerState
+from fedtune.wire import keys
+from fedtune.wire.records import record_from_arrays
 from tests.unit.test_loop import FakeGrid
 
 
@@ -148,7 +149,7 @@ def test_epsilon_of_the_noise_a_run_really_adds_does_not_exceed_the_printed_one(
         zero = record_from_arrays({k: np.zeros_like(v) for k, v in adapter.items()})
         return Message(RecordDict({keys.DELTA: zero, keys.METRICS: metrics}), reply_to=msg)
 
-    state = loop.ServerState(round=0, global_arrays=dict(adapter), rng=np.random.default_rng(0))
+    state = ServerState(round=0, global_arrays=dict(adapter), rng=np.random.default_rng(0))
     state.noise_rng = np.random.default_rng(1)  # fixed here so the test is repeatable
     seen: list[tuple[dict[str, Any], dict[str, np.ndarray]]] = []
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedtune import keys
 from fedtune.client.compress import encode_update
-from fedtune.codec import PACKED, Scheme, rng_for
-from fedtune.compression import dequantize, quantize
 from fedtune.config import RunConfig
-from fedtune.errors import UpdateRejected
-from fedtune.wire import decode, encode, encoded_bytes, message_bytes
+from fedtune.core.errors import UpdateRejected
+from fedtune.wire import keys
+from fedtune.wire.codec import PACKED, Scheme, rng_for
+from fedtune.wire.compression import dequantize, quantize
+from fedtune.wire.records import decode, encode, encoded_bytes, message_bytes
 
 SHAPES = {"a.lora_A.weight": (4, 33), "a.lora_B.weight": (17, 4), "b.lora_A.weight": (3,)}
 SCHEMES = [

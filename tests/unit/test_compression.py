@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtune.compression import densify, dequantize, error_bound, quantize, sparsify_with_feedback
-from fedtune.errors import UpdateRejected
+from fedtune.core.errors import UpdateRejected
+from fedtune.wire.compression import densify, dequantize, error_bound, quantize, sparsify_with_feedback
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])

@@ -7,7 +7,7 @@ import tomllib
 import pytest
 
 from fedtune.config import RunConfig, flat_defaults, parse_assignments, parse_value
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from tests.conftest import REPO
 
 

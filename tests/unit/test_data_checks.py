@@ -9,14 +9,14 @@ import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
-from fedtune import keys
 from fedtune.client.app import app as client_app
 from fedtune.client.site import open_site
 from fedtune.config import DataConfig, RunConfig
+from fedtune.core.errors import DataError
 from fedtune.data.loaders import load_checked
-from fedtune.errors import DataError
-from fedtune.models import adapter_arrays, init_adapter, load_base, wrap_lora
+from fedtune.model.loading import adapter_arrays, init_adapter, load_base, wrap_lora
 from fedtune.server.loop import round_content
+from fedtune.wire import keys
 
 SECRET = "PATIENT-7781"  # content of bad lines: must never reach a report or an error message
 A = {"instruction": "Convert 2 g to mg.", "input": "", "output": "2 g x 1000 = 2000 mg."}

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from fedtune.config import RunConfig
-from fedtune.errors import IncompatibleComponentsError, PrivacyBudgetExceeded
+from fedtune.config.plan import Plan
+from fedtune.core.errors import IncompatibleComponentsError, PrivacyBudgetExceeded
 from fedtune.privacy import compat, distributed
 from fedtune.privacy.accounting import epsilon
 from fedtune.privacy.rounds import PrivacyState, check_budget, check_distributed, solved_noise
 from fedtune.privacy.secagg.masking import add
 from fedtune.privacy.skellam import SkellamEvent
-from fedtune.strategies.plan import Plan
 
 DIST = {
     "privacy.mechanism": "distributed",

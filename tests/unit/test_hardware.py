@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from fedtune import hardware
 from fedtune.config import ModelConfig, RunConfig
+from fedtune.core.errors import ConfigError
 from fedtune.deploy.client import build_node_config
-from fedtune.errors import ConfigError
+from fedtune.model import hardware
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
 
+from fedtune.core.errors import ConfigError
 from fedtune.deploy.keys import make_keys
-from fedtune.errors import ConfigError
 
 
 def test_keys_layout_chain_and_modes(tmp_path: Path) -> None:

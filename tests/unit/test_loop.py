@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message, MetricRecord, RecordDict
 
-from fedtune import keys
-from fedtune.outputs import WEIGHTS_FILE
+from fedtune.config.plan import Plan
+from fedtune.core.arrays import Arrays
 from fedtune.server import checkpoint, loop
-from fedtune.strategies.plan import Plan
-from fedtune.wire import Arrays, arrays_from_record, record_from_arrays
+from fedtune.server.outputs import WEIGHTS_FILE
+from fedtune.server.participants import redact
+from fedtune.server.state import ServerState
+from fedtune.wire import keys
+from fedtune.wire.records import arrays_from_record, record_from_arrays
 
 GLOBAL = {"m.lora_A.weight": np.ones((2, 4), np.float32), "m.lora_B.weight": np.zeros((4, 2), np.float32)}
 Handler = Callable[[Message], Message | None]
@@ -58,9 +61,9 @@ def honest(msg: Message) -> Message:
     return Message(RecordDict({keys.DELTA: record_from_arrays(delta_for(node)), keys.METRICS: metrics}), reply_to=msg)
 
 
-def run_loop(cfg: Plan, grid: FakeGrid) -> tuple[loop.ServerState, list[dict[str, Any]]]:
+def run_loop(cfg: Plan, grid: FakeGrid) -> tuple[ServerState, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
-    state = loop.ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(cfg.base.seed))
+    state = ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(cfg.base.seed))
     state = loop.run(cfg, grid, state, evaluate=lambda arrays, cfg: {}, on_round=lambda s, row: rows.append(row))
     return state, rows
 
@@ -245,7 +248,7 @@ def test_server_memory_does_not_grow_with_the_number_of_replies(task_identity: N
             return []
 
     plan = Plan.from_flat({"num-server-rounds": 1, "server.min-clients": 40, "eval.federated": False})
-    state = loop.ServerState(round=0, global_arrays=dict(big), rng=np.random.default_rng(0), history=[{"round": 0}])
+    state = ServerState(round=0, global_arrays=dict(big), rng=np.random.default_rng(0), history=[{"round": 0}])
 
     # Execute
     tracemalloc.start()
@@ -346,10 +349,10 @@ def test_a_secret_sample_names_no_node_in_rows_logs_or_checkpoints_unless_asked(
         **({"output.log-participants": True} if log_participants else {}),
     }
     grid = FakeGrid(NODES, half_fail)
-    state = loop.ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(0))
+    state = ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(0))
     rows: list[dict[str, Any]] = []
 
-    def on_round(s: loop.ServerState, row: dict[str, Any]) -> None:
+    def on_round(s: ServerState, row: dict[str, Any]) -> None:
         checkpoint.save(tmp_path, s, Plan.from_flat(flat), write_weights)
         rows.append(row)
 
@@ -434,7 +437,7 @@ def test_redacting_a_secagg_row_keeps_its_counts_and_reasons_but_no_id() -> None
     }
 
     # Execute
-    loop.redact(row, [a, b, c])
+    redact(row, [a, b, c])
 
     # Assert: ids go, counts and other numbers stay
     assert not any(str(n) in json.dumps(row) for n in (a, b, c))

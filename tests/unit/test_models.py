@@ -11,8 +11,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from fedtune.config import LoraSection, ModelConfig
-from fedtune.errors import ModelError
-from fedtune.models import (
+from fedtune.core.errors import ModelError
+from fedtune.model.loading import (
     adapter_arrays,
     load_adapter_arrays,
     load_base,

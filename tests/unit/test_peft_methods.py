@@ -11,14 +11,14 @@ from opacus import GradSampleModule
 from transformers import AutoModelForCausalLM
 
 from fedtune.config import PEFT_METHODS, RunConfig
+from fedtune.config.plan import Plan
+from fedtune.core.errors import IncompatibleComponentsError, ModelError
 from fedtune.data.prompts import IGNORE, Example, collate, token_losses
-from fedtune.errors import IncompatibleComponentsError, ModelError
-from fedtune.methods import METHODS, check_model_files, initial_state, load_for, wrap
-from fedtune.models import load_adapter_arrays
+from fedtune.model.loading import load_adapter_arrays
+from fedtune.model.methods import METHODS, check_model_files, initial_state, load_for, wrap
 from fedtune.privacy import compat
 from fedtune.server.validation import rank_ok
 from fedtune.strategies import STRATEGIES
-from fedtune.strategies.plan import Plan
 
 
 def config(model: Path, method: str, **flat: Any) -> RunConfig:

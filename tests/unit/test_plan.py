@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fedtune.errors import ConfigError, IncompatibleComponentsError
+from fedtune.config.plan import Plan
+from fedtune.core.errors import ConfigError, IncompatibleComponentsError
 from fedtune.privacy import compat
-from fedtune.strategies.plan import Plan
 
 
 def test_for_round_applies_the_covering_entries() -> None:

@@ -11,14 +11,14 @@ import pytest
 from flwr.app import RecordDict
 
 from fedtune.config import RunConfig
+from fedtune.config.plan import Plan
 from fedtune.privacy import compat
 from fedtune.privacy import site as site_privacy
 from fedtune.privacy.accounting import GaussianEvent, epsilon, noise_multiplier
 from fedtune.privacy.ledger import Ledger
 from fedtune.privacy.rounds import projected_epsilon, solved_noise
-from fedtune.server.loop import ServerState
 from fedtune.server.report import privacy_summary
-from fedtune.strategies.plan import Plan
+from fedtune.server.state import ServerState
 
 CENTRAL = {"privacy.mechanism": "central", "privacy.noise-multiplier": 1.0, "strategy.weighting": "uniform"}
 

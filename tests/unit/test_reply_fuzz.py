@@ -22,19 +22,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedtune import keys
-from fedtune.codec import PACKED, Scheme, rng_for
 from fedtune.config import RunConfig
-from fedtune.errors import FedtuneError
+from fedtune.config.plan import Plan
+from fedtune.core.errors import FedtuneError
+from fedtune.model.task_metrics import ROUGE_L
 from fedtune.privacy.secagg import flat, stages
 from fedtune.privacy.secagg.masking import round_context
 from fedtune.privacy.secagg.quantize import Quantizer, wire_dtype
 from fedtune.server import loop
 from fedtune.server.secagg_round import secagg_round
+from fedtune.server.state import ServerState
 from fedtune.server.validation import MAX_EXAMPLES, MAX_REASON
-from fedtune.strategies.plan import Plan
-from fedtune.task_metrics import ROUGE_L
-from fedtune.wire import decode, encode, record_from_arrays
+from fedtune.wire import keys
+from fedtune.wire.codec import PACKED, Scheme, rng_for
+from fedtune.wire.records import decode, encode, record_from_arrays
 
 RANK = 2
 GLOBAL = {
@@ -514,8 +515,8 @@ def honest_records(node: int, scheme: Scheme | None) -> Records:
     return {**records, keys.METRICS: MetricRecord(metrics)}
 
 
-def fresh_state() -> loop.ServerState:
-    return loop.ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(0), run_id="fuzz")
+def fresh_state() -> ServerState:
+    return ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(0), run_id="fuzz")
 
 
 def run_train_case(uplink: str, mutation: Mutation, draw: Draw) -> None:

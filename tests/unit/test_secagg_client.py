@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedtune import keys
 from fedtune.client import secagg as client_secagg
-from fedtune.client.app import LocalUpdate
+from fedtune.client.pipeline import LocalUpdate
 from fedtune.config import RunConfig
 from fedtune.privacy import distributed
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg.quantize import Quantizer
 from fedtune.privacy.secagg.stages import ClientKeys, PublicKeys, advertise_keys
 from fedtune.privacy.secagg.stages import share_keys as peer_share_keys
+from fedtune.wire import keys
 
 ROUND, ME, PEERS = 3, 1, [2, 3, 4, 5]  # five clients, complete graph: 5 share holders each
 ORDER_8 = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")  # RFC 7748 small-order

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fedtune.lora import pad_rank, rank_slice
+from fedtune.model.lora import pad_rank, rank_slice
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.server.secagg_round import covered

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.privacy.secagg.graph import (
     check_params,
     default_threshold,

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 
 from fedtune.config import RunConfig
-from fedtune.errors import ConfigError, IncompatibleComponentsError
+from fedtune.config.plan import Plan
+from fedtune.core.errors import ConfigError, IncompatibleComponentsError
 from fedtune.privacy import compat
 from fedtune.privacy.secagg import settings
 from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.privacy.secagg.graph import check_params, neighbours
 from fedtune.strategies import STRATEGIES
-from fedtune.strategies.plan import Plan
 
 SECAGG = {"secagg.protocol": "secagg"}
 CENTRAL = {"privacy.mechanism": "central", "privacy.noise-multiplier": 1.0, "strategy.weighting": "uniform"}

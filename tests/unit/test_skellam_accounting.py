@@ -11,7 +11,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.special import logsumexp
 from scipy.stats import poisson, skellam
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.privacy.accounting import GaussianEvent, epsilon
 from fedtune.privacy.ledger import Ledger
 from fedtune.privacy.skellam import ORDERS, SkellamEvent, skellam_rdp

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedtune.config import StrategyConfig
-from fedtune.errors import ConfigError, FedtuneError
+from fedtune.core.errors import ConfigError, FedtuneError
 from fedtune.strategies import STRATEGIES, make_aggregator, make_optimizer
 from fedtune.strategies.exact import refactorize
 

@@ -6,8 +6,8 @@ import pytest
 from rouge_score import rouge_scorer
 
 from fedtune.config import RunConfig
-from fedtune.errors import ConfigError
-from fedtune.task_metrics import exact_match, normalize_answer, rouge_l, score, token_f1
+from fedtune.core.errors import ConfigError
+from fedtune.model.task_metrics import exact_match, normalize_answer, rouge_l, score, token_f1
 
 
 def test_normalization_follows_squad_v1_1() -> None:

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from flwr.app import Array, Message, MetricRecord, RecordDict
 
-from fedtune import keys
-from fedtune.codec import PACKED, Scheme, index_bytes, rng_for
-from fedtune.errors import IncompatibleComponentsError
+from fedtune.config.plan import Plan
+from fedtune.core.errors import IncompatibleComponentsError
 from fedtune.privacy import compat
 from fedtune.server import loop, traffic
-from fedtune.strategies.plan import Plan
-from fedtune.wire import decode, encode
+from fedtune.server.state import ServerState
+from fedtune.wire import keys
+from fedtune.wire.codec import PACKED, Scheme, index_bytes, rng_for
+from fedtune.wire.records import decode, encode
 from tests.unit.test_loop import GLOBAL, FakeGrid, honest, run_loop
 
 
@@ -66,7 +67,7 @@ def test_compressed_downlink_is_the_global_adapter_the_server_steps_from(task_id
     grid = FakeGrid([1, 2], site)
 
     # Execute
-    state = loop.ServerState(round=0, global_arrays=dict(global_arrays), rng=np.random.default_rng(0))
+    state = ServerState(round=0, global_arrays=dict(global_arrays), rng=np.random.default_rng(0))
     rows: list[dict[str, object]] = []
     state = loop.run(plan, grid, state, evaluate=lambda a, c: {}, on_round=lambda s, r: rows.append(r))
 

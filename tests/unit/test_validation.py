@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtune.errors import UpdateRejected
+from fedtune.core.errors import UpdateRejected
 from fedtune.server.validation import validate_delta
 
 REF = {"x.lora_A.weight": np.zeros((2, 3), np.float32), "x.lora_B.weight": np.zeros((3, 2), np.float32)}

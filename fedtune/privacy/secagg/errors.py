@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedtune.errors import FedtuneError
+from fedtune.core.errors import FedtuneError
 
 
 class SecAggError(FedtuneError):

@@ -11,9 +11,8 @@ from collections.abc import Collection
 
 import numpy as np
 
-from fedtune.lora import LORA_A, LORA_B, pad_rank
-
-Arrays = dict[str, np.ndarray]
+from fedtune.core.arrays import Arrays
+from fedtune.model.lora import LORA_A, LORA_B, pad_rank
 
 
 def full_rank_like(arrays: Arrays, rank: int) -> Arrays:

@@ -24,7 +24,7 @@ import math
 import random
 from collections.abc import Sequence
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.privacy.secagg.quantize import modulus_bits
 
 

@@ -20,9 +20,9 @@ import math
 
 import numpy as np
 
-from fedtune.errors import UpdateRejected
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import UpdateRejected
 
-Arrays = dict[str, np.ndarray]
 SCALE = "::scale"  # suffix of a quantized array's per-block scales
 INDEX = "::index"  # suffix of a sparse array's flat indices
 BITS = (4, 8, 16)

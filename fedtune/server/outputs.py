@@ -17,8 +17,9 @@ from pathlib import Path
 from safetensors.numpy import load_file, save_file
 
 from fedtune.config import RunConfig
-from fedtune.methods import METHODS, wrap
-from fedtune.models import Arrays, LoadedModel, load_adapter_arrays, write_peft_folder
+from fedtune.core.arrays import Arrays
+from fedtune.model.loading import LoadedModel, load_adapter_arrays, write_peft_folder
+from fedtune.model.methods import METHODS, wrap
 
 ADAPTER_DIR = "adapter"
 ADAPTER_FILE = "adapter_model.safetensors"

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedtune import task_metrics
 from fedtune.config import DataConfig, EvalConfig
 from fedtune.data.prompts import render_prompt
+from fedtune.model import task_metrics
 
 
 @torch.no_grad()

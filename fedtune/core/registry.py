@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -10,11 +10,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
-from fedtune import keys
-from fedtune.codec import PACKED, Scheme, Shapes, index_bytes, make_index, pack, packed_size, unpack
-from fedtune.errors import UpdateRejected
-
-Arrays = dict[str, np.ndarray]
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import UpdateRejected
+from fedtune.wire import keys
+from fedtune.wire.codec import PACKED, Scheme, Shapes, index_bytes, make_index, pack, packed_size, unpack
 
 
 def record_from_arrays(arrays: Arrays) -> ArrayRecord:

@@ -17,33 +17,27 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-LOSS = "loss"
-EXACT_MATCH = "exact-match"
-F1 = "f1"
-ROUGE_L = "rouge-l"
-ACCURACY = "accuracy"
-KNOWN = (LOSS, EXACT_MATCH, F1, ROUGE_L, ACCURACY)
-"""Every name ``eval.metrics`` accepts; all but ``loss`` need generated answers."""
-GENERATED = (EXACT_MATCH, F1, ROUGE_L, ACCURACY)
+from fedtune.config.evaluation import ACCURACY, EXACT_MATCH, F1, GENERATED, KNOWN, LOSS, ROUGE_L, column, parse_names
+
+__all__ = [
+    "ACCURACY",
+    "EXACT_MATCH",
+    "F1",
+    "GENERATED",
+    "KNOWN",
+    "LOSS",
+    "ROUGE_L",
+    "column",
+    "exact_match",
+    "normalize_answer",
+    "parse_names",
+    "rouge_l",
+    "score",
+    "token_f1",
+]
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def parse_names(text: str) -> list[str]:
-    """``"loss, rouge-l"`` -> ``["loss", "rouge-l"]`` (order kept, duplicates dropped)."""
-    out: list[str] = []
-    for part in text.split(","):
-        name = part.strip().lower()
-        if name and name not in out:
-            out.append(name)
-    return out
-
-
-def column(name: str) -> str:
-    """The key a metric has in ``metrics.jsonl`` and ``sites.json``: ``rouge-l`` -> ``rouge_l``
-    (``loss`` -> ``eval_loss``, as before task metrics existed)."""
-    return "eval_loss" if name == LOSS else name.replace("-", "_")
 
 
 def normalize_answer(text: str) -> str:

@@ -20,8 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedtune.config import RunConfig, Scalar, flat_defaults
-from fedtune.errors import ConfigError
+from fedtune.config.fields import Scalar
+from fedtune.config.run import RunConfig, flat_defaults
+from fedtune.core.errors import ConfigError
 
 PREFIX = "plan."
 # The model, the adapter's shape and the data stay fixed for a run.
@@ -176,3 +177,8 @@ def group_rounds(problems: list[tuple[int, str]]) -> list[str]:
                 start = prev = r
         lines.append(f"{', '.join(spans)}: {text}")
     return lines
+
+
+def from_run_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Plan:
+    """The Plan a ServerApp runs: Flower's run_config, then ``overrides``, plan entries split off."""
+    return Plan.from_flat({**dict(run_config), **dict(overrides or {})})

@@ -24,7 +24,7 @@ from flwr.common.serde import context_from_proto, context_to_proto, message_from
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from fedtune.errors import FedtuneError
+from fedtune.core.errors import FedtuneError
 
 SOCKET_NAME = "worker.sock"
 TOKEN_NAME = "token"

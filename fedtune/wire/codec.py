@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.compression import SCALE, dequantize, quantize, sparsify_with_feedback
 from fedtune.config import CompressionConfig
-from fedtune.errors import UpdateRejected
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import UpdateRejected
+from fedtune.wire.compression import SCALE, dequantize, quantize, sparsify_with_feedback
 
-Arrays = dict[str, np.ndarray]
 Shapes = Mapping[str, tuple[int, ...]]
 PACKED = "packed"  # the one array of a compressed ArrayRecord
 BITS = {"int16": 16, "int8": 8, "int4": 4}

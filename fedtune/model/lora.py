@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-Arrays = dict[str, np.ndarray]
+from fedtune.core.arrays import Arrays
 
 LORA_A, LORA_B = ".lora_A.", ".lora_B."
 

@@ -25,9 +25,9 @@ from peft.tuners.ia3 import IA3Layer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fedtune.config import ModelConfig, RunConfig
-from fedtune.errors import ModelError
-from fedtune.models import (
-    Arrays,
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import ModelError
+from fedtune.model.loading import (
     LoadedModel,
     adapter_arrays,
     init_adapter,

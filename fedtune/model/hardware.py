@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fedtune.config import ModelConfig, RunConfig
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

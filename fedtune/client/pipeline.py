@@ -1,0 +1,179 @@
+"""The site's update pipeline: open the site for a round, train (plain, data-parallel or DP-SGD),
+form the delta, apply the mechanism's client step; and the site's held-out evaluation.
+
+Plain functions of (message, context); ``client/app.py`` only adapts them to Flower's ClientApp.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, Error, Message
+
+from fedtune.client.dp_trainer import DPSettings, sample_rate, train_dp
+from fedtune.client.parallel import train_parallel
+from fedtune.client.site import Site, open_site
+from fedtune.client.trainer import TrainResult, train_local
+from fedtune.config import SITE_KEYS, SITE_PRIVACY_KEYS, RunConfig
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import ConfigError, FedtuneError, UpdateRejected
+from fedtune.core.paths import fedtune_home
+from fedtune.model import task_metrics
+from fedtune.model.generation import task_scores
+from fedtune.model.loading import adapter_arrays, load_adapter_arrays
+from fedtune.model.lora import rank_slice, sent_keys
+from fedtune.model.scoring import heldout_loss
+from fedtune.privacy import site as site_privacy
+from fedtune.privacy.central import clip, noise_rng, privatize_locally
+from fedtune.strategies import STRATEGIES
+from fedtune.wire import keys
+from fedtune.wire.codec import Scheme
+from fedtune.wire.records import decode
+
+log = logging.getLogger(__name__)
+
+ERROR_CODE = 1  # Flower's Error.code for "failed precondition at the site"
+
+
+def open_round(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Site]:
+    """Decode the round's spec and open the site (no adapter needed)."""
+    spec = dict(msg.content.config_records[keys.SPEC])
+    extra = {k: spec.pop(k) for k in (keys.ROUND, keys.RUN_ID, keys.DP_PLANNED_STEPS) if k in spec}
+    if not isinstance(extra.get(keys.ROUND), int):
+        raise ConfigError(f"round spec: `{keys.ROUND}` must be an integer, got {extra.get(keys.ROUND)!r}.")
+    local = {k: v for k, v in context.node_config.items() if k in SITE_KEYS and k != "lora.r"}
+    if spec.get("privacy.mechanism") != "dp-sgd":  # only DP-SGD sites account for themselves
+        local = {k: v for k, v in local.items() if k not in SITE_PRIVACY_KEYS}
+    cfg = RunConfig.from_flat({**spec, **local})  # the site's own settings win over the spec
+    return cfg, extra, open_site(cfg, context.node_config)
+
+
+def open_with_adapter(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Site, Any]:
+    """Decode the round's spec, open the site, and load the global adapter (sliced to its rank)."""
+    cfg, extra, site = open_round(msg, context)
+    model = site.model(cfg)
+    try:
+        arrays = decode(msg.content, keys.ADAPTER, Scheme.of(cfg.compression, "downlink"))
+    except UpdateRejected as exc:
+        raise ConfigError(f"the global adapter from the server is malformed: {exc}") from None
+    load_adapter_arrays(model, rank_slice(arrays, site.rank))
+    return cfg, extra, site, model
+
+
+def refuse(msg: Message, exc: FedtuneError) -> Message:
+    log.error("%s", exc)
+    return Message(Error(code=ERROR_CODE, reason=str(exc)), reply_to=msg)
+
+
+def budget_path(context: Context, extra: dict[str, Any], site: Site) -> Path:
+    state_dir = Path(str(context.node_config.get(keys.STATE_DIR) or fedtune_home() / "site-state"))
+    return site_privacy.state_file(state_dir.expanduser(), str(extra.get(keys.RUN_ID, "run")), site.name)
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """One round of local training: the delta (None when a dp-sgd site declines) and its metrics."""
+
+    cfg: RunConfig
+    extra: dict[str, Any]
+    site: Site
+    delta: Arrays | None
+    """local - global per PEFT key (only B under FFA-LoRA), clipped / noised as the mechanism says."""
+    metrics: dict[str, Any]
+
+
+def local_update(msg: Message, context: Context) -> LocalUpdate:
+    """Open the site, train the global adapter locally (plain or DP-SGD) and compute the delta."""
+    opened = time.perf_counter()
+    cfg, extra, site, model = open_with_adapter(msg, context)
+    trained = time.perf_counter()
+    rnd = extra[keys.ROUND]
+    mechanism = cfg.privacy.mechanism
+    start = adapter_arrays(model)
+    seed = zlib.crc32(f"{cfg.seed}:{rnd}:{site.name}".encode())
+    torch.manual_seed(seed)  # LoRA dropout; same result whichever process runs this site
+    pad_id = int(site.loaded.tokenizer.pad_token_id)
+    desc = f"{site.name} round {rnd}"
+    metrics: dict[str, Any] = {keys.NUM_EXAMPLES: len(site.train), keys.LORA_RANK: site.rank}
+    if mechanism == "dp-sgd":
+        path = budget_path(context, extra, site)
+        budget = site_privacy.restore(context.state, path)
+        q = sample_rate(len(site.train), cfg.train.batch_size * cfg.train.grad_accum_steps)
+        if cfg.privacy.delta >= 1 / len(site.train):
+            log.warning(
+                "%s: `privacy.delta` = %g is not below 1 / its %d examples; a guarantee at that delta is weak.",
+                *(site.name, cfg.privacy.delta, len(site.train)),
+            )
+        spend = site_privacy.plan_round(budget, cfg, q, int(extra.get(keys.DP_PLANNED_STEPS, cfg.train.local_steps)))
+        if spend.exhausted:
+            site_privacy.save(budget, context.state, path)
+            log.warning(
+                "%s: round %d would raise this site's epsilon from %.3f to %.3f, past `privacy.target-epsilon` "
+                "= %g; declining (budget exhausted).",
+                *(site.name, rnd, spend.epsilon_before, spend.epsilon_after, cfg.privacy.target_epsilon),
+            )
+            metrics.update({keys.BUDGET_EXHAUSTED: 1, keys.EPSILON: spend.epsilon_before})
+            return LocalUpdate(cfg, extra, site, None, metrics)
+        dp = DPSettings(spend.event.noise_multiplier, cfg.privacy.clip_norm, q, spend.event.steps)
+        result: TrainResult = train_dp(model, site.train, cfg.train, dp, pad_id=pad_id, desc=desc)
+        budget.ledger.add(spend.event)
+        site_privacy.save(budget, context.state, path)  # before the delta leaves the site
+        metrics.update({keys.EPSILON: spend.epsilon_after, keys.NOISE_MULTIPLIER: dp.noise_multiplier})
+    else:
+        mu = cfg.strategy.proximal_mu if STRATEGIES.get(cfg.strategy.name).proximal else 0.0
+        if cfg.train.num_processes > 1:
+            result = train_parallel(
+                model,
+                site.train,
+                cfg,
+                lora_rank=site.rank,
+                start=start,
+                seed=seed,
+                pad_id=pad_id,
+                desc=desc,
+                proximal_mu=mu,
+            )
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            result = train_local(
+                model, site.train, cfg.train, pad_id=pad_id, generator=generator, desc=desc, proximal_mu=mu
+            )
+    end = adapter_arrays(model)
+    delta = {k: (end[k] - start[k]).astype(np.float32) for k in sent_keys(start, cfg.lora.freeze_a)}
+    if mechanism == "central" and cfg.privacy.clip_on == "client":
+        delta, norm = clip(delta, cfg.privacy.clip_norm)
+        metrics[keys.UNDER_CLIP] = int(norm <= cfg.privacy.clip_norm)
+    elif mechanism == "local":
+        delta = privatize_locally(delta, cfg.privacy.clip_norm, cfg.privacy.noise_multiplier, noise_rng())
+    if mechanism == "none" and not math.isnan(result.loss):
+        metrics[keys.TRAIN_LOSS] = result.loss  # under DP a clear-text training loss would leak
+    if mechanism == "none":  # data-dependent counts no DP guarantee covers: not sent under DP
+        metrics.update({keys.DATA_CHECK + k.replace("_", "-"): v for k, v in site.data_checks.items()})
+    metrics[keys.STEPS] = result.steps
+    if mechanism == "none":  # seconds follow the data (Poisson batch sizes, token counts): not sent under DP
+        metrics.update({keys.TIME_LOAD: trained - opened, keys.TIME_TRAIN: time.perf_counter() - trained})
+    return LocalUpdate(cfg, extra, site, delta, metrics)
+
+
+def evaluate_site(msg: Message, context: Context) -> dict[str, Any]:
+    """The global adapter's ``eval.metrics`` on this site's held-out split: the loss, and the task
+    metrics on answers generated for the first ``eval.max-generate`` held-out examples."""
+    cfg, _, site, model = open_with_adapter(msg, context)
+    tok = site.loaded.tokenizer
+    metrics: dict[str, Any] = {keys.NUM_EXAMPLES: len(site.heldout)}
+    if task_metrics.LOSS in cfg.eval.metric_names():
+        metrics[keys.EVAL_LOSS] = heldout_loss(
+            model, site.heldout, batch_size=cfg.eval.batch_size, pad_id=int(tok.pad_token_id)
+        )
+    scores, generated = task_scores(model, tok, site.heldout_records, cfg.data, cfg.eval)
+    if generated:
+        metrics.update({**scores, keys.NUM_GENERATED: generated})
+    return metrics

@@ -1,0 +1,56 @@
+"""Config sections ``simulation.*`` and ``output.*``: how a local federation runs and where results go."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from fedtune.config.fields import require
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulationConfig:
+    """``simulation.*``: the local federation (Flower's simulation engine, Ray backend)."""
+
+    backend: Literal["ray", "shared"] = "ray"
+    """``ray``: Flower's simulation engine, one process per client; ``shared``: every site in this
+    process, in turn, on one resident base model (many sites, little memory)."""
+    num_supernodes: int = 5
+    """Simulated data sites."""
+    num_cpus: int = 1
+    """CPUs per simulated client (Flower's default of 2 runs one client at a time on 2 cores)."""
+    num_gpus: float = 0.0
+    """GPUs per simulated client; fractions share a GPU."""
+    site_ranks: str = ""
+    """Comma-separated LoRA rank per simulated site (cycled), e.g. ``16,8,4``; empty: all ``lora.r``."""
+
+    def __post_init__(self) -> None:
+        require(self.num_supernodes >= 1, "simulation.num-supernodes", "must be >= 1.")
+        require(self.num_cpus >= 1, "simulation.num-cpus", "must be >= 1.")
+        require(self.num_gpus >= 0, "simulation.num-gpus", "must be >= 0.")
+        require(
+            all(p.strip().isdigit() and int(p) >= 1 for p in self.site_ranks.split(",")) if self.site_ranks else True,
+            "simulation.site-ranks",
+            f"must be comma-separated ranks >= 1, got {self.site_ranks!r}.",
+        )
+
+    def ranks(self) -> list[int]:
+        """The per-site ranks, empty when every site uses ``lora.r``."""
+        return [int(p) for p in self.site_ranks.split(",")] if self.site_ranks else []
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """``output.*``: where results go."""
+
+    dir: str = ""
+    """Run directory; empty means ``runs/<timestamp>``."""
+    resume: bool = False
+    """Continue the run in ``output.dir`` from its last complete checkpoint."""
+    log_participants: bool = False
+    """Write the sampled and replying node ids (and each node's failures, bytes and rank) to the
+    outputs and the log when the accountant claims amplification by client sampling
+    (``privacy.mechanism = central`` with ``server.sampling = poisson``). Off by default, because
+    amplification assumes nobody outside the server knows who was sampled; when on, the guarantee
+    then assumes these outputs stay secret from the adversary. Without such a claim ids are always
+    written."""

@@ -1,0 +1,1 @@
+"""The lowest layer: errors, registries, logging, paths, array types and atomic writes."""

@@ -1,0 +1,1 @@
+"""Base models (hub id, path, GGUF), PEFT methods, hardware placement, adapter I/O and scoring."""

@@ -1,0 +1,1 @@
+"""The message contract: record keys, the packed array format, and update compression."""
