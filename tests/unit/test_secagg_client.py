@@ -36,7 +36,7 @@ def advertised(monkeypatch: pytest.MonkeyPatch, **spec: Any) -> tuple[Context, P
     """``site_after_keys``, and the public keys the site advertised."""
     cfg = RunConfig.from_flat({"secagg.protocol": "secagg", **spec})
     stub = SimpleNamespace(train=[None] * 10, rank=cfg.lora.r)
-    monkeypatch.setattr(client_secagg, "_open_site", lambda msg, ctx: (cfg, {keys.ROUND: ROUND}, stub))
+    monkeypatch.setattr(client_secagg, "open_round", lambda msg, ctx: (cfg, {keys.ROUND: ROUND}, stub))
     context = Context(run_id=1, node_id=ME, node_config={}, state=RecordDict(), run_config={})
     ask = Message(RecordDict({keys.SECAGG: ConfigRecord({keys.ROUND: ROUND})}), ME, "query.secagg_keys")
     reply = client_secagg.advertise_keys(ask, context)
