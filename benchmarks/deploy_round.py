@@ -150,7 +150,8 @@ def stage_seconds(preset_name: str, sets: list[str], sites: int) -> dict[str, fl
     from fedtune.client.site import open_site
     from fedtune.config import parse_assignments
     from fedtune.config.plan import Plan
-    from fedtune.model.loading import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
+    from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
+    from fedtune.model.loading import load_base, pick_device
     from fedtune.model.tiny import build_tiny_model
     from fedtune.server.evaluation import CentralEvaluator
     from fedtune.server.loop import round_content

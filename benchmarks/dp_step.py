@@ -26,7 +26,8 @@ from fedtune.core.logs import quiet_libraries
 from fedtune.core.paths import fedtune_home
 from fedtune.data.loaders import DEMO_TRAIN
 from fedtune.data.prompts import tokenize
-from fedtune.model.loading import init_adapter, load_base, set_trainable, wrap_lora
+from fedtune.model.adapters import init_adapter, set_trainable, wrap_lora
+from fedtune.model.loading import load_base
 from fedtune.model.tiny import build_tiny_model
 
 TARGETS = {"q,v": "q_proj,v_proj", "all-linear": "all-linear"}

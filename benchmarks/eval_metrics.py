@@ -19,7 +19,8 @@ from pathlib import Path
 from safetensors.numpy import load_file
 
 from fedtune.config import RunConfig
-from fedtune.model.loading import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
+from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
+from fedtune.model.loading import load_base, pick_device
 from fedtune.server.evaluation import CentralEvaluator
 
 

@@ -36,7 +36,8 @@ from fedtune.core.logs import quiet_libraries
 from fedtune.core.paths import fedtune_home
 from fedtune.data.loaders import DEMO_TRAIN
 from fedtune.data.prompts import tokenize
-from fedtune.model.loading import adapter_arrays, init_adapter, load_adapter_arrays, load_base, set_trainable, wrap_lora
+from fedtune.model.adapters import adapter_arrays, init_adapter, load_adapter_arrays, set_trainable, wrap_lora
+from fedtune.model.loading import load_base
 from fedtune.model.tiny import build_tiny_model
 
 SETTINGS = ("fp32", "accum-2", "checkpointing", "bf16", "ddp-2")

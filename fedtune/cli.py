@@ -135,7 +135,7 @@ def _privacy(args: argparse.Namespace) -> None:
 
 
 def _fetch_model(args: argparse.Namespace) -> None:
-    from fedtune.model.loading import fetch_smollm2
+    from fedtune.model.sources import fetch_smollm2
 
     path = fetch_smollm2()
     print(path)

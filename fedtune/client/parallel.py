@@ -70,7 +70,8 @@ def _join(job: Job, rank: int, device: torch.device, timeout_s: float) -> None:
 
 def _rank_main(job: Job, rank: int, reports: Any) -> None:
     """A spawned rank: load the base and the global adapter, train its shards, report."""
-    from fedtune.model.loading import load_adapter_arrays, pick_device
+    from fedtune.model.adapters import load_adapter_arrays
+    from fedtune.model.loading import pick_device
     from fedtune.model.methods import load_for, wrap
 
     try:

@@ -27,8 +27,8 @@ from fedtune.core.arrays import Arrays
 from fedtune.core.errors import ConfigError, FedtuneError, UpdateRejected
 from fedtune.core.paths import fedtune_home
 from fedtune.model import task_metrics
+from fedtune.model.adapters import adapter_arrays, load_adapter_arrays
 from fedtune.model.generation import task_scores
-from fedtune.model.loading import adapter_arrays, load_adapter_arrays
 from fedtune.model.lora import rank_slice, sent_keys
 from fedtune.model.scoring import heldout_loss
 from fedtune.privacy import site as site_privacy

@@ -24,7 +24,7 @@ from fedtune.data.loaders import eval_source, load_records
 from fedtune.data.prompts import check_format
 from fedtune.deploy import procs
 from fedtune.deploy.keys import KeyLayout
-from fedtune.model.loading import load_tokenizer, resolve_model
+from fedtune.model.sources import load_tokenizer, resolve_model
 from fedtune.privacy import compat
 from fedtune.server.report import SUMMARY_FILE
 

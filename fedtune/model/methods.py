@@ -27,16 +27,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from fedtune.config import ModelConfig, RunConfig
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import ModelError
-from fedtune.model.loading import (
-    LoadedModel,
-    adapter_arrays,
-    init_adapter,
-    load_base,
-    peft_lora_config,
-    pick_dtype,
-    set_trainable,
-    wrap_peft,
-)
+from fedtune.model.adapters import adapter_arrays, init_adapter, peft_lora_config, set_trainable, wrap_peft
+from fedtune.model.loading import LoadedModel, load_base, pick_dtype
 
 
 @dataclass(frozen=True)

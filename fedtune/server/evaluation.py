@@ -11,8 +11,9 @@ from fedtune.core.arrays import Arrays
 from fedtune.data.loaders import eval_source, load_records
 from fedtune.data.prompts import Example, render_prompt, tokenize
 from fedtune.model import task_metrics
+from fedtune.model.adapters import load_adapter_arrays
 from fedtune.model.generation import task_scores
-from fedtune.model.loading import LoadedModel, load_adapter_arrays
+from fedtune.model.loading import LoadedModel
 from fedtune.model.methods import METHODS, wrap
 from fedtune.model.scoring import heldout_loss
 

@@ -18,7 +18,8 @@ from safetensors.numpy import load_file, save_file
 
 from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
-from fedtune.model.loading import LoadedModel, load_adapter_arrays, write_peft_folder
+from fedtune.model.adapters import load_adapter_arrays, write_peft_folder
+from fedtune.model.loading import LoadedModel
 from fedtune.model.methods import METHODS, wrap
 
 ADAPTER_DIR = "adapter"

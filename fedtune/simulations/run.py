@@ -13,8 +13,8 @@ from fedtune.data.loaders import eval_source, load_records, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import check_format
 from fedtune.model.hardware import check_site
-from fedtune.model.loading import load_tokenizer, resolve_model
 from fedtune.model.methods import check_model_files
+from fedtune.model.sources import load_tokenizer, resolve_model
 from fedtune.privacy import compat
 from fedtune.server.app import make_server_app, run_server
 from fedtune.simulations.local import LocalGrid

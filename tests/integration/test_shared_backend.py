@@ -19,7 +19,8 @@ from safetensors.numpy import load_file
 from fedtune.client.app import app as client_app
 from fedtune.config import RunConfig
 from fedtune.config.plan import Plan
-from fedtune.model.loading import adapter_arrays, init_adapter, load_base, pick_device, wrap_lora
+from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
+from fedtune.model.loading import load_base, pick_device
 from fedtune.server.app import run_server
 from fedtune.server.loop import round_content
 from fedtune.simulations.local import LocalGrid

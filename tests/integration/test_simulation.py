@@ -15,7 +15,8 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from fedtune.config import RunConfig
-from fedtune.model.loading import load_adapter_arrays, load_base, wrap_lora
+from fedtune.model.adapters import load_adapter_arrays, wrap_lora
+from fedtune.model.loading import load_base
 
 FIELDS = {
     "round",

@@ -12,7 +12,7 @@ from fedtune.core.errors import ConfigError, DataError
 from fedtune.data.loaders import DEMO_TRAIN, load_records
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import IGNORE, check_format, render_prompt, tokenize
-from fedtune.model.loading import load_tokenizer
+from fedtune.model.sources import load_tokenizer
 
 RECORD = {"instruction": "Convert 2 g to mg.", "input": "", "output": "2 g x 1000 = 2000 mg."}
 

@@ -14,7 +14,8 @@ from fedtune.client.site import open_site
 from fedtune.config import DataConfig, RunConfig
 from fedtune.core.errors import DataError
 from fedtune.data.loaders import load_checked
-from fedtune.model.loading import adapter_arrays, init_adapter, load_base, wrap_lora
+from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
+from fedtune.model.loading import load_base
 from fedtune.server.loop import round_content
 from fedtune.wire import keys
 

@@ -17,7 +17,8 @@ from fedtune.client.dp_trainer import DPSettings, train_dp
 from fedtune.config import DataConfig, LoraSection, ModelConfig, TrainConfig
 from fedtune.data.loaders import DEMO_TRAIN
 from fedtune.data.prompts import Example, collate, example_losses, tokenize
-from fedtune.model.loading import adapter_arrays, init_adapter, load_adapter_arrays, load_base, set_trainable, wrap_lora
+from fedtune.model.adapters import adapter_arrays, init_adapter, load_adapter_arrays, set_trainable, wrap_lora
+from fedtune.model.loading import load_base
 
 
 @pytest.fixture(scope="module")

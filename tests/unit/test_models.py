@@ -12,14 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from fedtune.config import LoraSection, ModelConfig
 from fedtune.core.errors import ModelError
-from fedtune.model.loading import (
-    adapter_arrays,
-    load_adapter_arrays,
-    load_base,
-    resolve_model,
-    wrap_lora,
-    write_adapter,
-)
+from fedtune.model.adapters import adapter_arrays, load_adapter_arrays, wrap_lora, write_adapter
+from fedtune.model.loading import load_base
+from fedtune.model.sources import resolve_model
 
 
 def test_written_adapter_loads_with_vanilla_peft_and_matches_logits(tiny_model: Path, tmp_path: Path) -> None:

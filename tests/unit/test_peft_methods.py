@@ -14,7 +14,7 @@ from fedtune.config import PEFT_METHODS, RunConfig
 from fedtune.config.plan import Plan
 from fedtune.core.errors import IncompatibleComponentsError, ModelError
 from fedtune.data.prompts import IGNORE, Example, collate, token_losses
-from fedtune.model.loading import load_adapter_arrays
+from fedtune.model.adapters import load_adapter_arrays
 from fedtune.model.methods import METHODS, check_model_files, initial_state, load_for, wrap
 from fedtune.privacy import compat
 from fedtune.server.validation import rank_ok

@@ -11,7 +11,8 @@ import torch
 from fedtune.config import DataConfig, LoraSection, ModelConfig
 from fedtune.data.loaders import DEMO_TRAIN
 from fedtune.data.prompts import IGNORE, collate, token_losses, tokenize
-from fedtune.model.loading import init_adapter, load_base, wrap_lora
+from fedtune.model.adapters import init_adapter, wrap_lora
+from fedtune.model.loading import load_base
 
 
 def test_scored_positions_only_give_the_full_logits_loss_and_gradient(tiny_model: Path) -> None:

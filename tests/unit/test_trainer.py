@@ -16,7 +16,8 @@ from fedtune.config import DataConfig, LoraSection, ModelConfig, TrainConfig
 from fedtune.core.arrays import Arrays
 from fedtune.data.loaders import DEMO_TRAIN
 from fedtune.data.prompts import Example, collate, token_losses, tokenize
-from fedtune.model.loading import adapter_arrays, init_adapter, load_adapter_arrays, load_base, wrap_lora
+from fedtune.model.adapters import adapter_arrays, init_adapter, load_adapter_arrays, wrap_lora
+from fedtune.model.loading import load_base
 
 
 def distance_after_training(tiny_model: Path, mu: float) -> float:
