@@ -1,0 +1,57 @@
+"""The ``fedtune`` command: simulate, keys, server, client, privacy, fetch-model.
+
+One module per command group (``run``: simulate; ``deploy``: keys, server, client; ``calc``: the
+privacy calculators; ``fetch``: fetch-model). Each adds its subcommands to the parser and imports
+what it runs only when it runs, so ``fedtune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from fedtune.cli import calc, deploy, fetch, run
+from fedtune.core.errors import FedtuneError
+from fedtune.core.logs import quiet_libraries, setup_logging
+
+log = logging.getLogger("fedtune.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of LLM adapters on Flower.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run.add_simulate(sub)
+    deploy.add_keys(sub)
+    deploy.add_server(sub)
+    deploy.add_client(sub)
+    calc.add_privacy(sub)
+    fetch.add_fetch_model(sub)
+    return parser
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one clear line and exit status 1 for bad input, never a traceback wall."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_libraries()
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the Flower processes fedtune started are stopped too.
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        args.func(args)
+    except FedtuneError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedtune: interrupted", file=sys.stderr)
+        return 130
+    return 0

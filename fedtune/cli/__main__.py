@@ -1,0 +1,7 @@
+"""``python -m fedtune.cli``: the same as the ``fedtune`` command."""
+
+import sys
+
+from fedtune.cli import main
+
+sys.exit(main())

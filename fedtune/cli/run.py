@@ -1,0 +1,65 @@
+"""``fedtune simulate``, and the run plan that simulate and server both build from their flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedtune.config import Scalar, default_output_dir, parse_assignments
+from fedtune.config.plan import Plan
+
+PRESETS = ["tiny", "smollm2"]
+
+
+def add_run_options(parser: argparse.ArgumentParser, preset_help: str, clients: bool) -> None:
+    """The flags that make a run's plan: --preset, --out, --rounds, [--clients,] --seed, --set, --resume."""
+    parser.add_argument("--preset", choices=PRESETS, help=preset_help)
+    parser.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    parser.add_argument("--rounds", type=int, help="num-server-rounds")
+    if clients:
+        parser.add_argument("--clients", type=int, help="simulated sites (simulation.num-supernodes)")
+    parser.add_argument("--seed", type=int, help="seed for everything")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key (repeatable)")
+    parser.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last complete checkpoint")
+
+
+def plan_from_args(args: argparse.Namespace, extra: dict[str, Scalar] | None = None) -> Plan:
+    """The run's plan from --resume, or from --preset, --rounds/--clients/--seed and --set."""
+    from fedtune.model.tiny import TINY_MODEL_DIR, build_tiny_model
+    from fedtune.server.checkpoint import saved_plan
+    from fedtune.simulations.presets import preset
+
+    if args.resume:
+        # The run's own config, as its last checkpoint recorded it; only --set may change it.
+        out = Path(args.resume).resolve()
+        flat = {**saved_plan(out), **parse_assignments(args.set), "output.dir": str(out), "output.resume": True}
+        return Plan.from_flat(flat)
+    out = Path(args.out or default_output_dir()).resolve()
+    flat = preset(args.preset) if args.preset else {}
+    flat.update(extra or {})
+    for key, value in (
+        ("num-server-rounds", args.rounds),
+        ("simulation.num-supernodes", getattr(args, "clients", None)),
+        ("seed", args.seed),
+    ):
+        if value is not None:
+            flat[key] = value
+    flat.update(parse_assignments(args.set))
+    flat["output.dir"] = str(out)
+    plan = Plan.from_flat(flat)  # validate everything before building or writing anything
+    if args.preset == "tiny" and "model.name" not in flat:
+        plan = plan.override({"model.name": str(build_tiny_model(out / TINY_MODEL_DIR))})
+    return plan
+
+
+def add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fedtune simulate``: a whole federation on this machine."""
+    sim = sub.add_parser("simulate", help="run a whole federation on this machine (Flower simulation engine)")
+    add_run_options(sim, "starting config: tiny test model, or the SmolLM2 demo", clients=True)
+    sim.set_defaults(func=_simulate)
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from fedtune.simulations.run import simulate
+
+    simulate(plan_from_args(args), resume=bool(args.resume))
