@@ -76,6 +76,8 @@ def _send(
     """Send each node the global adapter at its own rank (once known; full rank when compressed) with
     the round's spec, count each node's bytes in ``row``; return the replies as a stream."""
     started = time.perf_counter()
+    if nodes:  # the server steps and evaluates from exactly what the sites receive
+        state.global_arrays = traffic.received_adapter(cfg, state, rnd)
     full = rank_of(state.global_arrays)
     spec = ConfigRecord({**cfg.to_flat(), keys.ROUND: rnd, keys.RUN_ID: state.run_id, **(extra or {})})
     by_rank: dict[int | None, RecordDict] = {}
@@ -268,7 +270,7 @@ def evaluate_round(
     central: Mapping[str, float]
     started = time.perf_counter()
     if cfg.compression.downlink != "none":  # evaluate exactly what the sites will receive
-        traffic.adapter_records(cfg, state, rnd, None)
+        state.global_arrays = traffic.received_adapter(cfg, state, rnd)
     if getattr(grid, "in_process", False):  # sites share this process's model: one at a time
         central = evaluate(state.global_arrays, cfg) if cfg.eval.centralized else {}
         federated = _federated_eval(cfg, grid, state, rnd, row)

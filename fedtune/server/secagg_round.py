@@ -226,6 +226,7 @@ def _protocol(
         bits = cal.modulus_need(len(u2))
         info.update(modulus_bits=bits)
     wire = wire_dtype(bits)
+    state.global_arrays = traffic.received_adapter(cfg, state, rnd)  # what the sites train from
     adapters = {rank: traffic.adapter_records(cfg, state, rnd, rank) for rank in {adverts[i].rank for i in u2}}
 
     def train_request(node: int) -> RecordDict:

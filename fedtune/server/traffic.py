@@ -1,7 +1,8 @@
 """Communication: the global adapter as each round sends it, bytes per client, and the byte budget.
 
 Under ``compression.downlink`` the server encodes the global adapter and **adopts the dequantized
-values as the global adapter** before sending it, so the server steps from exactly what the
+values as the global adapter** before sending it (:func:`received_adapter` returns them, the
+round assigns them), so the server steps from exactly what the
 clients received and computed their deltas against. Re-encoding values that already sit on the
 quantization grid gives them back (the block's largest magnitude maps to the top code exactly), so
 an entry that no round changes does not drift. A compressed global adapter travels at full rank;
@@ -35,21 +36,37 @@ MB = 10**6
 Records = dict[str, ArrayRecord | MetricRecord | ConfigRecord]
 
 
+def received_adapter(cfg: RunConfig, state: ServerState, rnd: int) -> Arrays:
+    """The global adapter as round ``rnd``'s clients will receive it; the caller adopts it as
+    ``state.global_arrays`` before sending, evaluating or stepping from it.
+
+    Without ``compression.downlink`` that is ``state.global_arrays`` itself. With it, it is the
+    dequantized full-rank encoding, which is kept in ``state.downlink`` so that
+    :func:`adapter_records` sends exactly the records the clients decode to these values.
+    """
+    scheme = Scheme.of(cfg.compression, "downlink")
+    if scheme is None:
+        return state.global_arrays
+    cached = state.downlink
+    if cached is not None and cached[0] == scheme and cached[1] is state.global_arrays:
+        return state.global_arrays  # already adopted: re-encoding would give it back anyway
+    records, _ = encode(state.global_arrays, keys.ADAPTER, scheme, rng_for(cfg.seed, rnd, "server"))
+    received = decode(RecordDict(records), keys.ADAPTER, scheme)
+    state.downlink = (scheme, received, records)
+    return received
+
+
 def adapter_records(cfg: RunConfig, state: ServerState, rnd: int, rank: int | None) -> Records:
     """The global adapter for a client of LoRA ``rank``: float32 at its rank, or under
-    ``compression.downlink`` the full-rank encoding, which then becomes the global adapter."""
+    ``compression.downlink`` the full-rank encoding of the adopted :func:`received_adapter`."""
     scheme = Scheme.of(cfg.compression, "downlink")
     if scheme is None:
         full = rank_of(state.global_arrays)
         arrays = rank_slice(state.global_arrays, rank) if rank and rank != full else state.global_arrays
         return encode(arrays, keys.ADAPTER, None, rng_for(cfg.seed, rnd, "server"))[0]
     cached = state.downlink
-    if cached is not None and cached[0] == scheme and cached[1] is state.global_arrays:
-        return cached[2]
-    records, _ = encode(state.global_arrays, keys.ADAPTER, scheme, rng_for(cfg.seed, rnd, "server"))
-    state.global_arrays = decode(RecordDict(records), keys.ADAPTER, scheme)
-    state.downlink = (scheme, state.global_arrays, records)
-    return records
+    assert cached is not None and cached[0] == scheme and cached[1] is state.global_arrays, "adopt received_adapter"
+    return cached[2]
 
 
 def _shapes(arrays: Arrays) -> dict[str, tuple[int, ...]]:

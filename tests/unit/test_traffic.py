@@ -92,6 +92,27 @@ def test_compressed_downlink_is_the_global_adapter_the_server_steps_from(task_id
     assert rows[1]["bytes_down"] == 4 * down  # train + eval to two sites
 
 
+def test_the_received_adapter_is_returned_not_swapped_into_the_state() -> None:
+    # Prepare: a global adapter off the int8 grid
+    plan = Plan.from_flat({"compression.downlink": "int8", "compression.block-size": 4})
+    original = {k: np.random.default_rng(1).normal(size=v.shape).astype(np.float32) for k, v in GLOBAL.items()}
+    state = ServerState(round=0, global_arrays=original, rng=np.random.default_rng(0))
+    scheme = Scheme.of(plan.base.compression, "downlink")
+
+    # Execute
+    received = traffic.received_adapter(plan.base, state, 1)
+    untouched = state.global_arrays
+    state.global_arrays = received
+    sent = decode(RecordDict(traffic.adapter_records(plan.base, state, 1, None)), keys.ADAPTER, scheme)
+
+    # Assert: nothing changes until the caller assigns; what is sent decodes to what was adopted
+    assert untouched is original
+    for key in GLOBAL:
+        np.testing.assert_array_equal(sent[key], received[key])
+        assert not np.array_equal(received[key], original[key])
+    assert traffic.received_adapter(plan.base, state, 2) is received  # already on the grid: kept as is
+
+
 def test_a_malformed_compressed_reply_is_refused_naming_the_node(task_identity: None) -> None:
     # Prepare: node 2 truncates its packed int8 update
     scheme = Scheme("int8", 256, 0.1)
