@@ -20,7 +20,7 @@ from typing import Any
 
 from fedtune.config import parse_assignments
 from fedtune.config.plan import Plan
-from fedtune.simulations.presets import preset
+from fedtune.config.presets import preset
 from fedtune.simulations.run import simulate
 
 

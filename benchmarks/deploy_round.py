@@ -150,13 +150,13 @@ def stage_seconds(preset_name: str, sets: list[str], sites: int) -> dict[str, fl
     from fedtune.client.site import open_site
     from fedtune.config import parse_assignments
     from fedtune.config.plan import Plan
+    from fedtune.config.presets import preset
     from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
     from fedtune.model.loading import load_base, pick_device
     from fedtune.model.tiny import build_tiny_model
     from fedtune.server.evaluation import CentralEvaluator
     from fedtune.server.loop import round_content
     from fedtune.simulations.local import _set_task_identity
-    from fedtune.simulations.presets import preset
     from fedtune.strategies import make_aggregator
     from fedtune.wire import keys
     from fedtune.wire.records import arrays_from_record

@@ -22,8 +22,8 @@ import torch
 from fedtune.client import trainer
 from fedtune.config import parse_assignments
 from fedtune.config.plan import Plan
+from fedtune.config.presets import preset
 from fedtune.data.prompts import IGNORE, token_losses
-from fedtune.simulations.presets import preset
 from fedtune.simulations.run import simulate
 
 PARTS = ["load", "train", "serialize", "transport", "server_serialize", "aggregate", "eval"]

@@ -62,7 +62,7 @@ def build_model(directory: Path) -> Path:
 
 
 def fedtune_flat(model: Path, out: Path, n: int, rank: int, rounds: int, protocol: str) -> dict[str, Any]:
-    from fedtune.simulations.presets import preset
+    from fedtune.config.presets import preset
 
     return {
         **preset("tiny"),

@@ -62,10 +62,10 @@ def child(preset_name: str, sites: int, rounds: int, out: Path, trim: bool) -> N
     if not trim:  # the backend as it was before it handed freed heap pages back after each turn
         local._TRIM = None
     from fedtune.config.plan import Plan
+    from fedtune.config.presets import preset
     from fedtune.model.tiny import build_tiny_model
     from fedtune.server.app import run_server
     from fedtune.simulations.local import LocalGrid
-    from fedtune.simulations.presets import preset
 
     flat: dict[str, Any] = {**preset(preset_name), **COMMON, **SETTINGS[preset_name]}
     flat.update({"simulation.num-supernodes": sites, "num-server-rounds": rounds, "output.dir": str(out)})

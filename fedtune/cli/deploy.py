@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedtune.cli.run import PRESETS, add_run_options, plan_from_args
+from fedtune.cli.run import add_run_options, plan_from_args
 from fedtune.config import parse_assignments
+from fedtune.config.presets import PRESETS
 from fedtune.core.errors import FedtuneError
 
 
@@ -36,7 +37,7 @@ def add_client(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     cli.add_argument("--root-cert", help="CA certificate (ca.pem from `fedtune keys`)")
     cli.add_argument("--auth-key", required=True, help="this site's private key (nodes/node-K.key)")
     cli.add_argument("--data", help="this site's data file (JSONL/CSV/Parquet); it never leaves the site")
-    cli.add_argument("--preset", choices=PRESETS, help="use the built-in demo share for this node")
+    cli.add_argument("--preset", choices=list(PRESETS), help="use the built-in demo share for this node")
     cli.add_argument("--share", help="K/N: which demo share (default: K from node-K.key)")
     cli.add_argument("--device", choices=["cpu", "cuda"], help="where this site trains")
     cli.add_argument(

@@ -7,13 +7,12 @@ from pathlib import Path
 
 from fedtune.config import Scalar, default_output_dir, parse_assignments
 from fedtune.config.plan import Plan
-
-PRESETS = ["tiny", "smollm2"]
+from fedtune.config.presets import PRESETS, preset
 
 
 def add_run_options(parser: argparse.ArgumentParser, preset_help: str, clients: bool) -> None:
     """The flags that make a run's plan: --preset, --out, --rounds, [--clients,] --seed, --set, --resume."""
-    parser.add_argument("--preset", choices=PRESETS, help=preset_help)
+    parser.add_argument("--preset", choices=list(PRESETS), help=preset_help)
     parser.add_argument("--out", help="run directory (default runs/<timestamp>)")
     parser.add_argument("--rounds", type=int, help="num-server-rounds")
     if clients:
@@ -27,7 +26,6 @@ def plan_from_args(args: argparse.Namespace, extra: dict[str, Scalar] | None = N
     """The run's plan from --resume, or from --preset, --rounds/--clients/--seed and --set."""
     from fedtune.model.tiny import TINY_MODEL_DIR, build_tiny_model
     from fedtune.server.checkpoint import saved_plan
-    from fedtune.simulations.presets import preset
 
     if args.resume:
         # The run's own config, as its last checkpoint recorded it; only --set may change it.

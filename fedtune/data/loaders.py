@@ -40,6 +40,15 @@ def eval_source(cfg: DataConfig) -> str | None:
     return str(DEMO_TEST) if not cfg.path else None
 
 
+def load_eval_records(cfg: DataConfig) -> Dataset | None:
+    """The server's held-out set after the data checks, or None when there is none; a problem is
+    reported under the key that named the file (``data.eval-path``, else ``data.path``)."""
+    source = eval_source(cfg)
+    if source is None:
+        return None
+    return load_records(source, cfg, key="data.eval-path" if cfg.eval_path else "data.path")
+
+
 def load_records(source: str, cfg: DataConfig, key: str = "data.path") -> Dataset:
     """Load ``source`` after the data checks (see :func:`load_checked`); log what they found."""
     ds, report = load_checked(source, cfg, key)

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from fedtune.config import toml_scalar
 from fedtune.config.plan import Plan
 from fedtune.core.errors import FedtuneError
-from fedtune.data.loaders import eval_source, load_records
+from fedtune.data.loaders import load_eval_records
 from fedtune.data.prompts import check_format
 from fedtune.deploy import procs
 from fedtune.deploy.keys import KeyLayout
@@ -119,9 +119,8 @@ def precheck(plan: Plan) -> None:
     compat.check(plan)
     cfg = plan.base
     check_format(cfg.data, load_tokenizer(resolve_model(cfg.model)), cfg.model.name)
-    source = eval_source(cfg.data)
-    if source is not None and cfg.eval.centralized:
-        load_records(source, cfg.data, key="data.eval-path" if cfg.data.eval_path else "data.path")
+    if cfg.eval.centralized:
+        load_eval_records(cfg.data)
 
 
 def serve(plan: Plan, layout: KeyLayout, address: str, *, dry_run: bool = False) -> Path:

@@ -1,1 +1,1 @@
-"""Local federations on one machine: presets and Flower's simulation engine."""
+"""Local federations on one machine: Flower's simulation engine and the in-process `shared` backend."""

@@ -9,7 +9,7 @@ from fedtune.client.app import app as client_app
 from fedtune.config.plan import Plan
 from fedtune.core.errors import ConfigError
 from fedtune.core.logs import quiet_flower, setup_logging
-from fedtune.data.loaders import eval_source, load_records, train_source
+from fedtune.data.loaders import load_eval_records, load_records, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import check_format
 from fedtune.model.hardware import check_site
@@ -40,9 +40,7 @@ def precheck(plan: Plan) -> None:
     for pid in range(n):
         part = site_partition(rows, cfg.data, pid, n, cfg.seed)
         train_heldout(part, cfg.data, cfg.seed, f"site {pid} (of `data.path` by `data.partitioner`)")
-    source = eval_source(cfg.data)
-    if source is not None:
-        load_records(source, cfg.data, key="data.eval-path" if cfg.data.eval_path else "data.path")
+    load_eval_records(cfg.data)
 
 
 def simulate(plan: Plan, *, resume: bool = False) -> None:

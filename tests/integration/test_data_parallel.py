@@ -15,11 +15,11 @@ from flwr.app import Context, Message, MessageType, RecordDict
 
 from fedtune.client.app import app as client_app
 from fedtune.config.plan import Plan
+from fedtune.config.presets import preset
 from fedtune.core.arrays import Arrays
 from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
 from fedtune.model.loading import load_base, pick_device
 from fedtune.server.loop import round_content
-from fedtune.simulations.presets import preset
 from fedtune.wire import keys
 from fedtune.wire.records import arrays_from_record
 

@@ -14,7 +14,7 @@ from fedtune.client import pipeline as client_module
 from fedtune.client.app import app as client_app
 from fedtune.client.site import open_site
 from fedtune.config import RunConfig, TrainConfig
-from fedtune.simulations.presets import preset
+from fedtune.config.presets import preset
 from fedtune.wire import keys
 from tests.integration.test_data_parallel import NODE, train_message
 from tests.integration.test_privacy_e2e import opacus_epsilon

@@ -22,12 +22,12 @@ from transformers import AutoModelForCausalLM
 from fedtune.client.app import app as client_app
 from fedtune.config import PEFT_METHODS
 from fedtune.config.plan import Plan
+from fedtune.config.presets import preset
 from fedtune.model.adapters import load_adapter_arrays
 from fedtune.model.methods import METHODS, load_for, wrap
 from fedtune.server.app import run_server
 from fedtune.server.checkpoint import saved_plan
 from fedtune.simulations.local import LocalGrid
-from fedtune.simulations.presets import preset
 from fedtune.wire import keys
 from fedtune.wire.records import arrays_from_record
 

@@ -19,9 +19,9 @@ from fedtune.client.app import app as client_app
 from fedtune.client.site import open_site
 from fedtune.config import RunConfig
 from fedtune.config.plan import Plan
+from fedtune.config.presets import preset
 from fedtune.server.app import run_server
 from fedtune.simulations.local import LocalGrid
-from fedtune.simulations.presets import preset
 from fedtune.wire import keys
 
 DELTA = 1e-5

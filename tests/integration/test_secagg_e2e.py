@@ -22,11 +22,11 @@ from fedtune.client import secagg as client_secagg
 from fedtune.client.app import app as client_app
 from fedtune.client.pipeline import LocalUpdate
 from fedtune.config.plan import Plan
+from fedtune.config.presets import preset
 from fedtune.model.lora import pad_rank
 from fedtune.server import checkpoint
 from fedtune.server.app import run_server
 from fedtune.simulations.local import LocalGrid
-from fedtune.simulations.presets import preset
 from fedtune.strategies.aggregators import WeightedMean
 from fedtune.wire import keys
 

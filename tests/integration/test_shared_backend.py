@@ -19,12 +19,12 @@ from safetensors.numpy import load_file
 from fedtune.client.app import app as client_app
 from fedtune.config import RunConfig
 from fedtune.config.plan import Plan
+from fedtune.config.presets import preset
 from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
 from fedtune.model.loading import load_base, pick_device
 from fedtune.server.app import run_server
 from fedtune.server.loop import round_content
 from fedtune.simulations.local import LocalGrid
-from fedtune.simulations.presets import preset
 from fedtune.wire import keys
 from fedtune.wire.records import arrays_from_record
 

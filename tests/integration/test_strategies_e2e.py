@@ -21,12 +21,12 @@ from transformers import AutoModelForCausalLM
 
 from fedtune.client.app import app as client_app
 from fedtune.config.plan import Plan
+from fedtune.config.presets import preset
 from fedtune.core.errors import ConfigError
 from fedtune.privacy import compat
 from fedtune.server.app import run_server
 from fedtune.server.checkpoint import saved_plan
 from fedtune.simulations.local import LocalGrid
-from fedtune.simulations.presets import preset
 from fedtune.strategies import STRATEGIES
 from fedtune.wire import keys
 from fedtune.wire.records import arrays_from_record, record_from_arrays

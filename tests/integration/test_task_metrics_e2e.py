@@ -14,12 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fedtune.client.app import app as client_app
 from fedtune.config import RunConfig
 from fedtune.config.plan import Plan
+from fedtune.config.presets import preset
 from fedtune.data.loaders import DEMO_TEST
 from fedtune.data.prompts import render_prompt
 from fedtune.model.task_metrics import rouge_l, token_f1
 from fedtune.server.app import run_server
 from fedtune.simulations.local import LocalGrid
-from fedtune.simulations.presets import preset
 
 METRICS = {
     "eval.metrics": "loss,f1,rouge-l",

@@ -24,12 +24,12 @@ from flwr.clientapp import ClientApp
 from fedtune.client import channel, edge
 from fedtune.client.app import app as client_app
 from fedtune.config.plan import Plan
+from fedtune.config.presets import preset
 from fedtune.core.errors import FedtuneError
 from fedtune.deploy.worker import SiteWorker, start_server
 from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
 from fedtune.model.loading import load_base, pick_device
 from fedtune.server.loop import round_content
-from fedtune.simulations.presets import preset
 from fedtune.wire import keys
 from fedtune.wire.records import arrays_from_record
 

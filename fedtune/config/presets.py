@@ -1,4 +1,4 @@
-"""Named starting configs (``--preset``)."""
+"""Named starting configs (``--preset``): flat overrides of the defaults, for simulate, server and client."""
 
 from __future__ import annotations
 
