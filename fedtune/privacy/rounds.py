@@ -23,6 +23,7 @@ Guarantees and their units:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +32,11 @@ import numpy as np
 from fedtune.config import RunConfig
 from fedtune.config.plan import Plan, group_rounds
 from fedtune.core.arrays import Arrays
-from fedtune.core.errors import IncompatibleComponentsError, PrivacyBudgetExceeded
+from fedtune.core.errors import IncompatibleComponentsError, PrivacyBudgetExceeded, UpdateRejected
 from fedtune.model.lora import sent_keys
 from fedtune.privacy import distributed
 from fedtune.privacy.accounting import Event, GaussianEvent
-from fedtune.privacy.central import NoisedSum, next_clip_norm, split_noise
+from fedtune.privacy.central import NoisedSum, clip, l2_norm, next_clip_norm, split_noise
 from fedtune.privacy.ledger import Ledger, solve_noise
 from fedtune.privacy.secagg import settings as secagg_settings
 
@@ -259,15 +260,57 @@ def count_stddev(cfg: RunConfig, expected_clients: float) -> float:
 
 @dataclass
 class CentralRound:
-    """One ``central`` round's aggregate and what adaptive clipping needs after it."""
+    """One ``central`` round's aggregator: DP-FedAvg's noised sum behind the strategies' Aggregator
+    interface, and what adaptive clipping needs after it."""
 
     noised: NoisedSum
     count_stddev: float
+    reference: Arrays = field(default_factory=dict)
+    """Keys and shapes of the round's delta: what :meth:`result` noises, even with no reply."""
+    lossy: bool = False
+    """The uplink is compressed: decoding may move a clipped delta past C by a rounding step."""
+    adapt: tuple[RunConfig, PrivacyState] | None = None
+    """Set on the plain path: after :meth:`result`, adaptive clipping moves ``state.clip_norm``."""
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, delta: Arrays, weight: float, *, rank: int | None = None, under_clip: bool = False) -> None:
+        """Every client has weight 1 (see :class:`NoisedSum`); the delta is clipped, or checked
+        against C when the client clipped it."""
+        if self.lossy:  # clip again: a rounding step past C is the codec's, not the client's
+            delta, before = clip(delta, self.noised.clip_norm)
+            norm = min(before, self.noised.clip_norm)
+        else:
+            norm = l2_norm(delta)
+        try:
+            self.noised.add(delta, norm, fits=under_clip)
+        except ValueError as exc:
+            raise UpdateRejected(str(exc)) from None
+
+    def add_sum(self, total: Arrays, parts: Sequence[tuple[float, int]]) -> None:
+        self.noised.add_sum(total, len(parts))
+
+    def result(self) -> Arrays:
+        """The noised mean; then, on the plain path, the next clip norm (the row's figures)."""
+        delta = self.noised.result(self.reference)
+        if self.adapt is not None:
+            cfg, state = self.adapt
+            self.figures = {"clip_norm": cfg.privacy.clip_norm, **adapt_clip(cfg, state, self, self.noised.rng)}
+        return delta
+
+    def metrics(self) -> dict[str, float]:
+        return self.figures
 
 
-def central_round(cfg: RunConfig, denominator: float, rng: np.random.Generator) -> CentralRound:
-    """The round's noised-sum aggregator; under adaptive clipping part of the noise budget goes to
-    the count of unclipped updates."""
+def central_round(
+    cfg: RunConfig,
+    denominator: float,
+    rng: np.random.Generator,
+    reference: Arrays | None = None,
+    state: PrivacyState | None = None,
+) -> CentralRound:
+    """The round's noised-sum aggregator for deltas shaped like ``reference``; under adaptive clipping
+    part of the noise budget goes to the count of unclipped updates, and with ``state`` (the plain
+    path) the clip norm moves after the round."""
     z = cfg.privacy.noise_multiplier
     std_b = count_stddev(cfg, denominator) if cfg.privacy.adaptive_clip else 0.0
     noised = NoisedSum(
@@ -278,7 +321,9 @@ def central_round(cfg: RunConfig, denominator: float, rng: np.random.Generator) 
         clip_on_server=cfg.privacy.clip_on == "server",
         sum_dtype=cfg.strategy.sum_dtype,
     )
-    return CentralRound(noised, std_b)
+    lossy = cfg.compression.uplink != "none"
+    adapt = (cfg, state) if state is not None else None
+    return CentralRound(noised, std_b, reference or {}, lossy, adapt)
 
 
 def adapt_clip(cfg: RunConfig, state: PrivacyState, central: CentralRound, rng: np.random.Generator) -> dict[str, Any]:

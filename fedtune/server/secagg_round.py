@@ -299,7 +299,7 @@ def _protocol(
     except Exception as exc:  # the shares and keys come from the sites: a failure here abandons the round
         raise SecAggError(f"unmasking failed: {refused(exc)}") from exc
     summed = Unmasked(ints, bits, params, cal, weights)
-    delta = aggregate(cfg, summed, expected, full_rank, denominator, state, info)
+    delta = aggregate(cfg, summed, expected, denominator, state, info)
     state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}
     ex.stages["unmask"]["seconds"] += time.monotonic() - start
     return u3
