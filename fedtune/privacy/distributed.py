@@ -32,8 +32,9 @@ import numpy as np
 from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import FedtuneError
-from fedtune.privacy.secagg.quantize import MAX_MODULUS_BITS
+from fedtune.model.lora import sent_keys
 from fedtune.privacy.skellam import SkellamEvent
+from fedtune.wire.keys import MAX_MODULUS_BITS
 
 #: Conditional rounding redraws with probability at most beta (Kairouz et al.'s experiments use e^-0.5).
 BETA = math.exp(-0.5)
@@ -184,3 +185,8 @@ class NoisedMean:
 
     def metrics(self) -> dict[str, float]:
         return {}
+
+
+def adapter_length(cfg: RunConfig, arrays: Arrays) -> int:
+    """Entries of the flat vector a client sends under SecAgg+ (only B under FFA-LoRA)."""
+    return sum(int(arrays[k].size) for k in sent_keys(arrays, cfg.lora.freeze_a))

@@ -23,6 +23,7 @@ from fedtune.core.errors import CommunicationBudgetExceeded, PrivacyBudgetExceed
 from fedtune.model.lora import rank_of
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.central import noise_rng
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.server import site_metrics, traffic, validation
 from fedtune.server.bookkeeping import account_round, declined, record_site_epsilon, server_step
 from fedtune.server.exchange import release, stream_replies, wait_for_nodes
@@ -31,7 +32,7 @@ from fedtune.server.report import json_number
 from fedtune.server.secagg_round import secagg_round
 from fedtune.server.state import Evaluate, GridLike, OnRound, ServerState
 from fedtune.server.timing import RoundClock
-from fedtune.strategies import Aggregator, make_aggregator
+from fedtune.strategies import Aggregator
 from fedtune.wire import keys
 from fedtune.wire.records import message_bytes, record_from_arrays
 
@@ -107,7 +108,7 @@ def _train_round(
     clients), fixed before any reply arrives.
     """
     sequential = bool(getattr(grid, "in_process", False))
-    clock = RoundClock(sequential=sequential, site_seconds=cfg.privacy.mechanism == "none")
+    clock = RoundClock(sequential=sequential, site_seconds=MECHANISMS.get(cfg.privacy.mechanism).clear_site_metrics)
     row["time"] = clock.parts
     row.update(bytes_up=0, bytes_down=0)
     replies = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd, row, clock, extra)
@@ -202,11 +203,13 @@ def _checked(
 
 
 def _aggregator(cfg: RunConfig, state: ServerState, denominator: float) -> Aggregator:
-    """The round's aggregator: ``central`` DP's noised sum over ``denominator``, else the strategy's."""
-    if cfg.privacy.mechanism == "central":
-        reference = validation.expected_keys(state.global_arrays, cfg)
-        return privacy.central_round(cfg, denominator, state.noise_rng, reference, state.privacy)
-    return make_aggregator(cfg.strategy, state.global_arrays)
+    """The round's aggregator, as the mechanism wraps the strategy's (``central``: the noised sum over
+    ``denominator``)."""
+    reference = validation.expected_keys(state.global_arrays, cfg)
+    mechanism = MECHANISMS.get(cfg.privacy.mechanism)
+    return mechanism.aggregator(
+        cfg, state.global_arrays, denominator, state.noise_rng, reference=reference, state=state.privacy
+    )
 
 
 def _federated_eval(

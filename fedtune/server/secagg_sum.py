@@ -14,11 +14,10 @@ import numpy as np
 from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
 from fedtune.privacy import distributed
-from fedtune.privacy import rounds as privacy
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg.settings import Params
 from fedtune.server.state import ServerState
-from fedtune.strategies import Aggregator, make_aggregator
 
 
 @dataclass(frozen=True)
@@ -61,17 +60,13 @@ def aggregate(
     shares are in it), else the strategy's rank-aware weighted mean. ``distributed`` records its noise
     in ``info``."""
     parts = list(unmasked.weights.values())
-    aggregator: Aggregator
     if unmasked.calibration is not None:  # the signed sum of integers and noise shares, back in delta units
         cal = unmasked.calibration
         summed = distributed.from_ring(unmasked.ints, unmasked.bits) / cal.scale
         info["distributed"] = _distributed_info(cal, len(parts), denominator)
-        aggregator = distributed.NoisedMean(denominator)
     else:
         summed = unmasked.params.quantizer().dequantize_sum(unmasked.ints, len(parts))  # sum alpha_i delta_i (L,)
-        if cfg.privacy.mechanism == "central":
-            aggregator = privacy.central_round(cfg, denominator, state.noise_rng, expected)
-        else:
-            aggregator = make_aggregator(cfg.strategy, state.global_arrays)
+    mechanism = MECHANISMS.get(cfg.privacy.mechanism)
+    aggregator = mechanism.aggregator(cfg, state.global_arrays, denominator, state.noise_rng, reference=expected)
     aggregator.add_sum(flat.unflatten(summed, expected, np.float64), parts)
     return aggregator.result()
