@@ -12,6 +12,7 @@ from fedtune.client import pipeline, secagg
 from fedtune.client.compress import encode_update
 from fedtune.core.errors import FedtuneError
 from fedtune.core.logs import quiet_libraries
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.wire import keys
 
 quiet_libraries()  # this module is the process entry point under `flwr run` / deployment
@@ -31,7 +32,7 @@ def train(msg: Message, context: Context) -> Message:
     if update.delta is not None:
         records = encode_update(update.delta, update.cfg, update.extra[keys.ROUND], update.site.name, context.state)
     metrics = dict(update.metrics)
-    if update.cfg.privacy.mechanism == "none":  # seconds follow the data: not sent under DP
+    if MECHANISMS.get(update.cfg.privacy.mechanism).clear_site_metrics:  # seconds follow the data: not sent under DP
         metrics[keys.TIME_SERIALIZE] = time.perf_counter() - start
     return Message(RecordDict({**records, keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
 

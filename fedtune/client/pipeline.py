@@ -32,7 +32,7 @@ from fedtune.model.generation import task_scores
 from fedtune.model.lora import rank_slice, sent_keys
 from fedtune.model.scoring import heldout_loss
 from fedtune.privacy import site as site_privacy
-from fedtune.privacy.central import clip, noise_rng, privatize_locally
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.strategies import STRATEGIES
 from fedtune.wire import keys
 from fedtune.wire.codec import Scheme
@@ -50,7 +50,7 @@ def open_round(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any
     if not isinstance(extra.get(keys.ROUND), int):
         raise ConfigError(f"round spec: `{keys.ROUND}` must be an integer, got {extra.get(keys.ROUND)!r}.")
     local = {k: v for k, v in context.node_config.items() if k in SITE_KEYS and k != "lora.r"}
-    if spec.get("privacy.mechanism") != "dp-sgd":  # only DP-SGD sites account for themselves
+    if not MECHANISMS.get(str(spec.get("privacy.mechanism", "none"))).site_ledger:  # only DP-SGD sites account
         local = {k: v for k, v in local.items() if k not in SITE_PRIVACY_KEYS}
     cfg = RunConfig.from_flat({**spec, **local})  # the site's own settings win over the spec
     return cfg, extra, open_site(cfg, context.node_config)
@@ -96,14 +96,14 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
     cfg, extra, site, model = open_with_adapter(msg, context)
     trained = time.perf_counter()
     rnd = extra[keys.ROUND]
-    mechanism = cfg.privacy.mechanism
+    mechanism = MECHANISMS.get(cfg.privacy.mechanism)
     start = adapter_arrays(model)
     seed = zlib.crc32(f"{cfg.seed}:{rnd}:{site.name}".encode())
     torch.manual_seed(seed)  # LoRA dropout; same result whichever process runs this site
     pad_id = int(site.loaded.tokenizer.pad_token_id)
     desc = f"{site.name} round {rnd}"
     metrics: dict[str, Any] = {keys.NUM_EXAMPLES: len(site.train), keys.LORA_RANK: site.rank}
-    if mechanism == "dp-sgd":
+    if mechanism.site_ledger:  # DP-SGD: the site trains privately and keeps its own ledger
         path = budget_path(context, extra, site)
         budget = site_privacy.restore(context.state, path)
         q = sample_rate(len(site.train), cfg.train.batch_size * cfg.train.grad_accum_steps)
@@ -148,17 +148,14 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
             )
     end = adapter_arrays(model)
     delta = {k: (end[k] - start[k]).astype(np.float32) for k in sent_keys(start, cfg.lora.freeze_a)}
-    if mechanism == "central" and cfg.privacy.clip_on == "client":
-        delta, norm = clip(delta, cfg.privacy.clip_norm)
-        metrics[keys.UNDER_CLIP] = int(norm <= cfg.privacy.clip_norm)
-    elif mechanism == "local":
-        delta = privatize_locally(delta, cfg.privacy.clip_norm, cfg.privacy.noise_multiplier, noise_rng())
-    if mechanism == "none" and not math.isnan(result.loss):
+    delta = mechanism.client_step(cfg, delta, metrics)
+    clear = mechanism.clear_site_metrics
+    if clear and not math.isnan(result.loss):
         metrics[keys.TRAIN_LOSS] = result.loss  # under DP a clear-text training loss would leak
-    if mechanism == "none":  # data-dependent counts no DP guarantee covers: not sent under DP
+    if clear:  # data-dependent counts no DP guarantee covers: not sent under DP
         metrics.update({keys.DATA_CHECK + k.replace("_", "-"): v for k, v in site.data_checks.items()})
     metrics[keys.STEPS] = result.steps
-    if mechanism == "none":  # seconds follow the data (Poisson batch sizes, token counts): not sent under DP
+    if clear:  # seconds follow the data (Poisson batch sizes, token counts): not sent under DP
         metrics.update({keys.TIME_LOAD: trained - opened, keys.TIME_TRAIN: time.perf_counter() - trained})
     return LocalUpdate(cfg, extra, site, delta, metrics)
 

@@ -21,6 +21,7 @@ from fedtune.core.errors import FedtuneError
 from fedtune.privacy import distributed
 from fedtune.privacy.central import clip as l2_clip
 from fedtune.privacy.central import noise_rng
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.privacy.secagg import flat, settings, stages
 from fedtune.privacy.secagg.crypto import KeyPair
 from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
@@ -198,7 +199,7 @@ def masked_input(msg: Message, context: Context) -> Message:
         if update.delta is None:  # a dp-sgd site out of budget: it simply drops out of the sum
             return Message(RecordDict({keys.METRICS: MetricRecord(clear)}), reply_to=msg)
         bits = _int(record, keys.SA_MODULUS_BITS)
-        if update.cfg.privacy.mechanism == "distributed":
+        if MECHANISMS.get(update.cfg.privacy.mechanism).noise_in_sum:
             vector, min_survivors = _noised_input(update, record, threshold, bits)
             state["min-survivors"] = min_survivors  # the unmask stage refuses a sum of fewer noise shares
         else:
@@ -225,7 +226,7 @@ def _quantized_input(update: Any, record: Mapping[str, Any]) -> np.ndarray:
     cfg, delta = update.cfg, update.delta
     like = _checked_like(delta, cfg.lora.r, record)
     quantizer = Quantizer(clip=float(record[keys.SA_CLIP]), bits=int(record[keys.SA_QUANT_BITS]))
-    if cfg.privacy.mechanism == "central":
+    if MECHANISMS.get(cfg.privacy.mechanism).clipped_sum:
         # Stochastic rounding moves each entry by < step, the vector by < sqrt(L) step: clip that much
         # tighter, so the dequantized delta still has L2 norm <= C (the noise's sensitivity).
         margin = math.sqrt(flat.length(like)) * quantizer.step

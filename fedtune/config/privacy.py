@@ -13,8 +13,9 @@ from fedtune.config.fields import require
 class PrivacyConfig:
     """``privacy.*``: differential privacy (see README, "Privacy")."""
 
-    mechanism: Literal["none", "dp-sgd", "central", "local", "distributed"] = "none"
-    """``none`` (no formal guarantee), ``dp-sgd`` (sample-level, Opacus at each site), ``central``
+    mechanism: str = "none"
+    """A registered mechanism (``fedtune.privacy.mechanisms``; the plan checker names the known ones):
+    ``none`` (no formal guarantee), ``dp-sgd`` (sample-level, Opacus at each site), ``central``
     (user-level DP-FedAvg: clip, noise on the sum at a trusted server), ``local`` (each client
     clips and noises its own delta) or ``distributed`` (each client adds a Skellam noise share
     inside SecAgg+, so the server sees only the noised sum)."""

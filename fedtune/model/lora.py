@@ -44,6 +44,26 @@ def pad_rank(arrays: Arrays, like: Arrays) -> tuple[Arrays, Arrays]:
     return padded, masks
 
 
+def full_rank_like(arrays: Arrays, rank: int) -> Arrays:
+    """Zero-stride stand-ins shaped like ``arrays`` at LoRA rank ``rank``: A (rank, in), B (out, rank)."""
+    out = {}
+    for key, value in arrays.items():
+        shape = value.shape
+        if LORA_A in key:
+            shape = (rank, *value.shape[1:])
+        elif LORA_B in key:
+            shape = (value.shape[0], rank, *value.shape[2:])
+        out[key] = np.broadcast_to(np.float32(0), shape)
+    return out
+
+
+def rank_masks(rank: int, like: Arrays) -> Arrays:
+    """0/1 masks (float64, broadcastable to ``like``'s arrays) of the entries a rank-``rank`` site trains,
+    as :func:`pad_rank` returns them for such a site's update."""
+    _, masks = pad_rank(full_rank_like(like, rank), like)
+    return masks
+
+
 def sent_keys(arrays: Arrays, freeze_a: bool) -> list[str]:
     """Keys a client sends: all of them, or under FFA-LoRA only the B matrices (and non-LoRA)."""
     return [k for k in arrays if not (freeze_a and LORA_A in k)]

@@ -13,6 +13,7 @@ from fedtune.config import RunConfig
 from fedtune.config.plan import Plan, group_rounds
 from fedtune.core.errors import ConfigError, IncompatibleComponentsError
 from fedtune.model.methods import METHODS
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg import settings as secagg_settings
 from fedtune.privacy.traffic_rules import budget_vs_secagg, compression_vs_secagg
@@ -73,7 +74,7 @@ def _hetero_ranks(cfg: RunConfig) -> list[str]:
 
 
 def _method_support(cfg: RunConfig) -> list[str]:
-    """What each ``peft.method`` supports: LoRA-only rules and settings, and DP-SGD through Opacus."""
+    """What each ``peft.method`` supports: LoRA-only rules and settings (DP-SGD: the mechanism's own rule)."""
     method = cfg.peft.method
     out = []
     if method != "lora":
@@ -91,83 +92,26 @@ def _method_support(cfg: RunConfig) -> list[str]:
             f"`model.quantization` = {cfg.model.quantization} with `peft.method` = {method}: quantized base weights "
             "cannot be trained or saved as a model; use a PEFT method (QLoRA)."
         )
-    why = METHODS[method].no_dp_sgd
-    if cfg.privacy.mechanism == "dp-sgd" and why:
-        able = ", ".join(name for name, spec in METHODS.items() if not spec.no_dp_sgd)
-        out.append(
-            f"`privacy.mechanism` = dp-sgd with `peft.method` = {method}: {why}; use one of {able}, or "
-            "`privacy.mechanism` = central / local."
-        )
     return out
 
 
-def _dp_noise_source(cfg: RunConfig) -> list[str]:
-    p = cfg.privacy
-    if p.mechanism == "none":
-        return []
-    if p.noise_multiplier == -1 and p.target_epsilon == 0:
-        return [f"`privacy.mechanism` = {p.mechanism} needs `privacy.noise-multiplier` or `privacy.target-epsilon`."]
-    if p.noise_multiplier == 0 and p.target_epsilon > 0:
-        return [
-            "`privacy.noise-multiplier` = 0 makes epsilon infinite, which no `privacy.target-epsilon` allows; "
-            "drop the target or add noise."
-        ]
-    return []
-
-
-def _sum_sensitivity(cfg: RunConfig) -> list[str]:
-    """DP-FedAvg's noise (central, or the clients' shares) covers a sum of clipped deltas, each weighted 1."""
-    m = cfg.privacy.mechanism
-    if m not in ("central", "distributed"):
-        return []
-    out = []
-    if cfg.strategy.weighting == "examples":
-        out.append(
-            f"`privacy.mechanism` = {m} needs `strategy.weighting` = uniform: weighting by examples lets one "
-            "client move the sum by more than `privacy.clip-norm`."
-        )
-    if cfg.strategy.name in STRATEGIES and STRATEGIES.get(cfg.strategy.name).individual_updates:
-        out.append(
-            f"`strategy.name` = {cfg.strategy.name} under `privacy.mechanism` = {m}: the noise covers a sum of "
-            "clipped deltas, not this rule's output; use a fedavg-family strategy (or `privacy.mechanism` = local)."
-        )
-    if cfg.simulation.site_ranks:
-        out.append(
-            f"`simulation.site-ranks` under `privacy.mechanism` = {m}: per-entry averaging over different ranks "
-            "has no single sensitivity; use one rank."
-        )
-    return out
-
-
-def _distributed_needs(cfg: RunConfig) -> list[str]:
-    """Distributed DP: the clients' noise shares only protect anyone inside SecAgg+, accounted in RDP."""
-    if cfg.privacy.mechanism != "distributed":
-        return []
-    out = []
-    if cfg.secagg.protocol != "secagg":
-        out.append(
-            "`privacy.mechanism` = distributed needs `secagg.protocol` = secagg: without it the server sees each "
-            "client's update with only that client's small noise share."
-        )
-    if cfg.privacy.accountant != "rdp":
-        out.append(
-            "`privacy.mechanism` = distributed is accounted with the Skellam RDP bound; set `privacy.accountant` = rdp."
-        )
-    if cfg.secagg.clip > 0:
-        out.append(
-            "`secagg.clip` does not apply to `privacy.mechanism` = distributed (the L2 clip `privacy.clip-norm` "
-            "and `secagg.quant-bits` set the integer range); leave it at 0."
-        )
-    return out
+def _mechanism_rules(cfg: RunConfig) -> list[str]:
+    """The round's mechanism is registered, and its own composition rules hold."""
+    try:
+        mechanism = MECHANISMS.get(cfg.privacy.mechanism)
+    except ConfigError as exc:
+        return [str(exc)]
+    return mechanism.problems(cfg)
 
 
 def _central_only_settings(cfg: RunConfig) -> list[str]:
     p = cfg.privacy
     out = []
-    if p.mechanism != "central" and p.clip_on == "server":
-        out.append("`privacy.clip-on` = server applies to `privacy.mechanism` = central only.")
-    if p.mechanism != "central" and p.adaptive_clip:
-        out.append("`privacy.adaptive-clip` applies to `privacy.mechanism` = central only.")
+    tunes = p.mechanism in MECHANISMS and MECHANISMS.get(p.mechanism).tunes_clip
+    if not tunes and p.clip_on == "server":
+        out.append(f"`privacy.clip-on` = server applies to `privacy.mechanism` = {_tuning()} only.")
+    if not tunes and p.adaptive_clip:
+        out.append(f"`privacy.adaptive-clip` applies to `privacy.mechanism` = {_tuning()} only.")
     if (
         p.adaptive_clip
         and p.clip_count_stddev > 0
@@ -179,19 +123,6 @@ def _central_only_settings(cfg: RunConfig) -> list[str]:
             f"= {p.noise_multiplier} (Andrew et al.'s noise split)."
         )
     return out
-
-
-def _dpsgd_fedprox(cfg: RunConfig) -> list[str]:
-    if (
-        cfg.privacy.mechanism == "dp-sgd"
-        and cfg.strategy.name in STRATEGIES
-        and STRATEGIES.get(cfg.strategy.name).proximal
-    ):
-        return [
-            "`strategy.name` = fedprox with `privacy.mechanism` = dp-sgd: the proximal term's gradient bypasses "
-            "per-example clipping; use fedavg."
-        ]
-    return []
 
 
 def _poisson_count(cfg: RunConfig) -> list[str]:
@@ -275,11 +206,8 @@ RULES: list[Rule] = [
     _exact_vs_ffa,
     _hetero_ranks,
     _method_support,
-    _dp_noise_source,
-    _sum_sensitivity,
-    _distributed_needs,
+    _mechanism_rules,
     _central_only_settings,
-    _dpsgd_fedprox,
     _poisson_count,
     _secagg_composition,
     _secagg_params,
@@ -288,16 +216,26 @@ RULES: list[Rule] = [
 ]
 
 
+def _dp(name: str) -> bool:
+    """``name`` is a registered DP mechanism (an unknown name is reported by :func:`_mechanism_rules`)."""
+    return name in MECHANISMS and MECHANISMS.get(name).dp
+
+
+def _tuning() -> str:
+    """The mechanisms whose clip norm the server may set (clip at the server, adaptive clipping)."""
+    return " / ".join(n for n in MECHANISMS if MECHANISMS.get(n).tunes_clip)
+
+
 def _one_guarantee(plan: Plan) -> list[str]:
     """A run has one DP unit; a budget needs every round to be noised."""
     by_round = [(rnd, plan.for_round(rnd).privacy.mechanism) for rnd in range(1, plan.base.num_server_rounds + 1)]
-    used = sorted({m for _, m in by_round if m != "none"})
+    used = sorted({m for _, m in by_round if _dp(m)})
     target = plan.base.privacy.target_epsilon
     if len(used) > 1:
         return [f"one run uses one DP mechanism (`privacy.mechanism`), this plan mixes {', '.join(used)}."]
     if target > 0 and not used:
         return ["`privacy.target-epsilon` is set but no round uses DP (`privacy.mechanism` = none)."]
-    bare = [rnd for rnd, m in by_round if m == "none"]
+    bare = [rnd for rnd, m in by_round if not _dp(m)]
     if target > 0 and bare:
         text = (
             "un-noised updates (`privacy.mechanism` = none) make epsilon infinite, so `privacy.target-epsilon` "

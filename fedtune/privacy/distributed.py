@@ -24,13 +24,17 @@ released sum carries at least the target, and the ledger records what it carried
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from fedtune.config import RunConfig
-from fedtune.privacy.secagg.quantize import MAX_MODULUS_BITS
+from fedtune.core.arrays import Arrays
+from fedtune.core.errors import FedtuneError
+from fedtune.model.lora import sent_keys
 from fedtune.privacy.skellam import SkellamEvent
+from fedtune.wire.keys import MAX_MODULUS_BITS
 
 #: Conditional rounding redraws with probability at most beta (Kairouz et al.'s experiments use e^-0.5).
 BETA = math.exp(-0.5)
@@ -159,3 +163,30 @@ def from_ring(total: np.ndarray, bits: int) -> np.ndarray:
     signed = total.astype(np.int64)
     signed[signed >= 1 << (bits - 1)] -= 1 << bits
     return signed
+
+
+class NoisedMean:
+    """``distributed``'s aggregator: the SecAgg+ sum that already carries the survivors' noise shares,
+    over the fixed ``denominator``; every site has weight 1, as under ``central``."""
+
+    def __init__(self, denominator: float) -> None:
+        self.denominator = denominator
+        self._sum: Arrays = {}
+
+    def add(self, delta: Arrays, weight: float, *, rank: int | None = None, under_clip: bool = False) -> None:
+        raise FedtuneError("`privacy.mechanism` = distributed takes only a secure sum, never one update")
+
+    def add_sum(self, total: Arrays, parts: Sequence[tuple[float, int]]) -> None:
+        for k, v in total.items():
+            self._sum[k] = self._sum[k] + v if k in self._sum else np.array(v, dtype=np.float64)
+
+    def result(self) -> Arrays:
+        return {k: (v / self.denominator).astype(np.float32) for k, v in self._sum.items()}
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+def adapter_length(cfg: RunConfig, arrays: Arrays) -> int:
+    """Entries of the flat vector a client sends under SecAgg+ (only B under FFA-LoRA)."""
+    return sum(int(arrays[k].size) for k in sent_keys(arrays, cfg.lora.freeze_a))

@@ -1,5 +1,6 @@
 """The server's side of privacy, round by round: resolve the noise, check the budget before a round,
-and record what each round released in the run's one ledger.
+and record what each round released in the run's one ledger. What differs by mechanism (its events,
+its ledger, its rules) is asked of the mechanism object (``privacy/mechanisms/``), never of its name.
 
 Guarantees and their units:
 
@@ -26,32 +27,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from fedtune.config import RunConfig
 from fedtune.config.plan import Plan, group_rounds
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import IncompatibleComponentsError, PrivacyBudgetExceeded
-from fedtune.model.lora import sent_keys
 from fedtune.privacy import distributed
-from fedtune.privacy.accounting import Event, GaussianEvent
-from fedtune.privacy.central import NoisedSum, next_clip_norm, split_noise
+from fedtune.privacy.accounting import Event
+from fedtune.privacy.distributed import adapter_length
 from fedtune.privacy.ledger import Ledger, solve_noise
+from fedtune.privacy.mechanisms import MECHANISMS
+from fedtune.privacy.mechanisms.central import CentralRound as CentralRound
+from fedtune.privacy.mechanisms.central import adapt_clip as adapt_clip
+from fedtune.privacy.mechanisms.central import central_round as central_round
+from fedtune.privacy.mechanisms.central import client_sample_rate as client_sample_rate
+from fedtune.privacy.mechanisms.central import count_stddev as count_stddev
 from fedtune.privacy.secagg import settings as secagg_settings
-
-USER_LEVEL = ("central", "local", "distributed")
-UNITS = {
-    "central": "user-level: one site's whole data, for the federation (the server is trusted)",
-    "local": "user-level: one site's whole data, for the federation (no trusted server)",
-    "distributed": "user-level: one site's whole data, for the federation, each round it takes part in "
-    "(the server sees only the noised sum)",
-    "dp-sgd": "sample-level: one training example at one site, per site",
-}
-
-
-def client_sample_rate(cfg: RunConfig) -> float:
-    """The client sampling rate the accountant may use: q under Poisson sampling, else 1."""
-    return cfg.server.fraction_train if cfg.server.sampling == "poisson" else 1.0
 
 
 def amplified(cfg: RunConfig) -> bool:
@@ -62,7 +52,7 @@ def amplified(cfg: RunConfig) -> bool:
     server can tell who was sampled: the sample is then drawn from OS entropy and kept out of the
     outputs (``fedtune.server.loop``).
     """
-    return cfg.privacy.mechanism == "central" and client_sample_rate(cfg) < 1
+    return MECHANISMS.get(cfg.privacy.mechanism).amplified(cfg)
 
 
 def secret_sample(plan: Plan) -> bool:
@@ -81,23 +71,10 @@ def federated_eval(plan: Plan, cfg: RunConfig) -> bool:
     return cfg.eval.federated_on(unit(plan) is not None)
 
 
-def adapter_length(cfg: RunConfig, arrays: Arrays) -> int:
-    """Entries of the flat vector a client sends under SecAgg+ (only B under FFA-LoRA)."""
-    return sum(int(arrays[k].size) for k in sent_keys(arrays, cfg.lora.freeze_a))
-
-
 def user_event(cfg: RunConfig, noise_multiplier: float, arrays: Arrays | None = None) -> Event | None:
     """The user-level release one round of ``cfg`` makes, or None if it makes none; for ``distributed``
     the least noise the round can release (its target), which needs the global adapter ``arrays``."""
-    if cfg.privacy.mechanism == "distributed":
-        if arrays is None:
-            raise ValueError("a distributed-DP event needs the adapter's size")
-        return distributed.target_event(cfg, noise_multiplier, adapter_length(cfg, arrays))
-    if cfg.privacy.mechanism == "central":
-        return GaussianEvent(noise_multiplier, client_sample_rate(cfg), 1)
-    if cfg.privacy.mechanism == "local":
-        return GaussianEvent(noise_multiplier / 2, 1.0, 1)
-    return None
+    return MECHANISMS.get(cfg.privacy.mechanism).user_event(cfg, noise_multiplier, arrays)
 
 
 def mechanisms(plan: Plan) -> list[str]:
@@ -107,7 +84,7 @@ def mechanisms(plan: Plan) -> list[str]:
 
 def unit(plan: Plan) -> str | None:
     """The run's DP mechanism family (``central``/``local``/``dp-sgd``), None without DP."""
-    used = [m for m in mechanisms(plan) if m != "none"]
+    used = [m for m in mechanisms(plan) if MECHANISMS.get(m).dp]
     return used[0] if used else None
 
 
@@ -116,7 +93,7 @@ def solved_noise(plan: Plan, arrays: Arrays | None = None) -> float | None:
     rounds stay within ``privacy.target-epsilon``; None if no round needs one (``arrays``: the
     global adapter, whose size ``distributed`` needs)."""
     rounds = [plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1)]
-    dp = [c for c in rounds if c.privacy.mechanism in USER_LEVEL]
+    dp = [c for c in rounds if MECHANISMS.get(c.privacy.mechanism).user_level]
     if not any(c.privacy.noise_multiplier == -1 for c in dp):
         return None
     p = plan.base.privacy
@@ -148,7 +125,7 @@ def check_distributed(plan: Plan, solved: float | None, arrays: Arrays) -> None:
     found = []
     for r in range(1, plan.base.num_server_rounds + 1):
         cfg = round_config(plan.for_round(r), PrivacyState.new(), solved)
-        if cfg.privacy.mechanism != "distributed":
+        if not MECHANISMS.get(cfg.privacy.mechanism).noise_in_sum:
             continue
         length = adapter_length(cfg, arrays)
         counts = {cfg.server.min_clients, max(cfg.server.min_clients, cfg.server.num_train)}
@@ -162,7 +139,7 @@ def check_distributed(plan: Plan, solved: float | None, arrays: Arrays) -> None:
 def dpsgd_planned_steps(plan: Plan) -> int:
     """Local steps over every ``dp-sgd`` round of the plan: what a site solves its noise for."""
     rounds = [plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1)]
-    return sum(c.train.local_steps for c in rounds if c.privacy.mechanism == "dp-sgd")
+    return sum(c.train.local_steps for c in rounds if MECHANISMS.get(c.privacy.mechanism).site_ledger)
 
 
 @dataclass
@@ -212,7 +189,7 @@ class PrivacyState:
         """Epsilon so far in the run's unit (None without DP)."""
         if family is None:
             return None
-        if family == "dp-sgd":
+        if MECHANISMS.get(family).site_ledger:
             if self.ledger.unprotected:
                 return math.inf
             return max(self.site_epsilon.values(), default=0.0)
@@ -222,9 +199,10 @@ class PrivacyState:
 def round_config(cfg: RunConfig, state: PrivacyState, solved: float | None) -> RunConfig:
     """This round's config with the noise multiplier and clip norm the round actually uses."""
     changes: dict[str, Any] = {}
-    if cfg.privacy.mechanism in USER_LEVEL and cfg.privacy.noise_multiplier == -1 and solved is not None:
+    mechanism = MECHANISMS.get(cfg.privacy.mechanism)
+    if mechanism.user_level and cfg.privacy.noise_multiplier == -1 and solved is not None:
         changes["privacy.noise-multiplier"] = solved
-    if cfg.privacy.mechanism == "central" and cfg.privacy.adaptive_clip and state.clip_norm is not None:
+    if mechanism.tunes_clip and cfg.privacy.adaptive_clip and state.clip_norm is not None:
         changes["privacy.clip-norm"] = state.clip_norm
     return cfg.override(changes) if changes else cfg
 
@@ -237,7 +215,7 @@ def check_budget(cfg: RunConfig, state: PrivacyState, rnd: int, arrays: Arrays |
     target = cfg.privacy.target_epsilon
     if event is None or target <= 0:
         return event
-    ledger = state.floor if cfg.privacy.mechanism == "distributed" else state.ledger
+    ledger = MECHANISMS.get(cfg.privacy.mechanism).budget_ledger(state.ledger, state.floor)
     before = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
     after = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant, extra=event)
     if after > target:
@@ -246,56 +224,3 @@ def check_budget(cfg: RunConfig, state: PrivacyState, rnd: int, arrays: Arrays |
             f"{after:.3f}, past `privacy.target-epsilon` = {target:g} (delta {cfg.privacy.delta:g})."
         )
     return event
-
-
-def count_stddev(cfg: RunConfig, expected_clients: float) -> float:
-    """Adaptive clipping's count noise: ``privacy.clip-count-stddev``, or by default expected
-    clients / 20 (Andrew et al.'s choice), raised to at least the noise multiplier so the delta
-    keeps most of the budget: the count's share of z^-2 is then (2 sigma_b)^-2 <= z^-2 / 4."""
-    if cfg.privacy.clip_count_stddev > 0:
-        return cfg.privacy.clip_count_stddev
-    return max(expected_clients / 20, cfg.privacy.noise_multiplier)
-
-
-@dataclass
-class CentralRound:
-    """One ``central`` round's aggregate and what adaptive clipping needs after it."""
-
-    noised: NoisedSum
-    count_stddev: float
-
-
-def central_round(cfg: RunConfig, denominator: float, rng: np.random.Generator) -> CentralRound:
-    """The round's noised-sum aggregator; under adaptive clipping part of the noise budget goes to
-    the count of unclipped updates."""
-    z = cfg.privacy.noise_multiplier
-    std_b = count_stddev(cfg, denominator) if cfg.privacy.adaptive_clip else 0.0
-    noised = NoisedSum(
-        cfg.privacy.clip_norm,
-        split_noise(z, std_b),
-        denominator,
-        rng,
-        clip_on_server=cfg.privacy.clip_on == "server",
-        sum_dtype=cfg.strategy.sum_dtype,
-    )
-    return CentralRound(noised, std_b)
-
-
-def adapt_clip(cfg: RunConfig, state: PrivacyState, central: CentralRound, rng: np.random.Generator) -> dict[str, Any]:
-    """After a ``central`` round with adaptive clipping: move C; the row fields it produced."""
-    if not cfg.privacy.adaptive_clip:
-        return {}
-    p = cfg.privacy
-    noised = central.noised
-    new, share = next_clip_norm(
-        p.clip_norm,
-        noised.unclipped,
-        noised.count,
-        noised.denominator,
-        central.count_stddev,
-        p.target_quantile,
-        p.clip_lr,
-        rng,
-    )
-    state.clip_norm = new
-    return {"clip_norm_next": new, "unclipped_share_noised": share}

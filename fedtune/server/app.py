@@ -21,6 +21,7 @@ from fedtune.model.hardware import server_model
 from fedtune.model.loading import pick_device
 from fedtune.model.methods import initial_state, load_for
 from fedtune.privacy import compat
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.server import checkpoint, loop, site_metrics, traffic
 from fedtune.server.evaluation import CentralEvaluator
 from fedtune.server.outputs import Writer
@@ -62,7 +63,7 @@ def run_server(plan: Plan, grid: GridLike, *, resume: bool = False) -> dict[str,
     writer = Writer(cfg, loaded)
     out.mkdir(parents=True, exist_ok=True)
     reporter.start(plan)
-    note = site_metrics.NOT_COVERED if privacy_summary(plan, state)["mechanism"] != "none" else None
+    note = site_metrics.NOT_COVERED if MECHANISMS.get(privacy_summary(plan, state)["mechanism"]).dp else None
 
     def on_round(s: ServerState, row: dict[str, Any]) -> None:
         checkpoint.save(out, s, plan, writer.checkpoint)

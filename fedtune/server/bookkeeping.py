@@ -13,6 +13,7 @@ from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.accounting import Event
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.server import validation
 from fedtune.server.state import ServerState
 from fedtune.strategies import STRATEGIES, make_optimizer
@@ -47,13 +48,8 @@ def account_round(cfg: RunConfig, state: ServerState, rnd: int, *, released: boo
     user-level event, or an un-noised release. ``distributed`` rounds also charge their target to the
     ``floor`` ledger."""
     target = privacy.user_event(cfg, cfg.privacy.noise_multiplier, state.global_arrays)
-    if cfg.privacy.mechanism == "distributed" and target is not None:
-        state.privacy.floor.add(target)
-    event = event or target
-    if event is not None:
-        state.privacy.ledger.add(event)
-    elif cfg.privacy.mechanism == "none" and released:
-        state.privacy.ledger.add_unprotected(rnd)
+    mechanism = MECHANISMS.get(cfg.privacy.mechanism)
+    mechanism.charge(state.privacy.ledger, state.privacy.floor, target, event, rnd, released)
 
 
 def server_step(cfg: RunConfig, state: ServerState, delta: Arrays) -> Arrays:

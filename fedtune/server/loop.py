@@ -22,7 +22,8 @@ from fedtune.core.arrays import Arrays
 from fedtune.core.errors import CommunicationBudgetExceeded, PrivacyBudgetExceeded, UpdateRejected
 from fedtune.model.lora import rank_of
 from fedtune.privacy import rounds as privacy
-from fedtune.privacy.central import clip, noise_rng
+from fedtune.privacy.central import noise_rng
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.server import site_metrics, traffic, validation
 from fedtune.server.bookkeeping import account_round, declined, record_site_epsilon, server_step
 from fedtune.server.exchange import release, stream_replies, wait_for_nodes
@@ -31,8 +32,7 @@ from fedtune.server.report import json_number
 from fedtune.server.secagg_round import secagg_round
 from fedtune.server.state import Evaluate, GridLike, OnRound, ServerState
 from fedtune.server.timing import RoundClock
-from fedtune.strategies import Aggregator, make_aggregator
-from fedtune.strategies.aggregators import WeightedMean
+from fedtune.strategies import Aggregator
 from fedtune.wire import keys
 from fedtune.wire.records import message_bytes, record_from_arrays
 
@@ -110,12 +110,11 @@ def _train_round(
     clients), fixed before any reply arrives.
     """
     sequential = bool(getattr(grid, "in_process", False))
-    clock = RoundClock(sequential=sequential, site_seconds=cfg.privacy.mechanism == "none")
+    clock = RoundClock(sequential=sequential, site_seconds=MECHANISMS.get(cfg.privacy.mechanism).clear_site_metrics)
     row["time"] = clock.parts
     row.update(bytes_up=0, bytes_down=0)
     replies = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd, row, clock, extra)
-    central = privacy.central_round(cfg, denominator, state.noise_rng) if cfg.privacy.mechanism == "central" else None
-    aggregator = make_aggregator(cfg.strategy, state.global_arrays)
+    aggregator = _aggregator(cfg, state, denominator)
     failures: list[dict[str, Any]] = []
     accepted: list[tuple[int, float, float]] = []  # (node, weight, train loss): never the delta
     exhausted: list[int] = []
@@ -138,7 +137,7 @@ def _train_round(
         try:
             ok = _checked(cfg, state, node, reply, row, clock)
             if ok is not None:
-                _fold(cfg, ok, aggregator, central)
+                aggregator.add(ok.delta, ok.weight, rank=ok.rank, under_clip=bool(ok.metrics.get(keys.UNDER_CLIP, 0)))
         except UpdateRejected as exc:
             fail(node, validation.refused(exc))
             continue
@@ -185,12 +184,8 @@ def _train_round(
         row["updated"] = False
         return
     stepping = time.perf_counter()
-    if central is not None:
-        delta = central.noised.result(validation.expected_keys(state.global_arrays, cfg))
-        row.update(clip_norm=cfg.privacy.clip_norm, **privacy.adapt_clip(cfg, state.privacy, central, state.noise_rng))
-    else:
-        delta = aggregator.result()  # only the keys clients train (B alone under FFA-LoRA)
-        row.update(aggregator.metrics())
+    delta = aggregator.result()  # only the keys clients train (B alone under FFA-LoRA)
+    row.update(aggregator.metrics())
     state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}
     row["updated"] = True
     clock.add("aggregate", time.perf_counter() - stepping)
@@ -209,26 +204,14 @@ def _checked(
     return validation.accept_reply(reply, cfg, state.global_arrays)
 
 
-def _fold(
-    cfg: RunConfig, ok: validation.Accepted, aggregator: Aggregator, central: privacy.CentralRound | None
-) -> None:
-    """Add a checked reply to the round's aggregate; UpdateRejected, before anything is added, when the
-    aggregate's own rule refuses it."""
-    if central is not None:
-        delta, norm = ok.delta, ok.norm
-        if cfg.compression.uplink != "none":  # decoding may move a clipped delta past C by a rounding step: clip again
-            delta, before = clip(delta, cfg.privacy.clip_norm)
-            norm = min(before, cfg.privacy.clip_norm)
-        try:
-            central.noised.add(delta, norm, fits=bool(ok.metrics.get(keys.UNDER_CLIP, 0)))
-        except ValueError as exc:
-            raise UpdateRejected(str(exc)) from None
-    elif ok.masks is not None:
-        if not isinstance(aggregator, WeightedMean):
-            raise UpdateRejected(f"`strategy.name` = {cfg.strategy.name} has no rule for rank {ok.rank}")
-        aggregator.add_masked(ok.delta, ok.weight, ok.masks)
-    else:
-        aggregator.add(ok.delta, ok.weight)
+def _aggregator(cfg: RunConfig, state: ServerState, denominator: float) -> Aggregator:
+    """The round's aggregator, as the mechanism wraps the strategy's (``central``: the noised sum over
+    ``denominator``)."""
+    reference = validation.expected_keys(state.global_arrays, cfg)
+    mechanism = MECHANISMS.get(cfg.privacy.mechanism)
+    return mechanism.aggregator(
+        cfg, state.global_arrays, denominator, state.noise_rng, reference=reference, state=state.privacy
+    )
 
 
 def _federated_eval(

@@ -17,6 +17,7 @@ from fedtune.config.plan import Plan
 from fedtune.model.task_metrics import GENERATED, column
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.accounting import Event
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.privacy.skellam import SkellamEvent
 from fedtune.server.state import ServerState
 
@@ -184,18 +185,6 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-TRUST = {
-    "central": "the server sees each clipped update in the clear and adds the noise: the guarantee holds "
-    "against anyone who sees the released adapters, not against the server",
-    "local": "each site clips and noises its own update before sending: the guarantee holds against the server too",
-    "dp-sgd": "each site clips and noises its own training steps (Opacus): the guarantee holds for each "
-    "training example against the server too",
-    "distributed": "honest-but-curious server: under SecAgg+ it sees only the sum of the surviving clients' "
-    "inputs, each the client's delta clipped to `privacy.clip-norm` and rounded to integers, plus that client's "
-    "Skellam noise share; the clients are trusted to clip and to add their share (drawn from OS entropy). "
-    "Neighbouring runs differ in one site's data (its update zero instead, while it still adds its share). "
-    "`epsilon` counts the noise of every survivor, all shares secret from the server",
-}
 DISTRIBUTED_COLLUSION = (
     "Each share is sized so that m = max(secagg threshold, `server.min-replies`) shares carry the target noise "
     "(a round with fewer survivors is abandoned). A client colluding with the server reveals its own share. "
@@ -228,7 +217,7 @@ def json_number(value: float | None) -> float | str | None:
 
 def trust(plan: Plan, family: str) -> str:
     """The trust statement: the mechanism's, plus what amplification by client sampling assumes."""
-    text = TRUST[family]
+    text = MECHANISMS.get(family).trust
     if privacy.secret_sample(plan):
         q = plan.base.server.fraction_train
         text += ". " + (SAMPLE_LOGGED if plan.base.output.log_participants else SAMPLE_SECRET).format(q=q)
@@ -239,7 +228,11 @@ def covers(plan: Plan, family: str) -> str:
     """What the guarantee covers and what it does not (per-site metrics when federated evaluation runs)."""
     rounds = [plan.base, *(plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1))]
     evaluated = any(privacy.federated_eval(plan, cfg) for cfg in rounds)
-    unit = "each training example of each site. " if family == "dp-sgd" else "each site's training data as a whole. "
+    unit = (
+        "each training example of each site. "
+        if MECHANISMS.get(family).site_ledger
+        else "each site's training data as a whole. "
+    )
     return unit + NOT_COVERED + (FEDERATED_EVAL if evaluated else NO_FEDERATED_EVAL)
 
 
@@ -258,7 +251,7 @@ def privacy_summary(plan: Plan, state: ServerState) -> dict[str, Any]:
     eps = state.privacy.epsilon(plan.base, family)
     out: dict[str, Any] = {
         "mechanism": family,
-        "unit": privacy.UNITS[family],
+        "unit": MECHANISMS.get(family).unit,
         "epsilon": json_number(eps),
         "delta": p.delta,
         "accountant": p.accountant,
@@ -274,7 +267,7 @@ def privacy_summary(plan: Plan, state: ServerState) -> dict[str, Any]:
         )
     elif eps is not None and math.isinf(eps):
         out["why_not"] = "a round used `privacy.noise-multiplier` = 0"
-    if family == "dp-sgd":
+    if MECHANISMS.get(family).site_ledger:
         out["sites"] = {str(k): json_number(v) for k, v in sorted(state.privacy.site_epsilon.items())}
         out["sites_exhausted"] = sorted(state.privacy.exhausted)
     else:
@@ -284,10 +277,10 @@ def privacy_summary(plan: Plan, state: ServerState) -> dict[str, Any]:
             "fixed-size: no amplification claimed (q = 1)"
             if not poisson
             else "poisson, but no amplification claimed (q = 1)"
-            if family == "distributed"
+            if MECHANISMS.get(family).noise_in_sum
             else f"poisson, q = {plan.base.server.fraction_train}"
         )
-    if family == "distributed":
+    if MECHANISMS.get(family).noise_in_sum:
         floor = state.privacy.floor.epsilon(p.delta, p.accountant)
         out["epsilon_under_collusion"] = json_number(floor)
         out["collusion"] = DISTRIBUTED_COLLUSION
@@ -310,7 +303,7 @@ def secagg_summary(plan: Plan) -> dict[str, Any] | None:
         "examples and LoRA rank, and the sum"
         + (
             " (in `privacy.mechanism` = distributed rounds, a sum that already carries the clients' noise shares)"
-            if any(plan.for_round(r).privacy.mechanism == "distributed" for r in rounds)
+            if any(MECHANISMS.get(plan.for_round(r).privacy.mechanism).noise_in_sum for r in rounds)
             else ""
         ),
     }
@@ -318,7 +311,7 @@ def secagg_summary(plan: Plan) -> dict[str, Any] | None:
 
 def privacy_line(section: dict[str, Any]) -> str:
     """One plain sentence for the log."""
-    if section["mechanism"] == "none":
+    if not MECHANISMS.get(section["mechanism"]).dp:
         return "Privacy: no formal guarantee (privacy.mechanism = none)."
     if not section["guarantee_holds"]:
         return f"Privacy: NO finite guarantee ({section.get('why_not', 'epsilon is infinite')})."

@@ -40,6 +40,7 @@ from fedtune.config import RunConfig
 from fedtune.core.errors import ConfigError
 from fedtune.model.lora import rank_of
 from fedtune.privacy import distributed
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.privacy.secagg import flat, settings, shares, stages
 from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.privacy.secagg.graph import neighbours
@@ -219,7 +220,7 @@ def _protocol(
     top = max(adverts[i].weight for i in u2)
     alpha = {i: adverts[i].weight / top for i in u2}
     bits, cal = params.modulus_bits, None
-    if cfg.privacy.mechanism == "distributed":
+    if MECHANISMS.get(cfg.privacy.mechanism).noise_in_sum:
         cal = distributed.calibrate(cfg, length, params.threshold)
         if found := distributed.problems(cfg, length, len(u2), params.threshold):
             raise ConfigError(" ".join(found))
@@ -300,7 +301,7 @@ def _protocol(
     except Exception as exc:  # the shares and keys come from the sites: a failure here abandons the round
         raise SecAggError(f"unmasking failed: {refused(exc)}") from exc
     summed = Unmasked(ints, bits, params, cal, weights)
-    delta = aggregate(cfg, summed, expected, full_rank, denominator, state, info)
+    delta = aggregate(cfg, summed, expected, denominator, state, info)
     state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}
     ex.stages["unmask"]["seconds"] += time.monotonic() - start
     return u3

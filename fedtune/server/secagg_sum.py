@@ -14,7 +14,7 @@ import numpy as np
 from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
 from fedtune.privacy import distributed
-from fedtune.privacy import rounds as privacy
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg.settings import Params
 from fedtune.server.state import ServerState
@@ -51,30 +51,22 @@ def aggregate(
     cfg: RunConfig,
     unmasked: Unmasked,
     expected: Arrays,
-    full_rank: int,
     denominator: float,
     state: ServerState,
     info: dict[str, Any],
 ) -> Arrays:
-    """The round's aggregate from the sum: the noised sum over ``denominator`` (``central``: noise added
-    here; ``distributed``: the survivors' shares are in it), else the weighted mean, each entry divided by
-    the alpha of the sites whose rank covers it. ``distributed`` records its noise in ``info``."""
-    weights = unmasked.weights
+    """The round's aggregate from the sum, through the same Aggregator interface as the plain path:
+    the noised sum over ``denominator`` (``central``: noise added here; ``distributed``: the survivors'
+    shares are in it), else the strategy's rank-aware weighted mean. ``distributed`` records its noise
+    in ``info``."""
+    parts = list(unmasked.weights.values())
     if unmasked.calibration is not None:  # the signed sum of integers and noise shares, back in delta units
         cal = unmasked.calibration
-        noised = distributed.from_ring(unmasked.ints, unmasked.bits) / cal.scale
-        info["distributed"] = _distributed_info(cal, len(weights), denominator)
-        return flat.unflatten(noised / denominator, expected)
-    summed = unmasked.params.quantizer().dequantize_sum(unmasked.ints, len(weights))  # sum alpha_i delta_i (L,)
-    if cfg.privacy.mechanism == "central":
-        central = privacy.central_round(cfg, denominator, state.noise_rng)
-        central.noised.add_sum(flat.unflatten(summed, expected), len(weights))
-        return central.noised.result(expected)
-    by_rank: dict[int, float] = {}
-    for a, rank in weights.values():
-        by_rank[rank] = by_rank.get(rank, 0.0) + a
-    if set(by_rank) <= {full_rank}:
-        return flat.unflatten(summed / sum(by_rank.values()), expected)
-    cover = sum(a * flat.coverage(rank, expected) for rank, a in by_rank.items())
-    mean = np.divide(summed, cover, out=np.zeros_like(summed), where=cover > 0)
-    return flat.unflatten(mean, expected)
+        summed = distributed.from_ring(unmasked.ints, unmasked.bits) / cal.scale
+        info["distributed"] = _distributed_info(cal, len(parts), denominator)
+    else:
+        summed = unmasked.params.quantizer().dequantize_sum(unmasked.ints, len(parts))  # sum alpha_i delta_i (L,)
+    mechanism = MECHANISMS.get(cfg.privacy.mechanism)
+    aggregator = mechanism.aggregator(cfg, state.global_arrays, denominator, state.noise_rng, reference=expected)
+    aggregator.add_sum(flat.unflatten(summed, expected, np.float64), parts)
+    return aggregator.result()

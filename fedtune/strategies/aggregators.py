@@ -8,43 +8,64 @@ https://arxiv.org/abs/1703.02757).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
 from fedtune.config import StrategyConfig
 from fedtune.core.arrays import Arrays
-from fedtune.core.errors import FedtuneError
+from fedtune.core.errors import FedtuneError, UpdateRejected
+from fedtune.model.lora import rank_masks, rank_of
 from fedtune.strategies.kernels import Accumulator
 
 
 class WeightedMean:
     """Running weighted mean: memory is one accumulator (``strategy.sum-dtype``), not one copy per
-    client."""
+    client.
+
+    Rank-aware: an update from a lower-rank site (zero-padded to the global rank) counts only in the
+    entries its rank covers, so each entry is averaged over the sites that trained it (HetLoRA-style
+    weighting, Cho et al. 2024, https://arxiv.org/abs/2401.06432). The same rule divides a SecAgg+ sum
+    (:meth:`add_sum`), whose parts are known only by (weight, rank).
+    """
 
     def __init__(self, cfg: StrategyConfig | None = None, global_arrays: Arrays | None = None) -> None:
         self._kernel = Accumulator(cfg.sum_dtype if cfg is not None else "float64")
+        self._full = (rank_of(global_arrays) or 0) if global_arrays is not None else None
         self._sum: Arrays = {}
         self._weight = 0.0
-        self._masked: Arrays = {}  # per-entry weight sums, only once a masked update arrived
+        self._masked: Arrays = {}  # per-entry weight sums, only once a lower-rank update arrived
+        self._masks: dict[int, Arrays] = {}  # the entries each lower rank covers
 
-    def add(self, delta: Arrays, weight: float) -> None:
-        if weight < 0:
-            raise ValueError(f"weight must be >= 0, got {weight}")
+    def add(self, delta: Arrays, weight: float, *, rank: int | None = None, under_clip: bool = False) -> None:
+        _check_weight(weight)
         self._accumulate(delta, weight)
-        self._weight += weight
-        for k in self._masked:
-            self._masked[k] += weight
+        self._cover(weight, rank, delta)
 
-    def add_masked(self, delta: Arrays, weight: float, masks: Arrays) -> None:
-        """Add an update that covers only the entries where ``masks`` is 1 (a lower-rank site,
-        zero-padded): each entry is then averaged over the sites that trained it (HetLoRA-style
-        rank-aware weighting, Cho et al. 2024, https://arxiv.org/abs/2401.06432)."""
-        if weight < 0:
-            raise ValueError(f"weight must be >= 0, got {weight}")
-        self._accumulate(delta, weight)
-        for k in delta:
+    def add_sum(self, total: Arrays, parts: Sequence[tuple[float, int]]) -> None:
+        """Add sum_i w_i x_i of the ``parts`` (w_i, rank_i): kept in float64, as the sum was formed."""
+        by_rank: dict[int, float] = {}
+        for weight, rank in parts:
+            _check_weight(weight)
+            by_rank[rank] = by_rank.get(rank, 0.0) + weight
+        for k, v in total.items():
+            self._sum[k] = self._sum[k] + v if k in self._sum else np.array(v, dtype=np.float64)
+        for rank, weight in by_rank.items():
+            self._cover(weight, rank, total)
+
+    def _cover(self, weight: float, rank: int | None, like: Arrays) -> None:
+        """Count ``weight`` in the entries a rank-``rank`` update covers (all of them at the global rank)."""
+        if rank is None or rank == self._full:
+            self._weight += weight
+            for k in self._masked:
+                self._masked[k] += weight
+            return
+        if rank not in self._masks:
+            self._masks[rank] = rank_masks(rank, like)
+        masks = self._masks[rank]
+        for k in like:
             if k not in self._masked:
-                self._masked[k] = np.full(delta[k].shape, self._weight, dtype=np.float64)
+                self._masked[k] = np.full(like[k].shape, self._weight, dtype=np.float64)
             self._masked[k] += weight * masks[k]
         self._weight += weight
 
@@ -71,19 +92,31 @@ class WeightedMean:
         return {}
 
 
+def _check_weight(weight: float) -> None:
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
+
+
 class _Collect:
     """Holds every update of the round (robust rules need them all)."""
 
     def __init__(self, cfg: StrategyConfig, global_arrays: Arrays) -> None:
         self.cfg = cfg
+        self.full_rank = rank_of(global_arrays) or 0
         self.updates: list[Arrays] = []
         self.weights: list[float] = []
 
-    def add(self, delta: Arrays, weight: float) -> None:
-        if weight < 0:
-            raise ValueError(f"weight must be >= 0, got {weight}")
+    def add(self, delta: Arrays, weight: float, *, rank: int | None = None, under_clip: bool = False) -> None:
+        if rank is not None and rank != self.full_rank:
+            raise UpdateRejected(f"`strategy.name` = {self.cfg.name} has no rule for rank {rank}")
+        _check_weight(weight)
         self.updates.append(delta)
         self.weights.append(weight)
+
+    def add_sum(self, total: Arrays, parts: Sequence[tuple[float, int]]) -> None:
+        raise FedtuneError(
+            f"`strategy.name` = {self.cfg.name} needs every update, and secure aggregation reveals only their sum"
+        )
 
     def stacked(self, key: str) -> np.ndarray:
         return np.stack([u[key] for u in self.updates]).astype(np.float64)  # (N, *shape)

@@ -7,7 +7,7 @@ the same way, so robust aggregators and server optimizers stay independent piece
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,10 +16,23 @@ from fedtune.core.arrays import Arrays
 
 
 class Aggregator(Protocol):
-    """Combines one round's validated deltas into one delta; a fresh one is made each round."""
+    """Combines one round's validated deltas into one delta; a fresh one is made each round.
 
-    def add(self, delta: Arrays, weight: float) -> None:
-        """Take one client's delta with its (non-negative) weight."""
+    Every way a round combines updates sits behind it: the plain weighted mean, the robust rules,
+    central DP's noised sum and the sum SecAgg+ unmasks. A reply is folded in with :meth:`add`; a sum
+    whose parts the server never sees (SecAgg+) with :meth:`add_sum`, its parts known only by
+    (weight, LoRA rank).
+    """
+
+    def add(self, delta: Arrays, weight: float, *, rank: int | None = None, under_clip: bool = False) -> None:
+        """Take one client's delta (at the global rank, zero-padded from ``rank`` when that is lower)
+        with its (non-negative) weight; ``under_clip`` is the site's report that its delta fit under
+        the clip norm before clipping (only central DP's adaptive clipping reads it). Raises
+        UpdateRejected, before anything is added, when the rule cannot take it."""
+
+    def add_sum(self, total: Arrays, parts: Sequence[tuple[float, int]]) -> None:
+        """Take the sum of several deltas, each already multiplied by its weight, known only as
+        (weight, LoRA rank) pairs. Raises FedtuneError when the rule needs every update."""
 
     def result(self) -> Arrays:
         """The combined delta of everything added this round."""

@@ -65,3 +65,6 @@ WIRE = "wire"
 TIME_LOAD = "time-load"  # open the site, put the global adapter into the model
 TIME_TRAIN = "time-train"  # local steps, delta and privacy step
 TIME_SERIALIZE = "time-serialize"  # encode the delta and build the reply's records
+
+#: SecAgg+ masked values travel as unsigned integers of at most this many bits.
+MAX_MODULUS_BITS = 32

@@ -23,7 +23,7 @@ from fedtune.client.app import app as client_app
 from fedtune.client.pipeline import LocalUpdate
 from fedtune.config.plan import Plan
 from fedtune.config.presets import preset
-from fedtune.model.lora import pad_rank
+from fedtune.model.lora import pad_rank, rank_of
 from fedtune.server import checkpoint
 from fedtune.server.app import run_server
 from fedtune.simulations.local import LocalGrid
@@ -126,7 +126,7 @@ def fedavg(updates: list[LocalUpdate], like: Arrays) -> tuple[Arrays, Arrays]:
         assert u.delta is not None and set(u.delta) == set(like)
         padded, masks = pad_rank(u.delta, like)
         w = float(u.metrics[keys.NUM_EXAMPLES])
-        mean.add_masked(padded, w, masks)
+        mean.add(padded, w, rank=rank_of(u.delta))
         for k in like:
             cover[k] += w / top * masks[k]
     return mean.result(), cover

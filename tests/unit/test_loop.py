@@ -455,8 +455,8 @@ def test_an_aggregate_that_fails_on_a_checked_reply_is_not_applied(
 
     real = WeightedMean.add
 
-    def add(self: WeightedMean, delta: dict[str, np.ndarray], weight: float) -> None:
-        real(self, delta, weight)  # node 3's delta is in the sum by now
+    def add(self: WeightedMean, delta: dict[str, np.ndarray], weight: float, **kw: Any) -> None:
+        real(self, delta, weight, **kw)  # node 3's delta is in the sum by now
         if weight == 3:
             raise RuntimeError("bug")
 

@@ -8,24 +8,13 @@ rank covers (ranks are public), so it can divide each entry by the weight of the
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 import numpy as np
 
 from fedtune.core.arrays import Arrays
-from fedtune.model.lora import LORA_A, LORA_B, pad_rank
-
-
-def full_rank_like(arrays: Arrays, rank: int) -> Arrays:
-    """Zero-stride stand-ins shaped like ``arrays`` at LoRA rank ``rank``: A (rank, in), B (out, rank)."""
-    out = {}
-    for key, value in arrays.items():
-        shape = value.shape
-        if LORA_A in key:
-            shape = (rank, *value.shape[1:])
-        elif LORA_B in key:
-            shape = (value.shape[0], rank, *value.shape[2:])
-        out[key] = np.broadcast_to(np.float32(0), shape)
-    return out
+from fedtune.model.lora import full_rank_like as full_rank_like  # re-exported: sites lay out by it
+from fedtune.model.lora import pad_rank, rank_masks
 
 
 def length(like: Arrays) -> int:
@@ -41,13 +30,13 @@ def flatten(arrays: Arrays, like: Arrays) -> np.ndarray:
     return np.concatenate([padded[k].astype(np.float64).ravel() for k in sorted(like)])
 
 
-def unflatten(vector: np.ndarray, like: Arrays) -> Arrays:
-    """Inverse of :func:`flatten` at full rank: float32 arrays shaped like ``like``."""
+def unflatten(vector: np.ndarray, like: Arrays, dtype: type[np.floating[Any]] = np.float32) -> Arrays:
+    """Inverse of :func:`flatten` at full rank: arrays (float32 unless ``dtype``) shaped like ``like``."""
     out, start = {}, 0
     for key in sorted(like):
         shape = like[key].shape
         size = int(np.prod(shape))
-        out[key] = vector[start : start + size].reshape(shape).astype(np.float32)
+        out[key] = vector[start : start + size].reshape(shape).astype(dtype)
         start += size
     if start != vector.size:
         raise ValueError(f"vector has {vector.size} entries, the adapter {start}")
@@ -56,7 +45,7 @@ def unflatten(vector: np.ndarray, like: Arrays) -> Arrays:
 
 def coverage(rank: int, like: Arrays) -> np.ndarray:
     """1.0 for the flat entries a rank-``rank`` site trains, 0.0 for those it zero-pads, float64 (L,)."""
-    _, masks = pad_rank(full_rank_like(like, rank), like)
+    masks = rank_masks(rank, like)
     return np.concatenate([np.broadcast_to(masks[k], like[k].shape).ravel() for k in sorted(like)])
 
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Masked values travel as unsigned integers of at most this many bits.
-MAX_MODULUS_BITS = 32
+from fedtune.wire.keys import MAX_MODULUS_BITS as MAX_MODULUS_BITS  # masked values on the wire
 
 
 def modulus_bits(n_clients: int, bits: int) -> int:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from fedtune.config import RunConfig
+from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.privacy.secagg.graph import check_params, default_threshold, effective_degree
 from fedtune.privacy.secagg.graph import problems as graph_problems
@@ -46,12 +47,7 @@ def auto_clip(cfg: RunConfig) -> float:
     L2-clipped to C (so no entry exceeds C); ``local`` adds N(0, (zC)^2) noise to every entry.
     """
     bound = ADAM_STEP_BOUND * cfg.train.local_steps * cfg.train.lr
-    p = cfg.privacy
-    if p.mechanism in ("central", "local"):
-        bound = min(bound, p.clip_norm)
-    if p.mechanism == "local":
-        bound += NOISE_SIGMAS * max(p.noise_multiplier, 0.0) * p.clip_norm
-    return bound
+    return MECHANISMS.get(cfg.privacy.mechanism).entry_bound(cfg, bound, NOISE_SIGMAS)
 
 
 @dataclass(frozen=True)
