@@ -1,188 +1,17 @@
-"""What a run shows and leaves behind: config tree, per-round table, metrics.jsonl, plots, summary."""
+"""``summary.json``'s privacy and secure-aggregation sections: each guarantee, its unit, what it covers and
+the trust it rests on, as one statement the README repeats; and the log's one-line privacy sentence."""
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.tree import Tree
-
-from fedtune.config import RunConfig
 from fedtune.config.plan import Plan
-from fedtune.model.task_metrics import GENERATED, column
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.accounting import Event
 from fedtune.privacy.skellam import SkellamEvent
+from fedtune.server.record import json_number
 from fedtune.server.state import ServerState
-
-log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-TABLE_FILE = "rounds.md"
-
-# (header, row key, width, format)
-COLUMNS: list[tuple[str, str, int, str]] = [
-    ("round", "round", 5, "d"),
-    ("sampled", "sampled", 7, "d"),
-    ("replied", "replied", 7, "d"),
-    ("failed", "failed", 6, "d"),
-    ("train_loss", "train_loss", 10, ".4f"),
-    ("eval_loss", "eval_loss", 9, ".4f"),
-    ("epsilon", "epsilon", 7, ".3f"),
-    ("up", "bytes_up", 9, "bytes"),
-    ("down", "bytes_down", 9, "bytes"),
-    ("seconds", "seconds", 7, ".1f"),
-]
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _cell(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, str):
-        return value
-    if fmt == "bytes":
-        return human_bytes(float(value))
-    return format(value, fmt)
-
-
-Column = tuple[str, str, int, str]
-
-
-def columns(metrics: Sequence[str] = ()) -> list[Column]:
-    """The table's columns: :data:`COLUMNS`, with one column per task metric after ``eval_loss``."""
-    extra = [(column(m), column(m), max(len(column(m)), 6), ".3f") for m in metrics if m in GENERATED]
-    at = [k for _, k, _, _ in COLUMNS].index("eval_loss") + 1
-    return COLUMNS[:at] + extra + COLUMNS[at:]
-
-
-def table_header(cols: Sequence[Column] = COLUMNS) -> str:
-    """The per-round table's header line."""
-    return " | ".join(h.rjust(w) for h, _, w, _ in cols)
-
-
-def table_row(row: dict[str, Any], cols: Sequence[Column] = COLUMNS) -> str:
-    """One round as a table line."""
-    return " | ".join(_cell(row.get(k), f).rjust(w) for _, k, w, f in cols)
-
-
-def config_tree(cfg: RunConfig) -> str:
-    """The effective config as a tree, one branch per section."""
-    tree = Tree("[bold]fedtune run config[/bold]")
-    sections: dict[str, Tree] = {}
-    for key, value in cfg.to_flat().items():
-        section, _, name = key.rpartition(".")
-        if section and section not in sections:
-            sections[section] = tree.add(f"[bold]{section}[/bold]")
-        (sections[section] if section else tree).add(f"{name} = {value!r}")
-    console = Console(width=100, record=True, force_terminal=False, color_system=None)
-    with console.capture() as cap:
-        console.print(tree)
-    return cap.get().rstrip()
-
-
-class Reporter:
-    """Writes ``metrics.jsonl`` as rounds finish and prints the table rows."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.path = out / METRICS_FILE
-        self.cols: list[Column] = list(COLUMNS)
-
-    def start(self, plan: Plan) -> None:
-        """Log the config tree, the plan table (if any) and the round table's header."""
-        rounds = [plan.base, *(plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1))]
-        self.cols = columns(list(dict.fromkeys(m for cfg in rounds for m in cfg.eval.metric_names())))
-        log.info("%s", config_tree(plan.base))
-        if plan.entries:
-            log.info(
-                "Round plan:\n%s",
-                "\n".join(f"  rounds {span:>7} | {changes}" for span, changes in plan.table()),
-            )
-        log.info("%s", table_header(self.cols))
-
-    def truncate(self, last_round: int) -> None:
-        """Keep only rounds up to ``last_round`` in ``metrics.jsonl`` (before resuming)."""
-        if not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["round"] <= last_round]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
-
-    def row(self, row: dict[str, Any]) -> None:
-        """Append the round to ``metrics.jsonl`` and print its table line."""
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(row, default=str) + "\n")
-        log.info("%s", table_row(row, self.cols))
-
-    def finish(self, cfg: RunConfig, history: list[dict[str, Any]], extra: dict[str, Any]) -> None:
-        """Write the round table (markdown), the loss plot and ``summary.json``."""
-        cols = self.cols
-        lines = ["| " + " | ".join(h for h, _, _, _ in cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(_cell(r.get(k), f) for _, k, _, f in cols) + " |" for r in history]
-        (self.out / TABLE_FILE).write_text("\n".join(lines) + "\n")
-        plot_losses(history, self.out / "plots" / "loss.png")
-        evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
-        summary = {
-            "rounds": cfg.num_server_rounds,
-            "final": history[-1] if history else None,
-            "eval_loss_first": evals[0] if evals else None,
-            "eval_loss_last": evals[-1] if evals else None,
-            "eval_loss_drop": (1 - evals[-1] / evals[0]) if len(evals) > 1 and evals[0] else None,
-            "bytes_up_total": sum(r.get("bytes_up", 0) for r in history),
-            "bytes_down_total": sum(r.get("bytes_down", 0) for r in history),
-            "seconds_total": sum(r.get("seconds", 0.0) for r in history),
-            **extra,
-            "config": cfg.to_flat(),
-        }
-        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-
-
-def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
-    """Train and eval loss per round as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in [
-        ("train_loss", "train (sites)"),
-        ("eval_loss_central", "eval (server held-out)"),
-        ("eval_loss_federated", "eval (sites' held-out)"),
-    ]:
-        points = [(r["round"], r[key]) for r in history if r.get(key) is not None]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("loss per response token")
-    ax.set_title("fedtune: loss per round")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
 
 TRUST = {
     "central": "the server sees each clipped update in the clear and adds the noise: the guarantee holds "
@@ -219,11 +48,6 @@ FEDERATED_EVAL = (
     "(`eval.federated` = true) reports without noise."
 )
 NO_FEDERATED_EVAL = "; federated evaluation is off (`eval.federated`), so no per-site metrics are reported."
-
-
-def json_number(value: float | None) -> float | str | None:
-    """``value`` for JSON: infinity as the string "inf" (JSON has no infinity)."""
-    return "inf" if value is not None and math.isinf(value) else value
 
 
 def trust(plan: Plan, family: str) -> str:
