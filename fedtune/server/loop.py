@@ -292,6 +292,41 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
     state.hidden = privacy.participants_hidden(plan)
     if privacy.secret_sample(plan):  # amplification assumes the sample secret: never from `seed`, new on resume
         state.rng = noise_rng()
+    solved = _planned_noise(plan, base, state)
+    extra = {keys.DP_PLANNED_STEPS: privacy.dpsgd_planned_steps(plan)}
+    if state.round == 0 and not state.history:
+        start = time.monotonic()
+        connected = wait_for_nodes(grid, base.server.min_clients, base.server.wait_for_clients)
+        if not _affordable(base, state, 0, [], connected):
+            return state
+        record = RoundRecord(round=0)
+        evaluate_round(base, grid, state, 0, record, evaluate)
+        _finish(state, record, start, state.privacy.epsilon(base, family), on_round)
+    for rnd in range(state.round + 1, base.num_server_rounds + 1):
+        if state.privacy.stopped:
+            break
+        cfg = _settled(plan, privacy.round_config(plan.for_round(rnd), state.privacy, solved))
+        start = time.monotonic()
+        picked = _sample(cfg, grid, state, rnd)
+        if picked is None:
+            break
+        sampled, denominator = picked
+        record = RoundRecord(round=rnd, sampled=len(sampled), sampled_nodes=sampled, spec=plan.spec(rnd))
+        if cfg.secagg.protocol == "secagg":
+            secagg_round(cfg, grid, state, rnd, sampled, record, extra, max(denominator, 1e-12))
+        else:
+            _train_round(cfg, grid, state, rnd, sampled, record, extra, max(denominator, 1e-12))
+        evaluate_round(cfg, grid, state, rnd, record, evaluate)
+        if state.hidden:
+            redact(record, sampled)
+        state.round = rnd
+        _finish(state, record, start, state.privacy.epsilon(cfg, family), on_round)
+    return state
+
+
+def _planned_noise(plan: Plan, base: RunConfig, state: ServerState) -> float | None:
+    """The noise multiplier solved from ``privacy.target-epsilon`` (None when it is not solved), with what
+    the planned rounds will spend logged; refuses a distributed-DP plan that cannot carry it."""
     solved = privacy.solved_noise(plan, state.global_arrays)
     if solved is not None:
         log.info(
@@ -307,58 +342,45 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
             "; the budget will stop the run earlier" if 0 < base.privacy.target_epsilon < projected else "",
         )
     privacy.check_distributed(plan, solved, state.global_arrays)  # before round 1, once z is known
-    extra = {keys.DP_PLANNED_STEPS: privacy.dpsgd_planned_steps(plan)}
-    if state.round == 0 and not state.history:
-        start = time.monotonic()
-        connected = wait_for_nodes(grid, base.server.min_clients, base.server.wait_for_clients)
-        try:
-            traffic.check_budget(base, state, 0, traffic.projected_bytes(base, state, [], _evaluated(base, connected)))
-        except CommunicationBudgetExceeded as exc:
-            state.communication_stopped = str(exc)
-            log.warning("%s", exc)
-            return state
-        record = RoundRecord(round=0)
-        evaluate_round(base, grid, state, 0, record, evaluate)
-        record.seconds = time.monotonic() - start
-        record.epsilon = state.privacy.epsilon(base, family)
-        state.history.append(record)
-        on_round(state, record)
-    for rnd in range(state.round + 1, base.num_server_rounds + 1):
-        if state.privacy.stopped:
-            break
-        cfg = _settled(plan, privacy.round_config(plan.for_round(rnd), state.privacy, solved))
-        start = time.monotonic()
-        try:
-            privacy.check_budget(cfg, state.privacy, rnd, state.global_arrays)
-            connected = wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients)
-            nodes = _eligible(connected, cfg, state)
-        except PrivacyBudgetExceeded as exc:
-            state.privacy.stopped = str(exc)
-            log.warning("%s", exc)
-            break
-        sampled = sample_nodes(nodes, cfg, state.rng)
-        try:
-            moves = traffic.projected_bytes(cfg, state, sampled, _evaluated(cfg, connected))
-            traffic.check_budget(cfg, state, rnd, moves)
-        except CommunicationBudgetExceeded as exc:
-            state.communication_stopped = str(exc)
-            log.warning("%s", exc)
-            break
-        denominator = cfg.server.fraction_train * len(nodes) if cfg.server.sampling == "poisson" else len(sampled)
-        record = RoundRecord(round=rnd, sampled=len(sampled), sampled_nodes=sampled, spec=plan.spec(rnd))
-        if cfg.secagg.protocol == "secagg":
-            secagg_round(cfg, grid, state, rnd, sampled, record, extra, max(denominator, 1e-12))
-        else:
-            _train_round(cfg, grid, state, rnd, sampled, record, extra, max(denominator, 1e-12))
-        evaluate_round(cfg, grid, state, rnd, record, evaluate)
-        record.seconds = time.monotonic() - start
-        record.epsilon = state.privacy.epsilon(cfg, family)
-        if state.hidden:
-            redact(record, sampled)
-        state.round = rnd
-        state.history.append(record)
-        on_round(state, record)
-    return state
+    return solved
+
+
+def _sample(cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int) -> tuple[list[int], float] | None:
+    """Round ``rnd``'s sample and the denominator central DP divides by; None when a budget (privacy or
+    communication) stops the run before the round, with the reason in ``state``."""
+    try:
+        privacy.check_budget(cfg, state.privacy, rnd, state.global_arrays)
+        connected = wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients)
+        nodes = _eligible(connected, cfg, state)
+    except PrivacyBudgetExceeded as exc:
+        state.privacy.stopped = str(exc)
+        log.warning("%s", exc)
+        return None
+    sampled = sample_nodes(nodes, cfg, state.rng)
+    if not _affordable(cfg, state, rnd, sampled, connected):
+        return None
+    denominator = cfg.server.fraction_train * len(nodes) if cfg.server.sampling == "poisson" else len(sampled)
+    return sampled, denominator
+
+
+def _affordable(cfg: RunConfig, state: ServerState, rnd: int, sampled: list[int], connected: list[int]) -> bool:
+    """Whether round ``rnd`` (training ``sampled``, evaluating at ``connected``) fits
+    ``communication.budget-mb``; else the run stops (False), the reason in ``state``."""
+    try:
+        traffic.check_budget(cfg, state, rnd, traffic.projected_bytes(cfg, state, sampled, _evaluated(cfg, connected)))
+    except CommunicationBudgetExceeded as exc:
+        state.communication_stopped = str(exc)
+        log.warning("%s", exc)
+        return False
+    return True
+
+
+def _finish(state: ServerState, record: RoundRecord, start: float, epsilon: float | None, on_round: OnRound) -> None:
+    """Close the round's record (its seconds since ``start``, epsilon so far), keep it and report it."""
+    record.seconds = time.monotonic() - start
+    record.epsilon = epsilon
+    state.history.append(record)
+    on_round(state, record)
 
 
 def _evaluated(cfg: RunConfig, connected: list[int]) -> list[int]:
