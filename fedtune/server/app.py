@@ -25,6 +25,7 @@ from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.server import checkpoint, loop, site_metrics, traffic
 from fedtune.server.evaluation import CentralEvaluator
 from fedtune.server.outputs import Writer
+from fedtune.server.record import RoundRecord
 from fedtune.server.report import Reporter, privacy_line, privacy_summary, secagg_summary
 from fedtune.server.state import GridLike, ServerState
 
@@ -65,9 +66,9 @@ def run_server(plan: Plan, grid: GridLike, *, resume: bool = False) -> dict[str,
     reporter.start(plan)
     note = site_metrics.NOT_COVERED if MECHANISMS.get(privacy_summary(plan, state)["mechanism"]).dp else None
 
-    def on_round(s: ServerState, row: dict[str, Any]) -> None:
+    def on_round(s: ServerState, record: RoundRecord) -> None:
         checkpoint.save(out, s, plan, writer.checkpoint)
-        reporter.row(row)
+        reporter.row(record)
         site_metrics.write_sites(out, s.history, note)
 
     state = loop.run(plan, grid, state, evaluate=evaluator, on_round=on_round)

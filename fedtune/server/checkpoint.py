@@ -18,6 +18,7 @@ from fedtune.privacy import rounds as privacy
 from fedtune.privacy.central import noise_rng
 from fedtune.privacy.rounds import PrivacyState
 from fedtune.server.outputs import read_checkpoint
+from fedtune.server.record import RoundRecord
 from fedtune.server.state import ServerState
 
 STATE_FILE = "state.json"
@@ -48,7 +49,8 @@ def save(out: Path, state: ServerState, plan: Plan, write_weights: Callable[[Pat
         meta["config"] = plan.to_flat()
         if not privacy.participants_hidden(plan):
             meta["node_ranks"] = {str(k): v for k, v in state.node_ranks.items()}
-        meta.update(run_id=state.run_id, privacy=state.privacy.to_dict(), history=state.history)
+        history = [record.to_json() for record in state.history]
+        meta.update(run_id=state.run_id, privacy=state.privacy.to_dict(), history=history)
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=str))
         flat = {f"{name}{SEP}{k}": v for name, arrays in state.optimizer_states.items() for k, v in arrays.items()}
         if flat:
@@ -76,7 +78,7 @@ def load(directory: Path) -> ServerState:
         round=int(meta["round"]),
         global_arrays=arrays,
         rng=rng,
-        history=meta["history"],
+        history=[RoundRecord.from_json(entry) for entry in meta["history"]],
         optimizer_states=optimizer_states,
         node_ranks={int(k): int(v) for k, v in meta.get("node_ranks", {}).items()},
         run_id=str(meta.get("run_id", "")),

@@ -28,7 +28,7 @@ from fedtune.server import site_metrics, traffic, validation
 from fedtune.server.bookkeeping import account_round, declined, record_site_epsilon, server_step
 from fedtune.server.exchange import release, stream_replies, wait_for_nodes
 from fedtune.server.participants import redact, scrub, who
-from fedtune.server.report import json_number
+from fedtune.server.record import Failure, RoundRecord
 from fedtune.server.secagg_round import secagg_round
 from fedtune.server.state import Evaluate, GridLike, OnRound, ServerState
 from fedtune.server.timing import RoundClock
@@ -69,12 +69,12 @@ def _send(
     nodes: list[int],
     kind: str,
     rnd: int,
-    row: dict[str, Any],
+    record: RoundRecord,
     clock: RoundClock | None = None,
     extra: Mapping[str, int | str] | None = None,
 ) -> Iterator[tuple[int, Message]]:
     """Send each node the global adapter at its own rank (once known; full rank when compressed) with
-    the round's spec, count each node's bytes in ``row``; return the replies as a stream."""
+    the round's spec, count each node's bytes in ``record``; return the replies as a stream."""
     started = time.perf_counter()
     if nodes:  # the server steps and evaluates from exactly what the sites receive
         state.global_arrays = traffic.received_adapter(cfg, state, rnd)
@@ -87,7 +87,7 @@ def _send(
         if rank not in by_rank:
             by_rank[rank] = RecordDict({**traffic.adapter_records(cfg, state, rnd, rank), keys.SPEC: spec})
         content = by_rank[rank]
-        traffic.add_bytes(row, node, down=message_bytes(content, keys.ADAPTER))
+        record.count_bytes(node, down=message_bytes(content, keys.ADAPTER))
         messages.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)))
     if clock is not None:
         clock.push(time.perf_counter() - started)
@@ -100,32 +100,31 @@ def _train_round(
     state: ServerState,
     rnd: int,
     nodes: list[int],
-    row: dict[str, Any],
+    record: RoundRecord,
     extra: Mapping[str, int | str],
     denominator: float,
 ) -> None:
-    """Send train messages, validate and aggregate the replies into ``state``; fill ``row``.
+    """Send train messages, validate and aggregate the replies into ``state``; fill ``record``.
 
     ``denominator`` is what ``central`` DP divides the noised sum by (the expected number of
     clients), fixed before any reply arrives.
     """
     sequential = bool(getattr(grid, "in_process", False))
     clock = RoundClock(sequential=sequential, site_seconds=MECHANISMS.get(cfg.privacy.mechanism).clear_site_metrics)
-    row["time"] = clock.parts
-    row.update(bytes_up=0, bytes_down=0)
-    replies = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd, row, clock, extra)
+    record.time = clock.parts
+    replies = _send(grid, state, cfg, nodes, MessageType.TRAIN, rnd, record, clock, extra)
     aggregator = _aggregator(cfg, state, denominator)
-    failures: list[dict[str, Any]] = []
+    failures: list[Failure] = []
     accepted: list[tuple[int, float, float]] = []  # (node, weight, train loss): never the delta
     exhausted: list[int] = []
-    checks: dict[str, dict[str, int]] = {}
+    checks: dict[int, dict[str, int]] = {}
     asked, answered = set(nodes), set[int]()
     hide = frozenset(nodes) if state.hidden else None
     broken = False  # adding a checked reply raised: the aggregate may hold part of it, so it is not applied
 
     def fail(node: int, reason: str) -> None:
         log.warning("round %d: rejected reply from %s: %s", rnd, who(node, hide), scrub(reason, hide))
-        failures.append({"node": node, "reason": reason})
+        failures.append(Failure(node, reason))
 
     for node, reply in replies:  # streamed: each reply is folded in, then dropped
         if node not in asked or node in answered:  # not asked, or a second answer: only the first counts
@@ -135,7 +134,7 @@ def _train_round(
         folding = time.perf_counter()
         ok: validation.Accepted | None = None
         try:
-            ok = _checked(cfg, state, node, reply, row, clock)
+            ok = _checked(cfg, state, node, reply, record, clock)
             if ok is not None:
                 aggregator.add(ok.delta, ok.weight, rank=ok.rank, under_clip=bool(ok.metrics.get(keys.UNDER_CLIP, 0)))
         except UpdateRejected as exc:
@@ -159,21 +158,21 @@ def _train_round(
             continue
         record_site_epsilon(ok.epsilon, node, state)
         if (counts := site_metrics.data_checks(ok.metrics)) is not None:
-            checks[str(node)] = counts
+            checks[node] = counts
         state.node_ranks[node] = ok.rank
         accepted.append((node, ok.weight, ok.train_loss))
     for node in sorted(asked - answered):
         reason = f"no reply within `server.round-timeout` = {cfg.server.round_timeout:.0f} s"
         log.warning("round %d: %s failed: %s", rnd, who(node, hide), reason)
-        failures.append({"node": node, "reason": reason})
-    row.update(replied=len(accepted), failed=len(failures), failures=failures)
-    row["replied_nodes"] = sorted(node for node, _, _ in accepted)
+        failures.append(Failure(node, reason))
+    record.replied, record.failed, record.failures = len(accepted), len(failures), failures
+    record.replied_nodes = sorted(node for node, _, _ in accepted)
     if exhausted:
-        row["budget_exhausted_nodes"] = sorted(exhausted)
+        record.budget_exhausted_nodes = sorted(exhausted)
     if checks:
-        row["data_checks"] = checks
+        record.data_checks = checks
     losses = [(loss, w) for _, w, loss in accepted if not math.isnan(loss)]
-    row["train_loss"] = site_metrics.weighted_mean(losses) if losses else None
+    record.train_loss = site_metrics.weighted_mean(losses) if losses else None
     account_round(cfg, state, rnd, released=bool(accepted) and not broken)
     if broken or len(accepted) < cfg.server.min_replies:
         if not broken:
@@ -181,24 +180,24 @@ def _train_round(
                 "round %d: %d valid repl%s < `server.min-replies` = %d; global adapter unchanged.",
                 *(rnd, len(accepted), "y" if len(accepted) == 1 else "ies", cfg.server.min_replies),
             )
-        row["updated"] = False
+        record.updated = False
         return
     stepping = time.perf_counter()
     delta = aggregator.result()  # only the keys clients train (B alone under FFA-LoRA)
-    row.update(aggregator.metrics())
+    record.aggregated(aggregator.metrics())
     state.global_arrays = {**state.global_arrays, **server_step(cfg, state, delta)}
-    row["updated"] = True
+    record.updated = True
     clock.add("aggregate", time.perf_counter() - stepping)
 
 
 def _checked(
-    cfg: RunConfig, state: ServerState, node: int, reply: Message, row: dict[str, Any], clock: RoundClock
+    cfg: RunConfig, state: ServerState, node: int, reply: Message, record: RoundRecord, clock: RoundClock
 ) -> validation.Accepted | None:
     """One train reply, counted (bytes, the site's seconds) and checked: None when the site declines the
     round, else the Accepted reply; raises whatever the reply makes the checks raise."""
     if not reply.has_error():
         clock.arrived(reply.content.metric_records.get(keys.METRICS, {}))
-        traffic.add_bytes(row, node, up=message_bytes(reply.content, keys.DELTA))
+        record.count_bytes(node, up=message_bytes(reply.content, keys.DELTA))
     if declined(reply, node, state):
         return None
     return validation.accept_reply(reply, cfg, state.global_arrays)
@@ -215,16 +214,16 @@ def _aggregator(cfg: RunConfig, state: ServerState, denominator: float) -> Aggre
 
 
 def _federated_eval(
-    cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, row: dict[str, Any]
+    cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, record: RoundRecord
 ) -> dict[str, float]:
     """Every connected site's ``eval.metrics`` on its held-out split; each site's own values go
-    into ``row["sites_eval"]``, and the federation's (example-weighted) values are returned."""
+    into ``record.sites_eval``, and the federation's (example-weighted) values are returned."""
     nodes = sorted(grid.get_node_ids())
     if cfg.eval.federated is not True or not nodes:
         return {}
-    replies = _send(grid, state, cfg, nodes, MessageType.EVALUATE, rnd, row)
-    entries: dict[str, dict[str, Any]] = {}
-    failed: list[dict[str, Any]] = []
+    replies = _send(grid, state, cfg, nodes, MessageType.EVALUATE, rnd, record)
+    entries: dict[int, dict[str, Any]] = {}
+    failed: list[Failure] = []
     asked, answered = set(nodes), set[int]()
     for node, reply in replies:
         if node not in asked or node in answered:  # not asked, or a second answer: only the first counts
@@ -234,36 +233,36 @@ def _federated_eval(
             if reply.has_error():
                 raise UpdateRejected(f"client error: {reply.error.reason}")
             validation.check_records(reply.content, {keys.METRICS: MetricRecord})
-            entries[str(node)] = site_metrics.eval_entry(reply.content.metric_records.get(keys.METRICS, {}))
+            entries[node] = site_metrics.eval_entry(reply.content.metric_records.get(keys.METRICS, {}))
         except Exception as exc:  # a reply is untrusted input: whatever its checks raise fails its node only
             reason = validation.refused(exc)
             log.warning("round %d: eval failed on node %d: %s", rnd, node, reason)
-            failed.append({"node": node, "reason": reason})
+            failed.append(Failure(node, reason))
     if failed:
-        row["eval_failures"] = failed
+        record.eval_failures = failed
     if entries:
-        row["sites_eval"] = entries
+        record.sites_eval = entries
     return site_metrics.combine(entries)
 
 
 def evaluate_round(
-    cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, row: dict[str, Any], evaluate: Evaluate
+    cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, record: RoundRecord, evaluate: Evaluate
 ) -> None:
-    """Centralized and federated ``eval.metrics`` of the current global adapter, into ``row``."""
+    """Centralized and federated ``eval.metrics`` of the current global adapter, into ``record``."""
     central: Mapping[str, float]
     started = time.perf_counter()
     if cfg.compression.downlink != "none":  # evaluate exactly what the sites will receive
         state.global_arrays = traffic.received_adapter(cfg, state, rnd)
     if getattr(grid, "in_process", False):  # sites share this process's model: one at a time
         central = evaluate(state.global_arrays, cfg) if cfg.eval.centralized else {}
-        federated = _federated_eval(cfg, grid, state, rnd, row)
+        federated = _federated_eval(cfg, grid, state, rnd, record)
     else:  # the server's own eval overlaps with the sites' eval instead of running before it
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(evaluate, state.global_arrays, cfg) if cfg.eval.centralized else None
-            federated = _federated_eval(cfg, grid, state, rnd, row)
+            federated = _federated_eval(cfg, grid, state, rnd, record)
             central = pending.result() if pending is not None else {}
-    row.update(site_metrics.round_columns(cfg.eval.metric_names(), central, federated))
-    row.setdefault("time", {})["eval"] = time.perf_counter() - started
+    record.scores = site_metrics.scores(cfg.eval.metric_names(), central, federated)
+    record.time["eval"] = time.perf_counter() - started
 
 
 def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, on_round: OnRound) -> ServerState:
@@ -278,6 +277,41 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
     state.hidden = privacy.participants_hidden(plan)
     if privacy.secret_sample(plan):  # amplification assumes the sample secret: never from `seed`, new on resume
         state.rng = noise_rng()
+    solved = _planned_noise(plan, base, state)
+    extra = {keys.DP_PLANNED_STEPS: privacy.dpsgd_planned_steps(plan)}
+    if state.round == 0 and not state.history:
+        start = time.monotonic()
+        connected = wait_for_nodes(grid, base.server.min_clients, base.server.wait_for_clients)
+        if not _affordable(base, state, 0, [], connected):
+            return state
+        record = RoundRecord(round=0)
+        evaluate_round(base, grid, state, 0, record, evaluate)
+        _finish(state, record, start, state.privacy.epsilon(base, family), on_round)
+    for rnd in range(state.round + 1, base.num_server_rounds + 1):
+        if state.privacy.stopped:
+            break
+        cfg = _settled(plan, privacy.round_config(plan.for_round(rnd), state.privacy, solved))
+        start = time.monotonic()
+        picked = _sample(cfg, grid, state, rnd)
+        if picked is None:
+            break
+        sampled, denominator = picked
+        record = RoundRecord(round=rnd, sampled=len(sampled), sampled_nodes=sampled, spec=plan.spec(rnd))
+        if cfg.secagg.protocol == "secagg":
+            secagg_round(cfg, grid, state, rnd, sampled, record, extra, max(denominator, 1e-12))
+        else:
+            _train_round(cfg, grid, state, rnd, sampled, record, extra, max(denominator, 1e-12))
+        evaluate_round(cfg, grid, state, rnd, record, evaluate)
+        if state.hidden:
+            redact(record, sampled)
+        state.round = rnd
+        _finish(state, record, start, state.privacy.epsilon(cfg, family), on_round)
+    return state
+
+
+def _planned_noise(plan: Plan, base: RunConfig, state: ServerState) -> float | None:
+    """The noise multiplier solved from ``privacy.target-epsilon`` (None when it is not solved), with what
+    the planned rounds will spend logged; refuses a distributed-DP plan that cannot carry it."""
     solved = privacy.solved_noise(plan, state.global_arrays)
     if solved is not None:
         log.info(
@@ -293,66 +327,45 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
             "; the budget will stop the run earlier" if 0 < base.privacy.target_epsilon < projected else "",
         )
     privacy.check_distributed(plan, solved, state.global_arrays)  # before round 1, once z is known
-    extra = {keys.DP_PLANNED_STEPS: privacy.dpsgd_planned_steps(plan)}
-    if state.round == 0 and not state.history:
-        start = time.monotonic()
-        connected = wait_for_nodes(grid, base.server.min_clients, base.server.wait_for_clients)
-        try:
-            traffic.check_budget(base, state, 0, traffic.projected_bytes(base, state, [], _evaluated(base, connected)))
-        except CommunicationBudgetExceeded as exc:
-            state.communication_stopped = str(exc)
-            log.warning("%s", exc)
-            return state
-        row: dict[str, Any] = {
-            "round": 0,
-            "sampled": 0,
-            "replied": 0,
-            "failed": 0,
-            "train_loss": None,
-            "bytes_up": 0,
-            "bytes_down": 0,
-        }
-        evaluate_round(base, grid, state, 0, row, evaluate)
-        row["seconds"] = time.monotonic() - start
-        row["epsilon"] = json_number(state.privacy.epsilon(base, family))
-        state.history.append(row)
-        on_round(state, row)
-    for rnd in range(state.round + 1, base.num_server_rounds + 1):
-        if state.privacy.stopped:
-            break
-        cfg = _settled(plan, privacy.round_config(plan.for_round(rnd), state.privacy, solved))
-        start = time.monotonic()
-        try:
-            privacy.check_budget(cfg, state.privacy, rnd, state.global_arrays)
-            connected = wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients)
-            nodes = _eligible(connected, cfg, state)
-        except PrivacyBudgetExceeded as exc:
-            state.privacy.stopped = str(exc)
-            log.warning("%s", exc)
-            break
-        sampled = sample_nodes(nodes, cfg, state.rng)
-        try:
-            moves = traffic.projected_bytes(cfg, state, sampled, _evaluated(cfg, connected))
-            traffic.check_budget(cfg, state, rnd, moves)
-        except CommunicationBudgetExceeded as exc:
-            state.communication_stopped = str(exc)
-            log.warning("%s", exc)
-            break
-        denominator = cfg.server.fraction_train * len(nodes) if cfg.server.sampling == "poisson" else len(sampled)
-        row = {"round": rnd, "sampled": len(sampled), "sampled_nodes": sampled, "spec": plan.spec(rnd)}
-        if cfg.secagg.protocol == "secagg":
-            secagg_round(cfg, grid, state, rnd, sampled, row, extra, max(denominator, 1e-12))
-        else:
-            _train_round(cfg, grid, state, rnd, sampled, row, extra, max(denominator, 1e-12))
-        evaluate_round(cfg, grid, state, rnd, row, evaluate)
-        row["seconds"] = time.monotonic() - start
-        row["epsilon"] = json_number(state.privacy.epsilon(cfg, family))
-        if state.hidden:
-            redact(row, sampled)
-        state.round = rnd
-        state.history.append(row)
-        on_round(state, row)
-    return state
+    return solved
+
+
+def _sample(cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int) -> tuple[list[int], float] | None:
+    """Round ``rnd``'s sample and the denominator central DP divides by; None when a budget (privacy or
+    communication) stops the run before the round, with the reason in ``state``."""
+    try:
+        privacy.check_budget(cfg, state.privacy, rnd, state.global_arrays)
+        connected = wait_for_nodes(grid, cfg.server.min_clients, cfg.server.wait_for_clients)
+        nodes = _eligible(connected, cfg, state)
+    except PrivacyBudgetExceeded as exc:
+        state.privacy.stopped = str(exc)
+        log.warning("%s", exc)
+        return None
+    sampled = sample_nodes(nodes, cfg, state.rng)
+    if not _affordable(cfg, state, rnd, sampled, connected):
+        return None
+    denominator = cfg.server.fraction_train * len(nodes) if cfg.server.sampling == "poisson" else len(sampled)
+    return sampled, denominator
+
+
+def _affordable(cfg: RunConfig, state: ServerState, rnd: int, sampled: list[int], connected: list[int]) -> bool:
+    """Whether round ``rnd`` (training ``sampled``, evaluating at ``connected``) fits
+    ``communication.budget-mb``; else the run stops (False), the reason in ``state``."""
+    try:
+        traffic.check_budget(cfg, state, rnd, traffic.projected_bytes(cfg, state, sampled, _evaluated(cfg, connected)))
+    except CommunicationBudgetExceeded as exc:
+        state.communication_stopped = str(exc)
+        log.warning("%s", exc)
+        return False
+    return True
+
+
+def _finish(state: ServerState, record: RoundRecord, start: float, epsilon: float | None, on_round: OnRound) -> None:
+    """Close the round's record (its seconds since ``start``, epsilon so far), keep it and report it."""
+    record.seconds = time.monotonic() - start
+    record.epsilon = epsilon
+    state.history.append(record)
+    on_round(state, record)
 
 
 def _evaluated(cfg: RunConfig, connected: list[int]) -> list[int]:

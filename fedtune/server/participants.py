@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
-from typing import Any
 
-PARTICIPANT_FIELDS = ("sampled_nodes", "replied_nodes", "budget_exhausted_nodes", "bytes_per_client", "data_checks")
-"""Row fields that name, or are keyed by, the nodes that took part in the round's training."""
+from fedtune.server.record import Failure, RoundRecord
 
 
 def who(node: int, hide: Collection[int] | None) -> str:
@@ -24,15 +22,15 @@ def scrub(text: str, hide: Collection[int] | None) -> str:
     return re.sub(rf"(?<![\w.])(?:{ids})(?!\w|\.\d)", "<node>", text)
 
 
-def redact(row: dict[str, Any], sampled: Collection[int]) -> None:
-    """Take who took part out of a round's ``row`` (the sample is secret): the id lists and per-node
+def redact(record: RoundRecord, sampled: Collection[int]) -> None:
+    """Take who took part out of a round's ``record`` (the sample is secret): the id lists and per-node
     fields go, failures keep their reasons with every sampled id replaced, SecAgg+ keeps its counts."""
-    for key in PARTICIPANT_FIELDS:
-        row.pop(key, None)
-    if "failures" in row:
-        row["failures"] = [{"reason": scrub(str(f.get("reason", "")), sampled)} for f in row["failures"]]
-    if isinstance(secure := row.get("secagg"), dict):
-        for key in ("dropped", "recovered"):
-            secure.pop(key, None)
-        if "abandoned" in secure:
-            secure["abandoned"] = scrub(str(secure["abandoned"]), sampled)
+    record.sampled_nodes = record.replied_nodes = record.budget_exhausted_nodes = None
+    record.bytes_per_client = None
+    record.data_checks = None
+    if record.failures is not None:
+        record.failures = [Failure(None, scrub(f.reason, sampled)) for f in record.failures]
+    if (secure := record.secagg) is not None:
+        secure.dropped = secure.recovered = None
+        if secure.abandoned is not None:
+            secure.abandoned = scrub(secure.abandoned, sampled)

@@ -22,7 +22,7 @@ noise share (``fedtune.privacy.distributed``) in a modulus wide enough for the n
 the signed sum, divides it by the expected number of clients and records the noise the survivors added.
 
 A round that cannot finish (too few clients at some stage, a corrupt share) is abandoned: nothing is
-released and the global adapter stays as it was; the row says why.
+released and the global adapter stays as it was; the round's record says why.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from fedtune.privacy.skellam import SkellamEvent
 from fedtune.server import traffic
 from fedtune.server.bookkeeping import account_round, declined, record_site_epsilon, server_step
 from fedtune.server.participants import scrub
+from fedtune.server.record import Failure, RoundRecord, SecAggInfo
 from fedtune.server.secagg_exchanges import Exchanges, enough, kind_of, owned
 from fedtune.server.secagg_sum import Unmasked, aggregate
 from fedtune.server.state import GridLike, ServerState
@@ -97,47 +98,43 @@ def secagg_round(
     state: ServerState,
     rnd: int,
     nodes: list[int],
-    row: dict[str, Any],
+    record: RoundRecord,
     extra: Mapping[str, int | str],
     denominator: float,
 ) -> None:
-    """Run one SecAgg+ round with ``nodes``; update ``state.global_arrays`` unless it is abandoned; fill ``row``
-    as ``loop._train_round`` does, plus ``row["secagg"]`` (parameters, survivors, per-stage bytes and seconds).
+    """Run one SecAgg+ round with ``nodes``; update ``state.global_arrays`` unless it is abandoned; fill
+    ``record`` as ``loop._train_round`` does, plus ``record.secagg`` (parameters, survivors, per-stage bytes
+    and seconds).
 
     ``denominator`` is what ``central`` and ``distributed`` DP divide the noised sum by (the expected number
     of clients). Under ``distributed`` the round is charged the noise its survivors' shares really add up to
-    (``row["secagg"]["distributed"]``); an abandoned round is charged its target noise.
+    (``record.secagg.distributed``); an abandoned round is charged its target noise.
     """
     ex = Exchanges(grid, rnd, hide=frozenset(nodes) if state.hidden else None)
-    info: dict[str, Any] = {"stages": ex.stages}
+    info = SecAggInfo(stages=ex.stages)
     exhausted: list[int] = []
     survivors: list[int] = []
     try:
         survivors = _protocol(cfg, ex, state, rnd, nodes, extra, denominator, info, exhausted)
         updated = True
     except (SecAggError, ConfigError) as exc:
-        info["abandoned"] = str(exc)
+        info.abandoned = str(exc)
         reason = scrub(str(exc), ex.hide)
         log.warning("round %d: secure aggregation abandoned, global adapter unchanged: %s", rnd, reason)
         updated = False
-    info["dropped"] = sorted(set(nodes) - set(survivors))
-    dp = info.get("distributed")
-    released = SkellamEvent(dp["l1"], dp["l2"], dp["mu_released"], 1) if updated and dp else None
+    info.dropped = sorted(set(nodes) - set(survivors))
+    dp = info.distributed
+    released = SkellamEvent(dp.l1, dp.l2, dp.mu_released, 1) if updated and dp else None
     account_round(cfg, state, rnd, released=updated, event=released)
-    failures = [{"node": n, "reason": r} for n, r in sorted(ex.failures.items())]
-    row.update(
-        replied=len(survivors),
-        failed=len(failures),
-        failures=failures,
-        bytes_up=sum(s["bytes_up"] for s in ex.stages.values()),
-        bytes_down=sum(s["bytes_down"] for s in ex.stages.values()),
-        replied_nodes=survivors,
-        train_loss=None,  # no site reports a loss under secure aggregation
-        updated=updated,
-        secagg=info,
-    )
+    record.failures = [Failure(n, r) for n, r in sorted(ex.failures.items())]
+    record.replied, record.failed = len(survivors), len(record.failures)
+    record.bytes_up = sum(s["bytes_up"] for s in ex.stages.values())
+    record.bytes_down = sum(s["bytes_down"] for s in ex.stages.values())
+    record.replied_nodes = survivors
+    record.train_loss = None  # no site reports a loss under secure aggregation
+    record.updated, record.secagg = updated, info
     if exhausted:
-        row["budget_exhausted_nodes"] = sorted(exhausted)
+        record.budget_exhausted_nodes = sorted(exhausted)
 
 
 def _protocol(
@@ -148,7 +145,7 @@ def _protocol(
     nodes: list[int],
     extra: Mapping[str, int | str],
     denominator: float,
-    info: dict[str, Any],
+    info: SecAggInfo,
     exhausted: list[int],
 ) -> list[int]:
     """The four stages; returns U3 (whose inputs are in the applied sum) or raises to abandon the round."""
@@ -174,13 +171,8 @@ def _protocol(
     u1 = sorted(adverts)
     enough(u1, 2, "advertised keys")
     params = settings.resolve(cfg, len(u1))  # the graph is laid over U1
-    info.update(
-        degree=params.effective_degree,
-        threshold=params.threshold,
-        quant_bits=params.quant_bits,
-        modulus_bits=params.modulus_bits,
-        clip=params.clip,
-    )
+    info.degree, info.threshold, info.quant_bits = params.effective_degree, params.threshold, params.quant_bits
+    info.modulus_bits, info.clip = params.modulus_bits, params.clip
     enough(u1, params.threshold, "advertised keys")
     for node in u1:
         state.node_ranks[node] = adverts[node].rank
@@ -225,7 +217,7 @@ def _protocol(
         if found := distributed.problems(cfg, length, len(u2), params.threshold):
             raise ConfigError(" ".join(found))
         bits = cal.modulus_need(len(u2))
-        info.update(modulus_bits=bits)
+        info.modulus_bits = bits
     wire = wire_dtype(bits)
     state.global_arrays = traffic.received_adapter(cfg, state, rnd)  # what the sites train from
     adapters = {rank: traffic.adapter_records(cfg, state, rnd, rank) for rank in {adverts[i].rank for i in u2}}
@@ -267,7 +259,7 @@ def _protocol(
     u3 = sorted(masked)
     enough(u3, max(params.threshold, cfg.server.min_replies), "sent their masked input")
     dropped = sorted(set(u2) - set(u3))
-    info.update(survivors=len(u3), recovered=dropped)
+    info.survivors, info.recovered = len(u3), dropped
 
     # The declared ranks that size each entry's divisor are the ones checked here, before anything is unmasked.
     weights = {i: (alpha[i], adverts[i].rank) for i in u3}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -17,6 +16,7 @@ from fedtune.privacy import distributed
 from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg.settings import Params
+from fedtune.server.record import DistributedInfo, SecAggInfo
 from fedtune.server.state import ServerState
 
 
@@ -33,18 +33,18 @@ class Unmasked:
     """Each survivor's (alpha, LoRA rank)."""
 
 
-def _distributed_info(cal: distributed.Calibration, survivors: int, denominator: float) -> dict[str, Any]:
+def _distributed_info(cal: distributed.Calibration, survivors: int, denominator: float) -> DistributedInfo:
     """What a distributed-DP round released: sensitivities, noise target and the noise really present."""
-    return {
-        "scale": cal.scale,
-        "l1": cal.l1,
-        "l2": cal.l2,
-        "min_survivors": cal.min_survivors,
-        "mu_share": cal.mu_share,
-        "mu_target": cal.mu_target,
-        "mu_released": survivors * cal.mu_share,
-        "noise_std_of_mean": cal.noise_std(survivors) / denominator,
-    }
+    return DistributedInfo(
+        scale=cal.scale,
+        l1=cal.l1,
+        l2=cal.l2,
+        min_survivors=cal.min_survivors,
+        mu_share=cal.mu_share,
+        mu_target=cal.mu_target,
+        mu_released=survivors * cal.mu_share,
+        noise_std_of_mean=cal.noise_std(survivors) / denominator,
+    )
 
 
 def aggregate(
@@ -53,7 +53,7 @@ def aggregate(
     expected: Arrays,
     denominator: float,
     state: ServerState,
-    info: dict[str, Any],
+    info: SecAggInfo,
 ) -> Arrays:
     """The round's aggregate from the sum, through the same Aggregator interface as the plain path:
     the noised sum over ``denominator`` (``central``: noise added here; ``distributed``: the survivors'
@@ -63,7 +63,7 @@ def aggregate(
     if unmasked.calibration is not None:  # the signed sum of integers and noise shares, back in delta units
         cal = unmasked.calibration
         summed = distributed.from_ring(unmasked.ints, unmasked.bits) / cal.scale
-        info["distributed"] = _distributed_info(cal, len(parts), denominator)
+        info.distributed = _distributed_info(cal, len(parts), denominator)
     else:
         summed = unmasked.params.quantizer().dequantize_sum(unmasked.ints, len(parts))  # sum alpha_i delta_i (L,)
     mechanism = MECHANISMS.get(cfg.privacy.mechanism)

@@ -11,6 +11,7 @@ from typing import Any
 
 from fedtune.core.errors import UpdateRejected
 from fedtune.model.task_metrics import GENERATED, LOSS, column
+from fedtune.server.record import RoundRecord, Score
 from fedtune.server.validation import example_count
 from fedtune.wire import keys
 
@@ -55,7 +56,7 @@ def weighted_mean(pairs: Sequence[tuple[float, float]]) -> float:
     return min(max(mean, min(v for v, _ in pairs)), max(v for v, _ in pairs))
 
 
-def combine(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+def combine(entries: Mapping[int, Mapping[str, Any]]) -> dict[str, float]:
     """The federation's value of each metric, by metric name: the loss weighted by held-out
     examples, the task metrics by answers generated (as one pooled held-out set would give)."""
     out: dict[str, float] = {}
@@ -67,15 +68,10 @@ def combine(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def round_columns(names: Sequence[str], central: Mapping[str, float], federated: Mapping[str, float]) -> dict[str, Any]:
-    """A round's evaluation columns: for each metric, ``<m>_central``, ``<m>_federated`` and ``<m>``
-    (the central value when there is one, else the federated one); the loss columns always."""
-    out: dict[str, Any] = {}
-    for name in dict.fromkeys([LOSS, *names]):
-        col = column(name)
-        c, f = central.get(name), federated.get(name)
-        out.update({f"{col}_central": c, f"{col}_federated": f, col: c if c is not None else f})
-    return out
+def scores(names: Sequence[str], central: Mapping[str, float], federated: Mapping[str, float]) -> dict[str, Score]:
+    """A round's evaluation scores by metric name: the loss always, then each of ``names``, each with its
+    central and federated value (``metrics.jsonl``: ``<m>_central``, ``<m>_federated`` and ``<m>``)."""
+    return {name: Score(central.get(name), federated.get(name)) for name in dict.fromkeys([LOSS, *names])}
 
 
 def data_checks(metrics: Mapping[str, Any]) -> dict[str, int] | None:
@@ -89,16 +85,16 @@ def data_checks(metrics: Mapping[str, Any]) -> dict[str, int] | None:
     return found
 
 
-def sites_report(history: Sequence[Mapping[str, Any]], privacy_note: str | None) -> dict[str, Any]:
+def sites_report(history: Sequence[RoundRecord], privacy_note: str | None) -> dict[str, Any]:
     """``sites.json``: each site's latest eval scores (with the round and example counts) and
     latest data-check counts, and per metric the spread across sites (unweighted: each site counts
     once, so an unfair model shows as a wide spread)."""
     sites: dict[str, dict[str, Any]] = {}
-    for row in history:
-        for node, entry in (row.get("sites_eval") or {}).items():
-            sites.setdefault(str(node), {})["eval"] = {"round": row["round"], **entry}
-        for node, counts in (row.get("data_checks") or {}).items():
-            sites.setdefault(str(node), {})["data_checks"] = {"round": row["round"], **counts}
+    for record in history:
+        for node, entry in (record.sites_eval or {}).items():
+            sites.setdefault(str(node), {})["eval"] = {"round": record.round, **entry}
+        for node, counts in (record.data_checks or {}).items():
+            sites.setdefault(str(node), {})["data_checks"] = {"round": record.round, **counts}
     spread: dict[str, dict[str, float | int]] = {}
     for name in (LOSS, *GENERATED):
         values = [s["eval"][column(name)] for s in sites.values() if column(name) in s.get("eval", {})]
@@ -115,7 +111,7 @@ def sites_report(history: Sequence[Mapping[str, Any]], privacy_note: str | None)
     return out
 
 
-def write_sites(out: Path, history: Sequence[Mapping[str, Any]], privacy_note: str | None) -> None:
+def write_sites(out: Path, history: Sequence[RoundRecord], privacy_note: str | None) -> None:
     """Write ``OUT/sites.json`` atomically (temp file, then rename)."""
     path = out / SITES_FILE
     tmp = path.with_suffix(".json.tmp")
@@ -123,17 +119,17 @@ def write_sites(out: Path, history: Sequence[Mapping[str, Any]], privacy_note: s
     tmp.replace(path)
 
 
-def base_vs_final(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+def base_vs_final(history: Sequence[RoundRecord]) -> dict[str, Any] | None:
     """``summary.json``'s ``task_metrics``: each task metric of the base model (round 0) and of the
     final model (the last round that computed it), or None when no round computed any."""
-    names = [column(m) for m in GENERATED if any(r.get(column(m)) is not None for r in history)]
-    if not names or not history or history[0].get("round") != 0:
+    names = [m for m in GENERATED if any(r.score(m) is not None for r in history)]
+    if not names or not history or history[0].round != 0:
         return None
-    last = next(r for r in reversed(history) if any(r.get(n) is not None for n in names))
+    last = next(r for r in reversed(history) if any(r.score(n) is not None for n in names))
     return {
-        "final_round": last["round"],
-        "base": {n: history[0].get(n) for n in names},
-        "final": {n: last.get(n) for n in names},
+        "final_round": last.round,
+        "base": {column(n): history[0].score(n) for n in names},
+        "final": {column(n): last.score(n) for n in names},
     }
 
 

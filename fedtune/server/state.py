@@ -13,6 +13,7 @@ from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.central import noise_rng
+from fedtune.server.record import RoundRecord
 
 
 class GridLike(Protocol):
@@ -34,7 +35,7 @@ class ServerState:
     """Client sampling RNG: seeded by ``seed`` and checkpointed, so a run's samples are reproducible;
     but when a round claims amplification by client sampling (``privacy.rounds.secret_sample``), which
     assumes the sample secret, :func:`run` reseeds it from OS entropy and it is never checkpointed."""
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[RoundRecord] = field(default_factory=list)
     optimizer_states: dict[str, Arrays] = field(default_factory=dict)
     """Server-optimizer state (momentum, Adam moments) by optimizer name, kept across rounds."""
     node_ranks: dict[int, int] = field(default_factory=dict)
@@ -56,4 +57,4 @@ class ServerState:
 
 Evaluate = Callable[[Arrays, RunConfig], Mapping[str, float]]
 """Centralized evaluation: the round's ``eval.metrics`` of an adapter, by metric name."""
-OnRound = Callable[[ServerState, dict[str, Any]], None]
+OnRound = Callable[[ServerState, RoundRecord], None]

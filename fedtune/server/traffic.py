@@ -100,7 +100,7 @@ def check_budget(cfg: RunConfig, state: ServerState, rnd: int, projected: int) -
     budget = cfg.communication.budget_mb * MB
     if budget <= 0:
         return
-    used = sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in state.history)
+    used = sum(r.bytes_up + r.bytes_down for r in state.history)
     if used + projected > budget:
         raise CommunicationBudgetExceeded(
             f"stopped before round {rnd}: it would move {projected / MB:.3f} MB on top of the {used / MB:.3f} MB "
@@ -108,19 +108,10 @@ def check_budget(cfg: RunConfig, state: ServerState, rnd: int, projected: int) -
         )
 
 
-def add_bytes(row: dict[str, Any], node: int, *, up: int = 0, down: int = 0) -> None:
-    """Count a message's bytes in the round's totals and in ``row["bytes_per_client"]``."""
-    row["bytes_up"] = row.get("bytes_up", 0) + up
-    row["bytes_down"] = row.get("bytes_down", 0) + down
-    mine = row.setdefault("bytes_per_client", {}).setdefault(str(node), {"up": 0, "down": 0})
-    mine["up"] += up
-    mine["down"] += down
-
-
 def communication_summary(cfg: RunConfig, state: ServerState) -> dict[str, Any]:
     """``summary.json``'s communication section: totals, the budget, and why the run stopped, if it did."""
-    up = sum(r.get("bytes_up", 0) for r in state.history)
-    down = sum(r.get("bytes_down", 0) for r in state.history)
+    up = sum(r.bytes_up for r in state.history)
+    down = sum(r.bytes_down for r in state.history)
     return {
         "bytes_up": up,
         "bytes_down": down,

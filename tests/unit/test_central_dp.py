@@ -159,7 +159,7 @@ def test_epsilon_of_the_noise_a_run_really_adds_does_not_exceed_the_printed_one(
         FakeGrid(list(range(1, sites + 1)), site),
         state,
         evaluate=lambda a, c: {},
-        on_round=lambda s, row: seen.append((row, dict(s.global_arrays))),
+        on_round=lambda s, row: seen.append((row.to_json(), dict(s.global_arrays))),
     )
     delta_noise = [  # the noise on each round's sum, in units of that round's C
         (flat(now) - flat(before)) * denominator / row["clip_norm"]

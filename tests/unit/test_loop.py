@@ -19,6 +19,7 @@ from fedtune.core.arrays import Arrays
 from fedtune.server import checkpoint, loop
 from fedtune.server.outputs import WEIGHTS_FILE
 from fedtune.server.participants import redact
+from fedtune.server.record import RoundRecord
 from fedtune.server.state import ServerState
 from fedtune.wire import keys
 from fedtune.wire.records import arrays_from_record, record_from_arrays
@@ -64,7 +65,9 @@ def honest(msg: Message) -> Message:
 def run_loop(cfg: Plan, grid: FakeGrid) -> tuple[ServerState, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     state = ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(cfg.base.seed))
-    state = loop.run(cfg, grid, state, evaluate=lambda arrays, cfg: {}, on_round=lambda s, row: rows.append(row))
+    state = loop.run(
+        cfg, grid, state, evaluate=lambda arrays, cfg: {}, on_round=lambda s, row: rows.append(row.to_json())
+    )
     return state, rows
 
 
@@ -248,7 +251,7 @@ def test_server_memory_does_not_grow_with_the_number_of_replies(task_identity: N
             return []
 
     plan = Plan.from_flat({"num-server-rounds": 1, "server.min-clients": 40, "eval.federated": False})
-    state = ServerState(round=0, global_arrays=dict(big), rng=np.random.default_rng(0), history=[{"round": 0}])
+    state = ServerState(round=0, global_arrays=dict(big), rng=np.random.default_rng(0), history=[RoundRecord(round=0)])
 
     # Execute
     tracemalloc.start()
@@ -352,16 +355,18 @@ def test_a_secret_sample_names_no_node_in_rows_logs_or_checkpoints_unless_asked(
     state = ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(0))
     rows: list[dict[str, Any]] = []
 
-    def on_round(s: ServerState, row: dict[str, Any]) -> None:
+    def on_round(s: ServerState, row: RoundRecord) -> None:
         checkpoint.save(tmp_path, s, Plan.from_flat(flat), write_weights)
-        rows.append(row)
+        rows.append(row.to_json())
 
     # Execute: one round, then a resumed run for round 2 from its checkpoint
     with fedtune_log() as lines:
         loop.run(Plan.from_flat(flat), grid, state, evaluate=lambda a, c: {}, on_round=on_round)
         resumed = checkpoint.load(checkpoint.latest(tmp_path))
         plan2 = Plan.from_flat({**flat, "num-server-rounds": 2})
-        resumed = loop.run(plan2, grid, resumed, evaluate=lambda a, c: {}, on_round=lambda s, r: rows.append(r))
+        resumed = loop.run(
+            plan2, grid, resumed, evaluate=lambda a, c: {}, on_round=lambda s, r: rows.append(r.to_json())
+        )
 
     # Assert: the sampler's state is never saved; the resumed run finishes round 2
     saved = (checkpoint.latest(tmp_path) / checkpoint.STATE_FILE).read_text()
@@ -426,6 +431,7 @@ def test_redacting_a_secagg_row_keeps_its_counts_and_reasons_but_no_id() -> None
     # Prepare: a SecAgg+ round's row as secagg_round fills it, with ids in lists, keys and texts
     a, b, c = NODES[:3]
     row: dict[str, Any] = {
+        "round": 1,
         "sampled": 3,
         "replied": 2,
         "failed": 1,
@@ -437,7 +443,9 @@ def test_redacting_a_secagg_row_keeps_its_counts_and_reasons_but_no_id() -> None
     }
 
     # Execute
-    redact(row, [a, b, c])
+    record = RoundRecord.from_json(row)
+    redact(record, [a, b, c])
+    row = record.to_json()
 
     # Assert: ids go, counts and other numbers stay
     assert not any(str(n) in json.dumps(row) for n in (a, b, c))

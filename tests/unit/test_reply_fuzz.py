@@ -30,6 +30,7 @@ from fedtune.privacy.secagg import flat, stages
 from fedtune.privacy.secagg.masking import round_context
 from fedtune.privacy.secagg.quantize import Quantizer, wire_dtype
 from fedtune.server import loop
+from fedtune.server.record import RoundRecord
 from fedtune.server.secagg_round import secagg_round
 from fedtune.server.state import ServerState
 from fedtune.server.validation import MAX_EXAMPLES, MAX_REASON
@@ -523,7 +524,7 @@ def run_train_case(uplink: str, mutation: Mutation, draw: Draw) -> None:
     # Prepare: node BAD answers with a mutated copy of an honest reply (drawn while the round runs)
     cfg = train_config(uplink)
     scheme = Scheme.of(cfg.compression, "uplink")
-    state, row, sent = fresh_state(), {}, {}
+    state, record, sent = fresh_state(), RoundRecord(round=1), {}
 
     def answer(msg: Message) -> list[Message]:
         node = msg.metadata.dst_node_id
@@ -540,7 +541,8 @@ def run_train_case(uplink: str, mutation: Mutation, draw: Draw) -> None:
         return as_replies(msg, sent["reply"])
 
     # Execute
-    loop._train_round(cfg, Grid(answer), state, 1, list(NODES), row, {}, float(len(NODES)))
+    loop._train_round(cfg, Grid(answer), state, 1, list(NODES), record, {}, float(len(NODES)))
+    row = record.to_json()
 
     # Assert: the bad node's fate
     outcome, replied = sent["outcome"], row["replied_nodes"]
@@ -637,10 +639,11 @@ def test_federated_evaluation_survives(name: str, data: st.DataObject) -> None:
         sent["reply"], sent["outcome"] = EVAL[name](data.draw, eval_records(BAD), None)
         return as_replies(msg, sent["reply"])
 
-    row: dict[str, Any] = {}
+    record = RoundRecord(round=1)
 
     # Execute
-    combined = loop._federated_eval(train_config("none"), Grid(answer), fresh_state(), 1, row)
+    combined = loop._federated_eval(train_config("none"), Grid(answer), fresh_state(), 1, record)
+    row = record.to_json()
 
     # Assert
     failures = {f["node"]: f["reason"] for f in row.get("eval_failures", [])}
@@ -893,10 +896,11 @@ def test_secagg_stage_survives(stage: str, name: str, data: st.DataObject) -> No
         reply, sent["outcome"] = SECAGG[stage][name](data.draw, records, None)
         return reply
 
-    sites, state, row = Sites(stage, corrupt), fresh_state(), {}
+    sites, state, record = Sites(stage, corrupt), fresh_state(), RoundRecord(round=1)
 
     # Execute
-    secagg_round(secagg_config(), Grid(sites), state, 1, list(NODES), row, {}, float(len(NODES)))
+    secagg_round(secagg_config(), Grid(sites), state, 1, list(NODES), record, {}, float(len(NODES)))
+    row = record.to_json()
 
     # Assert: an abandoned round releases nothing
     outcome, info, survivors = sent["outcome"], row["secagg"], row["replied_nodes"]
@@ -939,11 +943,12 @@ def test_a_corrupt_array_fails_its_node_alone_and_the_plain_round_goes_on(caplog
             replace_array(records, keys.DELTA, "m.lora_A.weight", corrupt)
         return as_replies(msg, records)
 
-    state, row = fresh_state(), {}
+    state, record = fresh_state(), RoundRecord(round=1)
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="fedtune"):
-        loop._train_round(train_config("none"), Grid(answer), state, 1, list(NODES), row, {}, 5.0)
+        loop._train_round(train_config("none"), Grid(answer), state, 1, list(NODES), record, {}, 5.0)
+    row = record.to_json()
 
     # Assert
     reason = "array 'm.lora_A.weight' is not an npy array"
@@ -961,11 +966,12 @@ def test_an_infinite_node_id_fails_its_node_alone_and_the_secagg_round_goes_on(
         set_config(records, keys.SECAGG, **{keys.SA_IDS: ids})
         return records
 
-    state, row = fresh_state(), {}
+    state, record = fresh_state(), RoundRecord(round=1)
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="fedtune"):
-        secagg_round(secagg_config(), Grid(Sites("shares", corrupt)), state, 1, list(NODES), row, {}, 5.0)
+        secagg_round(secagg_config(), Grid(Sites("shares", corrupt)), state, 1, list(NODES), record, {}, 5.0)
+    row = record.to_json()
 
     # Assert
     reason = f"'{keys.SA_IDS}' must be distinct integer node ids"
@@ -982,11 +988,12 @@ def test_an_unexpected_exception_is_one_warning_line_with_its_type_and_the_trace
         records[keys.SECAGG] = ConfigRecord({keys.SA_MASK_KEY: records[keys.SECAGG][keys.SA_MASK_KEY]})
         return records
 
-    state, row = fresh_state(), {}
+    state, record = fresh_state(), RoundRecord(round=1)
 
     # Execute
     with caplog.at_level(logging.DEBUG, logger="fedtune"):
-        secagg_round(secagg_config(), Grid(Sites("keys", corrupt)), state, 1, list(NODES), row, {}, 5.0)
+        secagg_round(secagg_config(), Grid(Sites("keys", corrupt)), state, 1, list(NODES), record, {}, 5.0)
+    row = record.to_json()
 
     # Assert
     reason = f"malformed reply (KeyError: '{keys.SA_ENC_KEY}')"
@@ -1005,10 +1012,11 @@ def test_whatever_unmasking_the_shares_raises_abandons_the_round(monkeypatch: py
         raise ValueError("Error computing shared key.")
 
     monkeypatch.setattr(stages, "unmask_sum", unmask_sum)
-    state, row = fresh_state(), {}
+    state, record = fresh_state(), RoundRecord(round=1)
 
     # Execute
-    secagg_round(secagg_config(), Grid(Sites("keys", lambda r: r)), state, 1, list(NODES), row, {}, 5.0)
+    secagg_round(secagg_config(), Grid(Sites("keys", lambda r: r)), state, 1, list(NODES), record, {}, 5.0)
+    row = record.to_json()
 
     # Assert
     assert not row["updated"]

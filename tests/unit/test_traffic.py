@@ -69,7 +69,7 @@ def test_compressed_downlink_is_the_global_adapter_the_server_steps_from(task_id
     # Execute
     state = ServerState(round=0, global_arrays=dict(global_arrays), rng=np.random.default_rng(0))
     rows: list[dict[str, object]] = []
-    state = loop.run(plan, grid, state, evaluate=lambda a, c: {}, on_round=lambda s, r: rows.append(r))
+    state = loop.run(plan, grid, state, evaluate=lambda a, c: {}, on_round=lambda s, r: rows.append(r.to_json()))
 
     # Assert: everyone got the same adapter each time; the server stepped from exactly it
     train1 = [a for _, kind, a in received if kind == "train"][:2]
