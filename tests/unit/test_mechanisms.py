@@ -162,9 +162,8 @@ def test_a_test_only_mechanism_runs_a_round_through_the_real_loop(task_identity:
 @pytest.mark.usefixtures("task_identity")
 def test_the_real_site_applies_a_test_only_mechanisms_step(tiny_model: Path) -> None:
     # Prepare: the real ClientApp, a round spec naming the toy
-    from fedtune.config.presets import preset
-
     from fedtune.client.app import app as client_app
+    from fedtune.config.presets import preset
     from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
     from fedtune.model.loading import load_base, pick_device
     from fedtune.server.loop import round_content

@@ -138,7 +138,10 @@ class CentralDP(Mechanism):
 
     name = "central"
     user_level = True
-    unit = "user-level: one site's whole data, for the federation (the server is trusted)"
+    unit = (
+        "user-level: one site's whole data, for the federation (the server is trusted); neighbouring runs add or "
+        "remove one site under Poisson sampling, and replace one site's contribution by zero under fixed-size sampling"
+    )
     trust = (
         "the server sees each clipped update in the clear and adds the noise: the guarantee holds "
         "against anyone who sees the released adapters, not against the server"
