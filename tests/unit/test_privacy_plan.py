@@ -138,3 +138,5 @@ def test_the_trust_statement_names_what_amplification_and_federated_evaluation_a
     assert all(text in section["trust"] for text in in_trust), section["trust"]
     assert not any(text in section["trust"] for text in not_in_trust), section["trust"]
     assert in_covers in section["covers"], section["covers"]
+    # the per-round counts are released in the clear: the statement must say the guarantee does not cover them
+    assert "`sampled`, `replied`, `failed`" in section["covers"].split("Not covered:")[1], section["covers"]

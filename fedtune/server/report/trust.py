@@ -31,7 +31,10 @@ SAMPLE_LOGGED = (
     "the checkpoints and the log: amplification by client sampling (q = {q}) then assumes those outputs stay "
     "secret from the adversary"
 )
-NOT_COVERED = "Not covered: dataset sizes (public, as in Opacus), the wall-clock seconds the server measures"
+NOT_COVERED = (
+    "Not covered: dataset sizes (public, as in Opacus), the number of sites sampled, replying and failing "
+    "each round (`sampled`, `replied`, `failed`), the wall-clock seconds the server measures"
+)
 FEDERATED_EVAL = (
     ", and the per-site held-out loss and task metrics (`eval.metrics`) that federated evaluation "
     "(`eval.federated` = true) reports without noise."
