@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from fedtune.client.pipeline import local_update, open_round, refuse
 from fedtune.core.errors import FedtuneError
+from fedtune.model.lora import full_rank_like
 from fedtune.privacy import distributed
 from fedtune.privacy.central import clip as l2_clip
 from fedtune.privacy.central import noise_rng
@@ -263,7 +264,7 @@ def _noised_input(update: Any, record: Mapping[str, Any], threshold: int, bits: 
 
 
 def _checked_like(delta: Any, rank: int, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    like = flat.full_rank_like(delta, rank)
+    like = full_rank_like(delta, rank)
     if record.get(keys.SA_LENGTH) != flat.length(like):
         raise SecAggError(
             f"the server expects {record.get(keys.SA_LENGTH)} values, this site's delta has {flat.length(like)}."

@@ -36,11 +36,6 @@ from fedtune.privacy.accounting import Event
 from fedtune.privacy.distributed import adapter_length
 from fedtune.privacy.ledger import Ledger, solve_noise
 from fedtune.privacy.mechanisms import MECHANISMS
-from fedtune.privacy.mechanisms.central import CentralRound as CentralRound
-from fedtune.privacy.mechanisms.central import adapt_clip as adapt_clip
-from fedtune.privacy.mechanisms.central import central_round as central_round
-from fedtune.privacy.mechanisms.central import client_sample_rate as client_sample_rate
-from fedtune.privacy.mechanisms.central import count_stddev as count_stddev
 from fedtune.privacy.secagg import settings as secagg_settings
 
 

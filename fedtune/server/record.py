@@ -177,7 +177,7 @@ class RoundRecord:
         self, clip_norm: float, clip_norm_next: float | None = None, unclipped_share_noised: float | None = None
     ) -> None:
         """Central DP's clip norm for the round; under adaptive clipping also the next one and the noised share
-        of replies that fitted under it (the fields ``privacy.rounds.adapt_clip`` returns)."""
+        of replies that fitted under it (the fields ``privacy.mechanisms.central.adapt_clip`` returns)."""
         self.clip_norm = clip_norm
         self.clip_norm_next = clip_norm_next
         self.unclipped_share_noised = unclipped_share_noised

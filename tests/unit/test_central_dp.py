@@ -16,6 +16,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from fedtune.config.plan import Plan
 from fedtune.privacy import rounds
 from fedtune.privacy.central import NoisedSum, clip, l2_norm, next_clip_norm, privatize_locally, split_noise
+from fedtune.privacy.mechanisms.central import adapt_clip, central_round
 from fedtune.server import loop
 from fedtune.server.state import ServerState
 from fedtune.wire import keys
@@ -176,13 +177,13 @@ def test_epsilon_of_the_noise_a_run_really_adds_does_not_exceed_the_printed_one(
     def released(
         bits: list[int], rng: np.random.Generator, extra: dict[str, np.ndarray] | None = None
     ) -> tuple[np.ndarray, float]:
-        central = rounds.central_round(cfg, denominator, rng)
+        central = central_round(cfg, denominator, rng)
         for bit in bits:
             central.noised.add({"w": np.zeros(4, np.float32)}, 0.0, fits=bool(bit))
         if extra is not None:
             central.noised.add(extra, l2_norm(extra), fits=True)
         out = central.noised.result(small)["w"].astype(np.float64)
-        fields = rounds.adapt_clip(cfg, rounds.PrivacyState.new(), central, rng)
+        fields = adapt_clip(cfg, rounds.PrivacyState.new(), central, rng)
         share = p.target_quantile - math.log(fields["clip_norm_next"] / p.clip_norm) / p.clip_lr
         return out * denominator, share * denominator  # the released sum and count, before dividing
 

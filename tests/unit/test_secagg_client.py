@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedtune.client import secagg as client_secagg
 from fedtune.client.pipeline import LocalUpdate
 from fedtune.config import RunConfig
+from fedtune.model.lora import full_rank_like
 from fedtune.privacy import distributed
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg.quantize import Quantizer
@@ -153,7 +154,7 @@ def test_the_rounding_dither_is_fresh_each_time_and_not_the_public_seeds() -> No
     # Prepare: the same update, quantized twice, as two runs with the same seed would
     cfg = RunConfig.from_flat({"secagg.protocol": "secagg", "lora.r": 4, "seed": 0})
     d = delta()
-    like = flat.full_rank_like(d, 4)
+    like = full_rank_like(d, 4)
     record = {keys.SA_LENGTH: flat.length(like), keys.SA_CLIP: 0.1, keys.SA_QUANT_BITS: 8, keys.SA_ALPHA: 1.0}
     quantizer = Quantizer(clip=0.1, bits=8)
     # Execute
@@ -181,7 +182,7 @@ def test_the_distributed_dither_is_fresh_each_time_and_not_the_public_seeds(monk
     cfg = RunConfig.from_flat(flat_cfg)
     monkeypatch.setattr(distributed, "noise_share", lambda size, mu, rng: np.zeros(size, np.int64))
     d = delta()
-    like = flat.full_rank_like(d, 4)
+    like = full_rank_like(d, 4)
     cal = distributed.calibrate(cfg, flat.length(like), 3)
     bits = cal.modulus_need(5)
     record = {keys.SA_LENGTH: flat.length(like)}
@@ -208,7 +209,7 @@ def masked_stage(
     for j in senders:
         neighbours = {i: p for i, p in everyone.items() if i != j}
         blobs.append(peer_share_keys(j, peer_keys[j], neighbours, 3, ROUND)[2][ME])
-    length = flat.length(flat.full_rank_like(delta(), 4))
+    length = flat.length(full_rank_like(delta(), 4))
     record = {
         keys.ROUND: ROUND,
         keys.SA_IDS: senders,

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fedtune.model.lora import pad_rank, rank_slice
+from fedtune.model.lora import full_rank_like, pad_rank, rank_slice
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.server.secagg_round import covered
@@ -41,7 +41,7 @@ def test_a_lower_rank_delta_is_zero_padded_and_its_coverage_matches_pad_rank(ran
     # Prepare: the site knows only its slice and the global rank
     full = adapter(4)
     site = rank_slice(adapter(4, seed=1), rank)
-    like = flat.full_rank_like(site, 4)
+    like = full_rank_like(site, 4)
     # Execute
     vector = flat.flatten(site, like)
     cover = flat.coverage(rank, full)

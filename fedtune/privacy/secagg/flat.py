@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from fedtune.core.arrays import Arrays
-from fedtune.model.lora import full_rank_like as full_rank_like  # re-exported: sites lay out by it
 from fedtune.model.lora import pad_rank, rank_masks
 
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 
 from fedtune.privacy.secagg.crypto import KEY_BYTES, MASK_INFO, shared_key
 from fedtune.privacy.secagg.errors import SecAggError
-from fedtune.privacy.secagg.quantize import MAX_MODULUS_BITS
+from fedtune.wire.keys import MAX_MODULUS_BITS
 
 # ChaCha20's 32-bit block counter covers 2^32 blocks of 64 bytes, i.e. 2^36 uint32 values.
 _MAX_LENGTH = 1 << 36

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtune.wire.keys import MAX_MODULUS_BITS as MAX_MODULUS_BITS  # masked values on the wire
+from fedtune.wire.keys import MAX_MODULUS_BITS  # masked values on the wire
 
 
 def modulus_bits(n_clients: int, bits: int) -> int:
