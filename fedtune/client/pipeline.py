@@ -31,6 +31,7 @@ from fedtune.model.adapters import adapter_arrays, load_adapter_arrays
 from fedtune.model.generation import task_scores
 from fedtune.model.lora import rank_slice, sent_keys
 from fedtune.model.scoring import heldout_loss
+from fedtune.privacy import compat
 from fedtune.privacy import site as site_privacy
 from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.strategies import STRATEGIES
@@ -53,6 +54,7 @@ def open_round(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any
     if not MECHANISMS.get(str(spec.get("privacy.mechanism", "none"))).site_ledger:  # only DP-SGD sites account
         local = {k: v for k, v in local.items() if k not in SITE_PRIVACY_KEYS}
     cfg = RunConfig.from_flat({**spec, **local})  # the site's own settings win over the spec
+    compat.check_round(cfg)  # the server checked the spec; the site's own settings may not compose with it
     return cfg, extra, open_site(cfg, context.node_config)
 
 

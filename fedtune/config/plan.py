@@ -16,7 +16,7 @@ gives the same.) Two entries that set the same key for the same round are an err
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +103,16 @@ class Plan:
         """The config round ``rnd`` runs with."""
         changes = {e.key: e.value for e in self.entries if e.covers(rnd)}
         return self.base.override(changes) if changes else self.base
+
+    def rounds(self) -> Iterator[tuple[int, RunConfig]]:
+        """Each round's number and config, round 1 first: the one walk over the plan that checks,
+        accounting and reports share."""
+        for rnd in range(1, self.base.num_server_rounds + 1):
+            yield rnd, self.for_round(rnd)
+
+    def configs(self) -> list[RunConfig]:
+        """Each round's config, round 1 first."""
+        return [cfg for _, cfg in self.rounds()]
 
     def spec(self, rnd: int) -> dict[str, Scalar]:
         """What ``metrics.jsonl`` records of round ``rnd``'s spec: its strategy and plan changes."""

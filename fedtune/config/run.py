@@ -77,39 +77,8 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
+        # Rules across sections are the plan checker's (``fedtune.privacy.compat``); each section checks its own.
         require(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1.")
-        require(
-            all(r <= self.lora.r for r in self.simulation.ranks()),
-            "simulation.site-ranks",
-            f"must not exceed `lora.r` ({self.lora.r}), the rank of the global adapter.",
-        )
-        require(
-            self.server.min_replies <= self.server.min_clients,
-            "server.min-replies",
-            f"({self.server.min_replies}) must be <= `server.min-clients` ({self.server.min_clients}).",
-        )
-        require(
-            "accuracy" not in self.eval.metric_names() or bool(self.data.label_field),
-            "eval.metrics",
-            "= accuracy needs `data.label-field`, the column holding each record's label or choice.",
-        )
-        require(
-            self.train.num_processes == 1 or not self.model.device_map,
-            "train.num-processes",
-            "must be 1 with `model.device-map` = auto (the model is split over the GPUs, not replicated).",
-        )
-        if self.privacy.mechanism == "dp-sgd":
-            for key, ok in (
-                ("train.num-processes", self.train.num_processes == 1),
-                ("train.gradient-checkpointing", not self.train.gradient_checkpointing),
-                ("train.precision", self.train.precision == "fp32"),
-            ):
-                require(
-                    ok,
-                    key,
-                    "is not supported with `privacy.mechanism` = dp-sgd (Opacus's per-example "
-                    "gradients here need one process and stored fp32 activations); use its default.",
-                )
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:

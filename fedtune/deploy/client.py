@@ -66,8 +66,11 @@ def build_node_config(
         config["train.device"] = device
     if any(k in config for k in GPU_KEYS):  # refuse what this machine cannot run before joining
         from fedtune.model.hardware import check_site  # imports torch: only when a GPU setting is given
+        from fedtune.privacy.compat import check_round
 
-        check_site(RunConfig().override({k: v for k, v in config.items() if k != "lora.r"}), "this site")
+        own = RunConfig().override({k: v for k, v in config.items() if k != "lora.r"})
+        check_round(own)
+        check_site(own, "this site")
     if preset is not None:
         if preset == "tiny" and "model.name" not in config:
             if not (tiny_model_dir() / "config.json").is_file():  # the builder imports torch: only once

@@ -28,15 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.config import RunConfig
-from fedtune.config.plan import Plan, group_rounds
+from fedtune.config.plan import Plan
 from fedtune.core.arrays import Arrays
-from fedtune.core.errors import IncompatibleComponentsError, PrivacyBudgetExceeded
-from fedtune.privacy import distributed
+from fedtune.core.errors import PrivacyBudgetExceeded
 from fedtune.privacy.accounting import Event
-from fedtune.privacy.distributed import adapter_length
 from fedtune.privacy.ledger import Ledger, solve_noise
 from fedtune.privacy.mechanisms import MECHANISMS
-from fedtune.privacy.secagg import settings as secagg_settings
 
 
 def amplified(cfg: RunConfig) -> bool:
@@ -52,7 +49,7 @@ def amplified(cfg: RunConfig) -> bool:
 
 def secret_sample(plan: Plan) -> bool:
     """Whether some round of ``plan`` claims amplification by client sampling (:func:`amplified`)."""
-    return any(amplified(plan.for_round(r)) for r in range(1, plan.base.num_server_rounds + 1))
+    return any(amplified(cfg) for cfg in plan.configs())
 
 
 def participants_hidden(plan: Plan) -> bool:
@@ -74,7 +71,7 @@ def user_event(cfg: RunConfig, noise_multiplier: float, arrays: Arrays | None = 
 
 def mechanisms(plan: Plan) -> list[str]:
     """Each round's ``privacy.mechanism``, round 1 first."""
-    return [plan.for_round(r).privacy.mechanism for r in range(1, plan.base.num_server_rounds + 1)]
+    return [cfg.privacy.mechanism for cfg in plan.configs()]
 
 
 def unit(plan: Plan) -> str | None:
@@ -87,8 +84,7 @@ def solved_noise(plan: Plan, arrays: Arrays | None = None) -> float | None:
     """The noise multiplier for user-level rounds that leave it at -1: the smallest whose planned
     rounds stay within ``privacy.target-epsilon``; None if no round needs one (``arrays``: the
     global adapter, whose size ``distributed`` needs)."""
-    rounds = [plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1)]
-    dp = [c for c in rounds if MECHANISMS.get(c.privacy.mechanism).user_level]
+    dp = [c for c in plan.configs() if MECHANISMS.get(c.privacy.mechanism).user_level]
     if not any(c.privacy.noise_multiplier == -1 for c in dp):
         return None
     p = plan.base.privacy
@@ -103,8 +99,7 @@ def solved_noise(plan: Plan, arrays: Arrays | None = None) -> float | None:
 def projected_epsilon(plan: Plan, solved: float | None, arrays: Arrays | None = None) -> float | None:
     """User-level epsilon after every planned round (at the target noise), None without user-level DP."""
     events = []
-    for r in range(1, plan.base.num_server_rounds + 1):
-        cfg = plan.for_round(r)
+    for cfg in plan.configs():
         z = solved if cfg.privacy.noise_multiplier == -1 and solved is not None else cfg.privacy.noise_multiplier
         if (event := user_event(cfg, z, arrays)) is not None:
             events.append(event)
@@ -114,27 +109,9 @@ def projected_epsilon(plan: Plan, solved: float | None, arrays: Arrays | None = 
     return Ledger(events=events).epsilon(p.delta, p.accountant)
 
 
-def check_distributed(plan: Plan, solved: float | None, arrays: Arrays) -> None:
-    """Refuse, before round 1, a ``distributed`` round whose noise cannot travel exactly with the fewest
-    (and the fixed number of) clients it can sample; it needs the solved z, so ``compat`` cannot."""
-    found = []
-    for r in range(1, plan.base.num_server_rounds + 1):
-        cfg = round_config(plan.for_round(r), PrivacyState.new(), solved)
-        if not MECHANISMS.get(cfg.privacy.mechanism).noise_in_sum:
-            continue
-        length = adapter_length(cfg, arrays)
-        counts = {cfg.server.min_clients, max(cfg.server.min_clients, cfg.server.num_train)}
-        for n in sorted(counts):
-            threshold = secagg_settings.resolve(cfg, max(n, 2)).threshold
-            found += [(r, text) for text in distributed.problems(cfg, length, n, threshold)]
-    if found:
-        raise IncompatibleComponentsError(" | ".join(group_rounds(found)))
-
-
 def dpsgd_planned_steps(plan: Plan) -> int:
     """Local steps over every ``dp-sgd`` round of the plan: what a site solves its noise for."""
-    rounds = [plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1)]
-    return sum(c.train.local_steps for c in rounds if MECHANISMS.get(c.privacy.mechanism).site_ledger)
+    return sum(c.train.local_steps for c in plan.configs() if MECHANISMS.get(c.privacy.mechanism).site_ledger)
 
 
 @dataclass

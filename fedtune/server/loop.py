@@ -21,6 +21,7 @@ from fedtune.config.plan import Plan
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import CommunicationBudgetExceeded, PrivacyBudgetExceeded, UpdateRejected
 from fedtune.model.lora import rank_of
+from fedtune.privacy import compat
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.central import noise_rng
 from fedtune.privacy.mechanisms import MECHANISMS
@@ -326,7 +327,7 @@ def _planned_noise(plan: Plan, base: RunConfig, state: ServerState) -> float | N
             *(base.num_server_rounds, projected, base.privacy.delta, base.privacy.accountant),
             "; the budget will stop the run earlier" if 0 < base.privacy.target_epsilon < projected else "",
         )
-    privacy.check_distributed(plan, solved, state.global_arrays)  # before round 1, once z is known
+    compat.check(plan, compat.Facts(arrays=state.global_arrays, solved=solved))  # before round 1, once z is known
     return solved
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from fedtune.config import RunConfig, flat_defaults, parse_assignments, parse_value
 from fedtune.core.errors import ConfigError
+from fedtune.privacy import compat
 from tests.conftest import REPO
 
 
@@ -57,12 +58,16 @@ def test_pyproject_config_matches_code_defaults() -> None:
         ({"eval.federated": "yes"}, r"`eval\.federated` must be true or false \(or \"auto\"\), got 'yes'"),
         ({"data.format": "xml"}, r"`data\.format` must be one of alpaca, chat"),
         ({"lora.r": 0}, r"`lora\.r` must be >= 1"),
-        ({"server.min-replies": 5}, r"`server\.min-replies` \(5\) must be <= `server\.min-clients`"),
     ],
 )
 def test_bad_values_name_their_key(flat: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_flat(flat)
+
+
+def test_rules_across_sections_are_the_checkers() -> None:
+    with pytest.raises(ConfigError, match=r"`server\.min-replies` \(5\) must be <= `server\.min-clients`"):
+        compat.check_round(RunConfig.from_flat({"server.min-replies": 5}))
 
 
 def test_set_values_parse_as_toml_scalars() -> None:

@@ -15,7 +15,7 @@ from fedtune.config.plan import Plan
 from fedtune.core.errors import IncompatibleComponentsError, PrivacyBudgetExceeded
 from fedtune.privacy import compat, distributed
 from fedtune.privacy.accounting import epsilon
-from fedtune.privacy.rounds import PrivacyState, check_budget, check_distributed, solved_noise
+from fedtune.privacy.rounds import PrivacyState, check_budget, solved_noise
 from fedtune.privacy.secagg.masking import add
 from fedtune.privacy.skellam import SkellamEvent
 
@@ -133,8 +133,8 @@ def test_a_noise_too_wide_for_32_bits_is_refused_before_round_1() -> None:
     plan = Plan.from_flat({**DIST, "num-server-rounds": 2, "secagg.quant-bits": 30, "server.min-clients": 3})
     # Execute / Assert
     with pytest.raises(IncompatibleComponentsError, match=r"rounds 1-2: .*lower `secagg.quant-bits`"):
-        check_distributed(plan, None, arrays)
-    check_distributed(Plan.from_flat({**DIST, "num-server-rounds": 2}), None, arrays)  # the default fits
+        compat.check(plan, compat.Facts(arrays=arrays, solved=None))
+    compat.check(Plan.from_flat({**DIST, "num-server-rounds": 2}), compat.Facts(arrays=arrays, solved=None))  # fits
 
 
 def test_the_budget_check_spends_the_floor_and_both_ledgers_survive_a_checkpoint() -> None:

@@ -38,4 +38,15 @@ class DPSGD(Mechanism):
                 "`strategy.name` = fedprox with `privacy.mechanism` = dp-sgd: the proximal term's gradient bypasses "
                 "per-example clipping; use fedavg."
             )
+        t = cfg.train
+        for key, ok in (
+            ("train.num-processes", t.num_processes == 1),
+            ("train.gradient-checkpointing", not t.gradient_checkpointing),
+            ("train.precision", t.precision == "fp32"),
+        ):
+            if not ok:
+                out.append(
+                    f"`{key}` is not supported with `privacy.mechanism` = dp-sgd (Opacus's per-example gradients "
+                    "here need one process and stored fp32 activations); use its default."
+                )
         return out

@@ -32,7 +32,7 @@ class Reporter:
 
     def start(self, plan: Plan) -> None:
         """Log the config tree, the plan table (if any) and the round table's header."""
-        rounds = [plan.base, *(plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1))]
+        rounds = [plan.base, *plan.configs()]
         self.cols = columns(list(dict.fromkeys(m for cfg in rounds for m in cfg.eval.metric_names())))
         log.info("%s", config_tree(plan.base))
         if plan.entries:

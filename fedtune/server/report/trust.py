@@ -53,7 +53,7 @@ def trust(plan: Plan, family: str) -> str:
 
 def covers(plan: Plan, family: str) -> str:
     """What the guarantee covers and what it does not (per-site metrics when federated evaluation runs)."""
-    rounds = [plan.base, *(plan.for_round(r) for r in range(1, plan.base.num_server_rounds + 1))]
+    rounds = [plan.base, *plan.configs()]
     evaluated = any(privacy.federated_eval(plan, cfg) for cfg in rounds)
     unit = (
         "each training example of each site. "
@@ -116,7 +116,7 @@ def privacy_summary(plan: Plan, state: ServerState) -> dict[str, Any]:
 
 def secagg_summary(plan: Plan) -> dict[str, Any] | None:
     """``summary.json``'s secure-aggregation section: which rounds, and what the server still learns."""
-    rounds = [r for r in range(1, plan.base.num_server_rounds + 1) if plan.for_round(r).secagg.protocol != "none"]
+    rounds = [r for r, cfg in plan.rounds() if cfg.secagg.protocol != "none"]
     if not rounds:
         return None
     return {
