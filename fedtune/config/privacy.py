@@ -63,9 +63,10 @@ class PrivacyConfig:
 class SecaggConfig:
     """``secagg.*``: secure aggregation."""
 
-    protocol: Literal["none", "secagg"] = "none"
+    protocol: str = "none"
     """``none`` sends updates in the clear; ``secagg`` runs SecAgg+ (Bell et al. 2020): the server
-    learns only the (weighted) sum of the round's deltas."""
+    learns only the (weighted) sum of the round's deltas. The registered names are in
+    ``fedtune.privacy.secagg.protocols``; the plan checker refuses any other."""
     degree: int = 0
     """Neighbours each client masks with; 0 = auto: the complete graph for up to 16 clients, else an
     even k = 2 * ceil(2 log2 N), O(log N) as Bell et al. suggest. An explicit value must be even."""

@@ -46,11 +46,6 @@ class DistributedDP(Mechanism):
 
     def problems(self, cfg: RunConfig) -> list[str]:
         out = noise_source(cfg) + sum_sensitivity(cfg)
-        if cfg.secagg.protocol != "secagg":
-            out.append(
-                "`privacy.mechanism` = distributed needs `secagg.protocol` = secagg: without it the server sees each "
-                "client's update with only that client's small noise share."
-            )
         if cfg.privacy.accountant != "rdp":
             out.append(
                 "`privacy.mechanism` = distributed is accounted with the Skellam RDP bound; set "

@@ -7,6 +7,7 @@ from fedtune.config import RunConfig
 from fedtune.config.plan import Plan, group_rounds
 from fedtune.core.errors import ConfigError
 from fedtune.privacy.mechanisms import MECHANISMS
+from fedtune.privacy.secagg.protocols import PROTOCOLS, secure
 
 
 def _mechanism_rules(cfg: RunConfig) -> list[str]:
@@ -16,6 +17,18 @@ def _mechanism_rules(cfg: RunConfig) -> list[str]:
     except ConfigError as exc:
         return [str(exc)]
     return mechanism.problems(cfg)
+
+
+def _noise_in_a_secure_sum(cfg: RunConfig) -> list[str]:
+    """A mechanism whose noise is shared among the clients (``noise_in_sum``) is private only in the sum."""
+    name = cfg.privacy.mechanism
+    if name not in MECHANISMS or not MECHANISMS.get(name).noise_in_sum or secure(cfg):
+        return []
+    hiding = " / ".join(n for n in PROTOCOLS.names() if PROTOCOLS.get(n).hides_updates)
+    return [
+        f"`privacy.mechanism` = {name} needs `secagg.protocol` = {hiding}: without it the server sees each "
+        "client's update with only that client's small noise share."
+    ]
 
 
 def _central_only_settings(cfg: RunConfig) -> list[str]:
@@ -68,5 +81,5 @@ def _one_guarantee(plan: Plan) -> list[str]:
     return []
 
 
-RULES = [_mechanism_rules, _central_only_settings]
+RULES = [_mechanism_rules, _noise_in_a_secure_sum, _central_only_settings]
 PLAN_RULES = [_one_guarantee]

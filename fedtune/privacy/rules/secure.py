@@ -5,16 +5,26 @@ from __future__ import annotations
 
 from fedtune.config import RunConfig
 from fedtune.config.plan import Plan, group_rounds
+from fedtune.core.errors import ConfigError
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg import settings as secagg_settings
+from fedtune.privacy.secagg.protocols import PROTOCOLS, secure
 from fedtune.strategies import STRATEGIES
+
+
+def _protocol_known(cfg: RunConfig) -> list[str]:
+    try:
+        PROTOCOLS.get(cfg.secagg.protocol)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
 
 
 def _secagg_composition(cfg: RunConfig) -> list[str]:
     """Under secure aggregation the server sees only the sum, so nothing may need one client's update."""
-    if cfg.secagg.protocol == "none":
+    if not secure(cfg):
         return []
-    why = "`secagg.protocol` = secagg reveals only the sum of the deltas"
+    why = f"`secagg.protocol` = {cfg.secagg.protocol} reveals only the sum of the deltas"
     out = []
     if cfg.strategy.name in STRATEGIES and STRATEGIES.get(cfg.strategy.name).individual_updates:
         out.append(f"{why}, and `strategy.name` = {cfg.strategy.name} needs each update; use a fedavg-family strategy.")
@@ -40,12 +50,13 @@ def _sample_sizes(cfg: RunConfig) -> list[int]:
 
 def _secagg_params(cfg: RunConfig) -> list[str]:
     """The settings must work for the smallest (and any fixed) number of clients a round samples."""
-    if cfg.secagg.protocol == "none":
+    if cfg.secagg.protocol not in PROTOCOLS:
         return []
+    protocol = PROTOCOLS.get(cfg.secagg.protocol)
     return [
         f"`secagg.*` with {n} sampled client(s) (`server.min-clients`/`server.num-train`): {text}"
         for n in _sample_sizes(cfg)
-        for text in secagg_settings.problems(cfg, n)
+        for text in protocol.problems(cfg, n)
     ]
 
 
@@ -53,7 +64,7 @@ def _secagg_rank_bands(cfg: RunConfig) -> list[str]:
     """Mixed ranks: the server divides each entry by the sites that train it, so the components r_k+1..r_(k+1)
     are the sum over the sites of rank >= r_(k+1) alone; any sample must hold 0 or at least t of them."""
     ranks = cfg.simulation.ranks()
-    if cfg.secagg.protocol == "none" or not ranks or cfg.peft.method != "lora":
+    if not secure(cfg) or not ranks or cfg.peft.method != "lora":
         return []
     sites = cfg.simulation.num_supernodes
     cycled = [ranks[i % len(ranks)] for i in range(sites)]
@@ -78,7 +89,7 @@ def _secagg_rank_bands(cfg: RunConfig) -> list[str]:
 def compression_vs_secagg(cfg: RunConfig) -> list[str]:
     """SecAgg+ quantizes each masked update to fixed point itself; a second encoding of the masked
     vector would break the modular sum, and one of the clear delta would need the server to see it."""
-    if cfg.secagg.protocol == "none" or cfg.compression.uplink == "none":
+    if not secure(cfg) or cfg.compression.uplink == "none":
         return []
     return [
         f"`compression.uplink` = {cfg.compression.uplink} under `secagg.protocol` = secagg: SecAgg+ already sends "
@@ -91,7 +102,7 @@ def budget_vs_secagg(plan: Plan) -> list[str]:
     depend on who answers each stage, so they have no projection here."""
     if plan.base.communication.budget_mb <= 0:
         return []
-    rounds = [r for r, cfg in plan.rounds() if cfg.secagg.protocol != "none"]
+    rounds = [r for r, cfg in plan.rounds() if secure(cfg)]
     if not rounds:
         return []
     text = (
@@ -101,5 +112,5 @@ def budget_vs_secagg(plan: Plan) -> list[str]:
     return group_rounds([(r, text) for r in rounds])
 
 
-RULES = [_secagg_composition, _secagg_params, _secagg_rank_bands, compression_vs_secagg]
+RULES = [_protocol_known, _secagg_composition, _secagg_params, _secagg_rank_bands, compression_vs_secagg]
 PLAN_RULES = [budget_vs_secagg]

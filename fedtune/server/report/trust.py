@@ -10,6 +10,7 @@ from fedtune.config.plan import Plan
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.accounting import Event
 from fedtune.privacy.mechanisms import MECHANISMS
+from fedtune.privacy.secagg.protocols import secure
 from fedtune.privacy.skellam import SkellamEvent
 from fedtune.server.record import json_number
 from fedtune.server.state import ServerState
@@ -116,7 +117,7 @@ def privacy_summary(plan: Plan, state: ServerState) -> dict[str, Any]:
 
 def secagg_summary(plan: Plan) -> dict[str, Any] | None:
     """``summary.json``'s secure-aggregation section: which rounds, and what the server still learns."""
-    rounds = [r for r, cfg in plan.rounds() if cfg.secagg.protocol != "none"]
+    rounds = [r for r, cfg in plan.rounds() if secure(cfg)]
     if not rounds:
         return None
     return {
