@@ -155,7 +155,7 @@ def stage_seconds(preset_name: str, sets: list[str], sites: int) -> dict[str, fl
     from fedtune.model.loading import load_base, pick_device
     from fedtune.model.tiny import build_tiny_model
     from fedtune.server.evaluation import CentralEvaluator
-    from fedtune.server.loop import round_content
+    from fedtune.server.send import round_content
     from fedtune.simulations.local import _set_task_identity
     from fedtune.strategies import make_aggregator
     from fedtune.wire import keys

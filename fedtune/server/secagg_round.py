@@ -103,7 +103,7 @@ def secagg_round(
     denominator: float,
 ) -> None:
     """Run one SecAgg+ round with ``nodes``; update ``state.global_arrays`` unless it is abandoned; fill
-    ``record`` as ``loop._train_round`` does, plus ``record.secagg`` (parameters, survivors, per-stage bytes
+    ``record`` as ``plain_round.train_round`` does, plus ``record.secagg`` (parameters, survivors, per-stage bytes
     and seconds).
 
     ``denominator`` is what ``central`` and ``distributed`` DP divide the noised sum by (the expected number

@@ -19,7 +19,7 @@ from fedtune.config.presets import preset
 from fedtune.core.arrays import Arrays
 from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
 from fedtune.model.loading import load_base, pick_device
-from fedtune.server.loop import round_content
+from fedtune.server.send import round_content
 from fedtune.wire import keys
 from fedtune.wire.records import arrays_from_record
 

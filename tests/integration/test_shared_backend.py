@@ -23,7 +23,7 @@ from fedtune.config.presets import preset
 from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
 from fedtune.model.loading import load_base, pick_device
 from fedtune.server.app import run_server
-from fedtune.server.loop import round_content
+from fedtune.server.send import round_content
 from fedtune.simulations.local import LocalGrid
 from fedtune.wire import keys
 from fedtune.wire.records import arrays_from_record

@@ -16,7 +16,7 @@ from fedtune.core.errors import DataError
 from fedtune.data.loaders import load_checked
 from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
 from fedtune.model.loading import load_base
-from fedtune.server.loop import round_content
+from fedtune.server.send import round_content
 from fedtune.wire import keys
 
 SECRET = "PATIENT-7781"  # content of bad lines: must never reach a report or an error message

@@ -166,7 +166,7 @@ def test_the_real_site_applies_a_test_only_mechanisms_step(tiny_model: Path) -> 
     from fedtune.config.presets import preset
     from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
     from fedtune.model.loading import load_base, pick_device
-    from fedtune.server.loop import round_content
+    from fedtune.server.send import round_content
 
     flat = {
         **preset("tiny"),

@@ -29,7 +29,7 @@ from fedtune.model.task_metrics import ROUGE_L
 from fedtune.privacy.secagg import flat, stages
 from fedtune.privacy.secagg.masking import round_context
 from fedtune.privacy.secagg.quantize import Quantizer, wire_dtype
-from fedtune.server import loop
+from fedtune.server import eval_round, plain_round
 from fedtune.server.record import RoundRecord
 from fedtune.server.secagg_round import secagg_round
 from fedtune.server.state import ServerState
@@ -541,7 +541,7 @@ def run_train_case(uplink: str, mutation: Mutation, draw: Draw) -> None:
         return as_replies(msg, sent["reply"])
 
     # Execute
-    loop._train_round(cfg, Grid(answer), state, 1, list(NODES), record, {}, float(len(NODES)))
+    plain_round.train_round(cfg, Grid(answer), state, 1, list(NODES), record, {}, float(len(NODES)))
     row = record.to_json()
 
     # Assert: the bad node's fate
@@ -642,7 +642,7 @@ def test_federated_evaluation_survives(name: str, data: st.DataObject) -> None:
     record = RoundRecord(round=1)
 
     # Execute
-    combined = loop._federated_eval(train_config("none"), Grid(answer), fresh_state(), 1, record)
+    combined = eval_round.federated_eval(train_config("none"), Grid(answer), fresh_state(), 1, record)
     row = record.to_json()
 
     # Assert
@@ -947,7 +947,7 @@ def test_a_corrupt_array_fails_its_node_alone_and_the_plain_round_goes_on(caplog
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="fedtune"):
-        loop._train_round(train_config("none"), Grid(answer), state, 1, list(NODES), record, {}, 5.0)
+        plain_round.train_round(train_config("none"), Grid(answer), state, 1, list(NODES), record, {}, 5.0)
     row = record.to_json()
 
     # Assert
