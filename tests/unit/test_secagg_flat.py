@@ -10,7 +10,7 @@ import pytest
 from fedtune.model.lora import full_rank_like, pad_rank, rank_slice
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg.errors import SecAggError
-from fedtune.server.secagg_round import covered
+from fedtune.server.secagg_stages import covered
 
 
 def adapter(rank: int, seed: int = 0) -> dict[str, np.ndarray]:
