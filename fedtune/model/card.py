@@ -91,7 +91,7 @@ def _body(run: FinishedRun, *, merged: bool, dtype: str) -> Iterator[str]:
         yield f"  (loaded from `{run.summary['base_model']}`)"
     yield f"- method: `{cfg.peft.method}`" + _method_detail(run)
     yield f"- aggregation: `{cfg.strategy.name}` (weighting: {cfg.strategy.weighting})"
-    yield f"- sites that sent updates: {sites if sites is not None else 'not recorded (the run withheld node ids)'}"
+    yield f"- sites that sent updates: {sites if sites is not None else 'not recorded (no node ids in metrics.jsonl)'}"
     yield f"- rounds completed: {rounds} (planned: {cfg.num_server_rounds})"
     yield f"- prompt format: `{cfg.data.format}`" + (
         " (the tokenizer's chat template)" if cfg.data.format == "chat" else " (Alpaca template)"

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedtune.core.errors import ConfigError, ModelError
+from fedtune.core.errors import ConfigError, DataError, ModelError
 from fedtune.data.loaders import load_eval_records
 from fedtune.model.card import EVAL_DIR
 from fedtune.model.finished import FinishedRun
@@ -134,7 +134,13 @@ def evaluate_run(run: FinishedRun, tasks: list[str], *, limit: int | None, base:
         lm = HFLM(**model_args(run, base=base, device=device))
     except (OSError, ValueError) as exc:
         raise ModelError(f"lm-eval cannot load the model of {run.out}: {str(exc).splitlines()[0]}") from None
-    results = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)
+    try:
+        results = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)
+    except ConnectionError as exc:
+        raise DataError(
+            f"`--tasks` {','.join(tasks)}: lm-eval could not fetch a task's data ({str(exc).splitlines()[0]}); "
+            "hub tasks need the network and HF_HUB_OFFLINE=0."
+        ) from None
     if results is None:
         raise ModelError("lm-eval returned no results.")
     out = run.out / EVAL_DIR

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,21 @@ def test_bad_input_gives_one_line(
     assert main(["evaluate", str(run_dir)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fedtune: error: {INSTALL}"] and "pip install 'fedtune[eval]'" in INSTALL
+
+
+def test_a_hub_task_without_the_network_gives_one_line(run_dir: Path, tmp_path: Path) -> None:
+    # Prepare: empty hub and datasets caches, offline, so the medical suite's data cannot be found anywhere
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env["HF_DATASETS_CACHE"] = str(tmp_path / "ds")
+
+    # Execute
+    cmd = [sys.executable, "-m", "fedtune.cli", "evaluate", str(run_dir), "--suite", "medical", "--limit", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+    # Assert
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fedtune: error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(errors) == 1 and "medqa_4options" in errors[0] and "HF_HUB_OFFLINE=0" in errors[0], errors
 
 
 def test_suites_keep_only_the_tasks_lm_eval_defines() -> None:
