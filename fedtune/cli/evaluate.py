@@ -23,7 +23,7 @@ def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _evaluate(args: argparse.Namespace) -> None:
     from fedtune.core.errors import ConfigError
     from fedtune.model.finished import open_run
-    from fedtune.model.lm_evaluate import chosen_tasks, evaluate_run, require_lm_eval, tables
+    from fedtune.model.lm_evaluate import chosen_tasks, evaluate_run, require_lm_eval, side_by_side, tables
     from fedtune.model.loading import pick_device
 
     require_lm_eval()
@@ -35,3 +35,5 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(tables(results))
     which = "base model" if args.base else "fine-tuned model"
     print(f"Results of the {which} in {run.out / 'eval'} ({', '.join(tasks)}).")
+    for line in side_by_side(run.out / "eval", tasks):
+        print(line)

@@ -17,7 +17,7 @@ from typing import Any
 from fedtune.core.errors import ConfigError, DataError, ModelError
 from fedtune.data.loaders import load_eval_records
 from fedtune.model.card import EVAL_DIR
-from fedtune.model.finished import FinishedRun
+from fedtune.model.finished import FinishedRun, read_json
 from fedtune.model.heldout_task import TASK_NAME, write_heldout_task
 from fedtune.model.sources import load_tokenizer
 
@@ -169,6 +169,21 @@ def task_file(results: Mapping[str, Any], task: str, *, base: bool, limit: int |
         "results": {n: results["results"][n] for n in names},
         **pick,
     }
+
+
+def side_by_side(out: Path, tasks: list[str]) -> list[str]:
+    """``task metric: base X -> fine-tuned Y`` for each metric that both ``<task>-base.json`` and
+    ``<task>.json`` hold in ``out`` (empty until both models have been evaluated)."""
+    lines = []
+    for task in tasks:
+        base, tuned = (read_json(out / f"{task}{suffix}.json") for suffix in ("-base", ""))
+        if not isinstance(base, Mapping) or not isinstance(tuned, Mapping):
+            continue
+        old, new = base.get("results", {}).get(task, {}), tuned.get("results", {}).get(task, {})
+        for key, value in new.items():
+            if "_stderr" not in key and isinstance(value, float) and isinstance(old.get(key), float):
+                lines.append(f"{task} {key}: base {old[key]:.4f} -> fine-tuned {value:.4f}")
+    return lines
 
 
 def tables(results: Mapping[str, Any]) -> str:

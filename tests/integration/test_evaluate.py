@@ -86,6 +86,7 @@ def test_heldout_task_scores_the_adapter_and_the_base_as_peft_does(
     assert scores(run_dir / "eval" / "fedtune_heldout.json") == pytest.approx({"exact_match": 2 / 3, "f1": 2 / 3})
     assert scores(run_dir / "eval" / "fedtune_heldout-base.json") == pytest.approx({"exact_match": 1 / 3, "f1": 1 / 3})
     assert "|fedtune_heldout|" in tuned_out and "exact_match" in tuned_out
+    assert "fedtune_heldout f1,none: base 0.3333 -> fine-tuned 0.6667" in capsys.readouterr().out
     assert (run_dir / "eval" / "tasks" / "fedtune_heldout" / "fedtune_heldout.yaml").is_file()
 
 
