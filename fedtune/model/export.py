@@ -70,4 +70,4 @@ def write_adapter_copy(run: FinishedRun, directory: Path, dtype: torch.dtype) ->
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors = load_file(str(run.weights / ADAPTER_WEIGHTS))
     cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    save_file(cast, str(directory / ADAPTER_WEIGHTS))
+    save_file(cast, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})  # as PEFT writes it
