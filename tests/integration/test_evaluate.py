@@ -90,6 +90,20 @@ def test_heldout_task_scores_the_adapter_and_the_base_as_peft_does(
     assert (run_dir / "eval" / "tasks" / "fedtune_heldout" / "fedtune_heldout.yaml").is_file()
 
 
+def test_the_model_card_carries_lm_evals_results(run_dir: Path, tmp_path: Path) -> None:
+    # Prepare: both evaluations of the previous test are in OUT/eval
+    assert main(["evaluate", str(run_dir), "--device", "cpu"]) == 0
+
+    # Execute
+    status = main(["export", str(run_dir), "--out", str(tmp_path / "export")])
+
+    # Assert
+    text = (tmp_path / "export" / "README.md").read_text()
+    assert status == 0
+    assert "lm-evaluation-harness, `eval/fedtune_heldout.json`" in text
+    assert "| fedtune_heldout / exact_match,none | 0.6667 |" in text
+
+
 def test_limit_caps_the_examples(run_dir: Path, tmp_path: Path) -> None:
     # Execute
     status = main(["evaluate", str(run_dir), "--limit", "2", "--tasks", "fedtune_heldout", "--device", "cpu"])
