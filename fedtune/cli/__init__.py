@@ -1,8 +1,8 @@
-"""The ``fedtune`` command: simulate, keys, server, client, privacy, fetch-model.
+"""The ``fedtune`` command: simulate, keys, server, client, privacy, fetch-model, export, chat, evaluate.
 
 One module per command group (``run``: simulate; ``deploy``: keys, server, client; ``calc``: the
-privacy calculators; ``fetch``: fetch-model). Each adds its subcommands to the parser and imports
-what it runs only when it runs, so ``fedtune --help`` stays fast.
+privacy calculators; ``fetch``: fetch-model; ``export``; ``chat``; ``evaluate``). Each adds its
+subcommands to the parser and imports what it runs only when it runs, so ``fedtune --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from fedtune.cli import calc, deploy, fetch, run
+from fedtune.cli import calc, chat, deploy, evaluate, export, fetch, run
 from fedtune.core.errors import FedtuneError
 from fedtune.core.logs import quiet_libraries, setup_logging
 
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_client(sub)
     calc.add_privacy(sub)
     fetch.add_fetch_model(sub)
+    export.add_export(sub)
+    chat.add_chat(sub)
+    evaluate.add_evaluate(sub)
     return parser
 
 

@@ -17,6 +17,9 @@ class DataConfig:
     eval_path: str = ""
     """Server-side held-out file for centralized eval; empty uses the demo test set with the demo
     data, and disables centralized eval otherwise."""
+    description: str = ""
+    """What the data is, in the operator's words (source, domain, size, licence); ``fedtune export``
+    writes it into the model card. fedtune never derives it from the data."""
     format: Literal["alpaca", "chat"] = "chat"
     """Prompt format: Alpaca-style text, or the tokenizer's chat template."""
     instruction_field: str = "instruction"
