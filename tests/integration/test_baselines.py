@@ -152,3 +152,15 @@ def test_runs_whose_outputs_hide_each_sites_steps_are_refused_before_round_1(
     plan = Plan.from_flat(_flat(tiny_model, tmp_path / "run", **extra))
     with pytest.raises(ConfigError, match=message):
         check(plan)
+
+
+def test_simulate_refuses_an_unknown_baseline_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute
+    status = main(["simulate", "--preset", "tiny", "--out", str(tmp_path / "run"), "--baselines", "local,solo"])
+
+    # Assert
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and err[-1] == (
+        "fedtune: error: `baselines` has unknown baseline(s) 'solo'; known: local, centralized."
+    )
+    assert not (tmp_path / "run").exists()

@@ -1,11 +1,15 @@
-"""The baselines' headline and table from given scores: both metric directions, with and without a
-server held-out set, and with a DP federated row."""
+"""The baselines' headline and table from given scores (both metric directions, with and without a
+server held-out set, with a DP federated row), and each site's step count from the round records."""
 
 from __future__ import annotations
 
 import pytest
 
 from fedtune.config import RunConfig
+from fedtune.config.plan import Plan
+from fedtune.core.errors import FedtuneError
+from fedtune.server.record import RoundRecord
+from fedtune.simulations.baselines import site_steps
 from fedtune.simulations.baselines_report import build, headline_line, table
 
 SITES = ["site 0", "site 1"]
@@ -72,3 +76,32 @@ def test_under_dp_the_federated_row_carries_epsilon_and_the_baselines_are_non_pr
     assert "| federated (dp-sgd, epsilon 7.91, delta 1e-05) | 1.0000 | 0.9000 | 1.5000 |" in text
     assert "| local-only (non-private) | 1.6500 mean, 1.7000 worst | 1.2000 | 1.4000 |" in text
     assert "| centralized (non-private) |" in text and "| base | 2.0000 |" in text
+
+
+def _plan(backend: str) -> Plan:
+    return Plan.from_flat({"simulation.num-supernodes": 3, "simulation.backend": backend, "train.local-steps": 5})
+
+
+def test_site_steps_count_each_accepted_reply_of_each_round() -> None:
+    # Prepare: round 1 sites 0, 1; round 2 sites 1, 2 (site 2's reply in round 1 was rejected)
+    history = [
+        RoundRecord(round=0),
+        RoundRecord(round=1, replied=2, replied_nodes=[1, 2]),
+        RoundRecord(round=2, replied=2, replied_nodes=[2, 3]),
+    ]
+
+    # Execute / Assert: the shared backend's node k + 1 is site k
+    assert site_steps(_plan("shared"), history, "shared") == {0: 5, 1: 10, 2: 5}
+
+
+def test_under_ray_site_steps_need_every_site_in_every_round() -> None:
+    # Prepare: Ray's node ids are random; equal participation is the only case they can be mapped
+    equal = [RoundRecord(round=r, replied=3, replied_nodes=[71, 93, 12]) for r in (1, 2)]
+    unequal = [*equal, RoundRecord(round=3, replied=2, replied_nodes=[71, 93])]
+
+    # Execute / Assert
+    assert site_steps(_plan("ray"), equal, "ray") == {0: 10, 1: 10, 2: 10}
+    with pytest.raises(FedtuneError, match=r"rerun with `simulation.backend` = shared"):
+        site_steps(_plan("ray"), unequal, "ray")
+    with pytest.raises(FedtuneError, match="node ids withheld"):
+        site_steps(_plan("shared"), [RoundRecord(round=1, replied=2)], "shared")
