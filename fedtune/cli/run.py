@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from fedtune.config import Scalar, default_output_dir, parse_assignments
@@ -54,10 +55,17 @@ def add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     """``fedtune simulate``: a whole federation on this machine."""
     sim = sub.add_parser("simulate", help="run a whole federation on this machine (Flower simulation engine)")
     add_run_options(sim, "starting config: tiny test model, or the SmolLM2 demo", clients=True)
+    sim.add_argument(
+        "--baselines",
+        metavar="local,centralized",
+        help="after the run, train and compare local-only and/or centralized (pooled) baselines (config key baselines)",
+    )
     sim.set_defaults(func=_simulate)
 
 
 def _simulate(args: argparse.Namespace) -> None:
     from fedtune.simulations.run import simulate
 
+    if args.baselines is not None:  # as a --set, so --resume takes it too
+        args.set = [*args.set, f"baselines={json.dumps(args.baselines)}"]
     simulate(plan_from_args(args), resume=bool(args.resume))

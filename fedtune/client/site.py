@@ -10,11 +10,11 @@ from typing import Any
 import torch
 
 from fedtune.config import RunConfig
-from fedtune.core.errors import ConfigError
+from fedtune.core.errors import ConfigError, DataError
 from fedtune.data.checks import count_duplicates
 from fedtune.data.loaders import load_checked, train_source
 from fedtune.data.partition import site_partition, train_heldout
-from fedtune.data.prompts import IGNORE, Example, check_format, tokenize
+from fedtune.data.prompts import IGNORE, Example, check_format, tokenize_counted
 from fedtune.model.hardware import check_site
 from fedtune.model.loading import LoadedModel, pick_device
 from fedtune.model.methods import load_for, wrap
@@ -103,19 +103,28 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
         rows = site_partition(rows, cfg.data, int(where[1]), int(where[2]), cfg.seed)  # type: ignore[call-overload]
     train, held = train_heldout(rows, cfg.data, cfg.seed, name)
     held = held.select(range(min(len(held), cfg.data.max_eval_examples)))
+    fit_train = tokenize_counted(train, cfg.data, loaded.tokenizer)
+    fit_held = tokenize_counted(held, cfg.data, loaded.tokenizer)
+    if not fit_train.examples:
+        raise DataError(
+            f"{name}: every training example's response alone is longer than `data.max-seq-len` = "
+            f"{cfg.data.max_seq_len} tokens (all dropped under `data.truncation` = prompt); raise it."
+        )
     site = Site(
         name=name,
         loaded=loaded,
         rank=rank,
-        train=tokenize(train, cfg.data, loaded.tokenizer),
-        heldout=tokenize(held, cfg.data, loaded.tokenizer),
-        heldout_records=[dict(r) for r in held],
+        train=fit_train.examples,
+        heldout=fit_held.examples,
+        heldout_records=fit_held.records,
     )
     report.duplicates = count_duplicates(rows, cfg.data)  # this site's own records
-    report.too_long = sum(e.truncated for e in site.train + site.heldout)
+    cut = fit_train.counts.merge(fit_held.counts)
+    report.too_long, report.prompts_cut = cut.too_long, cut.prompts_cut
+    report.responses_too_long = cut.responses_too_long
     site.data_checks = report.counts()
     level = logging.WARNING if any(site.data_checks.values()) else logging.INFO
-    log.log(level, "%s: %s", name, "\n".join(report.lines(cfg.data.max_seq_len)))
+    log.log(level, "%s: %s", name, "\n".join(report.lines(cfg.data.max_seq_len, cfg.data.truncation)))
     lost = sum(1 for e in site.train + site.heldout if all(t == IGNORE for t in e.labels))
     if lost:
         log.warning(

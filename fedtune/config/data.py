@@ -38,6 +38,13 @@ class DataConfig:
     """Share of each site's rows kept back for federated evaluation."""
     max_seq_len: int = 128
     """Tokens per example after truncation."""
+    truncation: Literal["prompt", "right"] = "prompt"
+    """How an example longer than ``data.max-seq-len`` is cut. ``prompt``: keep the response whole
+    and cut the prompt from the left (the question and the options nearest the answer stay); an
+    example whose response alone exceeds the limit is dropped, and the data check says how many.
+    Generation then keeps the last ``data.max-seq-len`` - ``eval.max-new-tokens`` prompt tokens
+    (at least half of ``data.max-seq-len``).
+    ``right``: cut prompt + response from the right (the response may lose its end, or all of it)."""
     max_eval_examples: int = 16
     """Cap on the examples any one evaluation uses."""
     label_field: str = ""

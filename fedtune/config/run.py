@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedtune.config.baselines import check_baselines
 from fedtune.config.data import DataConfig
 from fedtune.config.evaluation import EvalConfig
 from fedtune.config.fields import Scalar, attr_of, coerce, field_types, key_of, require
@@ -61,6 +62,10 @@ class RunConfig:
     """Federated rounds."""
     seed: int = 0
     """Seeds the adapter init, client sampling, data order and partitioning."""
+    baselines: str = ""
+    """Comma-separated models ``fedtune simulate`` trains after the federated run, on the same data,
+    base model, seed and held-out sets: ``local`` (each site alone), ``centralized`` (one model on
+    the union of the sites' data); empty: none (``fedtune.simulations.baselines``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     peft: PeftSection = field(default_factory=PeftSection)
@@ -79,6 +84,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         # Rules across sections are the plan checker's (``fedtune.privacy.compat``); each section checks its own.
         require(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1.")
+        check_baselines(self.baselines)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:

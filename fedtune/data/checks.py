@@ -8,8 +8,9 @@ Four kinds of problem are counted; the report names files and line numbers, neve
 - **empty**: the instruction or the output is null or blank;
 - **duplicates**: records whose instruction, input and output repeat an earlier record's (each
   extra copy counts once); kept, and reported;
-- **too long**: records whose prompt and response exceed ``data.max-seq-len`` tokens; truncated
-  (as always), and reported.
+- **too long**: records whose prompt and response exceed ``data.max-seq-len`` tokens; cut as
+  ``data.truncation`` says (``fedtune.data.truncation``), and reported: how many prompts were cut,
+  and how many responses alone exceed the limit (under ``prompt`` only those are dropped).
 
 Malformed and empty records are *bad records*: ``data.on-bad-record = skip`` drops them and says
 how many, ``fail`` refuses the data with the first problem's file, line and kind.
@@ -52,6 +53,10 @@ class CheckReport:
     problems: list[Problem] = field(default_factory=list)
     duplicates: int = 0
     too_long: int = 0
+    prompts_cut: int = 0
+    """Of the too-long records, those kept whole by cutting the prompt from the left."""
+    responses_too_long: int = 0
+    """Records whose response alone exceeds the limit: dropped under ``data.truncation = prompt``."""
     columns: dict[str, None] = field(default_factory=dict)
     """Every field name any record had, in first-seen order."""
 
@@ -64,26 +69,41 @@ class CheckReport:
         return sum(p.empty for p in self.problems)
 
     def counts(self) -> dict[str, int]:
-        """The four counts (never any content)."""
+        """The counts (never any content)."""
         return {
             "malformed": self.malformed,
             "empty": self.empty,
             "duplicates": self.duplicates,
             "too_long": self.too_long,
+            "prompts_cut": self.prompts_cut,
+            "responses_too_long": self.responses_too_long,
         }
 
-    def lines(self, max_seq_len: int) -> list[str]:
+    def lines(self, max_seq_len: int, truncation: str = "prompt") -> list[str]:
         """The report as log lines: one summary, then the first bad records by line number."""
         dropped = f"{len(self.problems)} dropped" if self.problems else "none dropped"
         head = (
             f"data checks on {self.source}: {self.records} records; {self.malformed} malformed, {self.empty} empty "
             f"({dropped}), {self.duplicates} duplicates (kept), {self.too_long} longer than `data.max-seq-len` = "
-            f"{max_seq_len} tokens (truncated)"
+            f"{max_seq_len} tokens ({cut_phrase(self.prompts_cut, self.responses_too_long, truncation)})"
         )
         shown = [f"  {self.unit} {p.line}: {p.kind}" for p in self.problems[:SHOWN]]
         if len(self.problems) > SHOWN:
             shown.append(f"  ... and {len(self.problems) - SHOWN} more bad records")
         return [head, *shown]
+
+
+def cut_phrase(prompts_cut: int, responses_too_long: int, truncation: str) -> str:
+    """What ``data.truncation`` did to the too-long records, in words."""
+    if truncation == "prompt":
+        return (
+            f"`data.truncation` = prompt: {prompts_cut} prompts cut from the left, {responses_too_long} "
+            "responses alone longer than the limit dropped"
+        )
+    return (
+        f"`data.truncation` = right: cut from the right; {responses_too_long} responses alone longer than "
+        "the limit lose their end"
+    )
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | Problem]]:

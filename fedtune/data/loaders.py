@@ -53,7 +53,7 @@ def load_records(source: str, cfg: DataConfig, key: str = "data.path") -> Datase
     """Load ``source`` after the data checks (see :func:`load_checked`); log what they found."""
     ds, report = load_checked(source, cfg, key)
     if report.problems:
-        log.warning("%s", "\n".join(report.lines(cfg.max_seq_len)))
+        log.warning("%s", "\n".join(report.lines(cfg.max_seq_len, cfg.truncation)))
     return ds
 
 

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.config import DataConfig
 from fedtune.core.errors import ConfigError
+from fedtune.data.truncation import TruncationCounts, fit, generation_prompt
 
 IGNORE = -100  # label value the loss skips (prompt and padding tokens)
 
@@ -62,22 +63,54 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
-    """True when prompt and response were longer than ``data.max-seq-len`` and got cut."""
+    """True when prompt and response were longer than ``data.max-seq-len`` and got cut
+    (``data.truncation``)."""
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Records tokenized under ``data.truncation``: the examples kept, their records (same order),
+    and what truncation did."""
+
+    examples: list[Example]
+    records: list[dict[str, Any]]
+    counts: TruncationCounts
+
+
+def tokenize_counted(
+    records: Iterable[Mapping[str, Any]], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> Tokenized:
+    """Tokenize prompt and response separately so the label mask is exact, then fit each example
+    into ``data.max-seq-len`` as ``data.truncation`` says (``fedtune.data.truncation``)."""
+    out: list[Example] = []
+    kept: list[dict[str, Any]] = []
+    counts = TruncationCounts()
+    for record in records:
+        prompt = tokenizer(render_prompt(record, cfg, tokenizer), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(response_text(record, cfg, tokenizer), add_special_tokens=False)["input_ids"]
+        fitted = fit(list(prompt), list(answer), cfg.max_seq_len, cfg.truncation)
+        counts.add(fitted, len(answer), cfg.max_seq_len)
+        if fitted.kept:
+            ids = fitted.prompt + fitted.answer
+            labels = [IGNORE] * len(fitted.prompt) + fitted.answer
+            out.append(Example(input_ids=ids, labels=labels, truncated=fitted.status != "fits"))
+            kept.append(dict(record))
+    return Tokenized(out, kept, counts)
 
 
 def tokenize(
     records: Iterable[Mapping[str, Any]], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
 ) -> list[Example]:
-    """Tokenize prompt and response separately so the label mask is exact, then truncate."""
-    out = []
-    for record in records:
-        prompt = tokenizer(render_prompt(record, cfg, tokenizer), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(response_text(record, cfg, tokenizer), add_special_tokens=False)["input_ids"]
-        ids = (list(prompt) + list(answer))[: cfg.max_seq_len]
-        labels = ([IGNORE] * len(prompt) + list(answer))[: cfg.max_seq_len]
-        long = len(prompt) + len(answer) > cfg.max_seq_len
-        out.append(Example(input_ids=ids, labels=labels, truncated=long))
-    return out
+    """The examples :func:`tokenize_counted` keeps."""
+    return tokenize_counted(records, cfg, tokenizer).examples
+
+
+def prompt_ids(
+    record: Mapping[str, Any], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int
+) -> list[int]:
+    """The prompt token ids a model generates its answer from, cut as ``data.truncation`` says."""
+    ids = tokenizer(render_prompt(record, cfg, tokenizer), add_special_tokens=False)["input_ids"]
+    return generation_prompt(list(ids), cfg.max_seq_len, max_new_tokens, cfg.truncation)
 
 
 def collate(batch: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:

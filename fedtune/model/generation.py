@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.config import DataConfig, EvalConfig
-from fedtune.data.prompts import render_prompt
+from fedtune.data.prompts import prompt_ids
 from fedtune.model import task_metrics
 
 
@@ -25,16 +25,16 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers of ``model`` to each record's prompt, decoded without special tokens.
 
-    Prompts are left-padded into batches of ``batch_size``, so every answer starts at the same
-    column and generation stops once every answer in the batch has ended.
+    Prompts are cut as ``data.truncation`` says (:func:`fedtune.data.prompts.prompt_ids`) and
+    left-padded into batches of ``batch_size``, so every answer starts at the same column and
+    generation stops once every answer in the batch has ended.
     """
     device = next(model.parameters()).device
     model.eval()
     answers: list[str] = []
     for start in range(0, len(records), batch_size):
-        prompts = [render_prompt(r, data, tokenizer) for r in records[start : start + batch_size]]
-        enc = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
-        enc = enc.to(device)
+        rows = [prompt_ids(r, data, tokenizer, max_new_tokens) for r in records[start : start + batch_size]]
+        enc = left_pad(rows, int(tokenizer.pad_token_id), device)
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -45,6 +45,18 @@ def generate_answers(
         width = enc["input_ids"].shape[1]
         answers += [str(tokenizer.decode(row[width:], skip_special_tokens=True)).strip() for row in out]
     return answers
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Token id rows left-padded into one batch, with the attention mask (0 on padding)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T_prompt)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def generated_names(cfg: EvalConfig) -> list[str]:

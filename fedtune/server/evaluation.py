@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
+from fedtune.data.checks import cut_phrase
 from fedtune.data.loaders import eval_source, load_records
-from fedtune.data.prompts import Example, render_prompt, tokenize
+from fedtune.data.prompts import Example, prompt_ids, tokenize_counted
 from fedtune.model import task_metrics
 from fedtune.model.adapters import load_adapter_arrays
-from fedtune.model.generation import task_scores
+from fedtune.model.generation import left_pad, task_scores
 from fedtune.model.loading import LoadedModel
 from fedtune.model.methods import METHODS, wrap
 from fedtune.model.scoring import heldout_loss
+
+log = logging.getLogger(__name__)
 
 
 class CentralEvaluator:
@@ -32,8 +36,16 @@ class CentralEvaluator:
         if source is not None:
             key = "data.eval-path" if cfg.data.eval_path else "data.path"
             rows = load_records(source, cfg.data, key=key)
-            self.records = [dict(r) for r in rows.select(range(min(len(rows), cfg.data.max_eval_examples)))]
-            self.examples = tokenize(self.records, cfg.data, loaded.tokenizer)
+            chosen = rows.select(range(min(len(rows), cfg.data.max_eval_examples)))
+            tokenized = tokenize_counted(chosen, cfg.data, loaded.tokenizer)  # drops what truncation drops
+            self.records, self.examples = tokenized.records, tokenized.examples
+            cut = tokenized.counts
+            if cut.too_long:
+                log.warning(
+                    "server held-out set %s: %d of %d examples longer than `data.max-seq-len` = %d tokens (%s)",
+                    *(source, cut.too_long, len(chosen), cfg.data.max_seq_len),
+                    cut_phrase(cut.prompts_cut, cut.responses_too_long, cfg.data.truncation),
+                )
 
     def __call__(self, arrays: Arrays, cfg: RunConfig | None = None) -> dict[str, float]:
         """The metrics the round's ``eval.metrics`` (``cfg``, default the run's) names, by name."""
@@ -63,8 +75,8 @@ class CentralEvaluator:
     def answer(self, record: dict[str, Any], arrays: Arrays | None) -> str:
         """Greedy answer of the base model (``arrays`` None) or of the base plus that adapter."""
         tok = self.loaded.tokenizer
-        prompt = render_prompt(record, self.cfg.data, tok)
-        ids = tok(prompt, add_special_tokens=False, return_tensors="pt").to(self.loaded.device)
+        rows = [prompt_ids(record, self.cfg.data, tok, self.cfg.eval.max_new_tokens)]
+        ids = left_pad(rows, int(tok.pad_token_id), self.loaded.device)
         kwargs = {
             "max_new_tokens": self.cfg.eval.max_new_tokens,
             "do_sample": False,

@@ -20,7 +20,8 @@ NOT_COVERED = (
     "Not covered by the run's differential-privacy guarantee: each site's held-out loss and task metrics "
     "(`eval.metrics`) are reported without noise (`eval.federated = false` turns them off)."
 )
-CHECK_NAMES = ("malformed", "empty", "duplicates", "too_long")
+CHECK_NAMES = ("malformed", "empty", "duplicates", "too_long", "prompts_cut", "responses_too_long")
+NEWER_CHECKS = ("prompts_cut", "responses_too_long")  # a site from before `data.truncation` lacks them
 
 
 def _number(metrics: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
@@ -79,6 +80,8 @@ def data_checks(metrics: Mapping[str, Any]) -> dict[str, int] | None:
     found: dict[str, int] = {}
     for name in CHECK_NAMES:
         value = metrics.get(keys.DATA_CHECK + name.replace("_", "-"))
+        if value is None and name in NEWER_CHECKS:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             return None
         found[name] = value

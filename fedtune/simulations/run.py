@@ -6,6 +6,7 @@ import logging
 import os
 
 from fedtune.client.app import app as client_app
+from fedtune.config.baselines import parse_baselines
 from fedtune.config.plan import Plan
 from fedtune.core.errors import ConfigError
 from fedtune.core.logs import quiet_flower, setup_logging
@@ -16,7 +17,8 @@ from fedtune.model.hardware import check_site
 from fedtune.model.methods import check_model_files
 from fedtune.model.sources import load_tokenizer, resolve_model
 from fedtune.privacy import compat
-from fedtune.server.app import make_server_app, run_server
+from fedtune.server.app import make_server_app, output_dir, run_server
+from fedtune.simulations import baselines
 from fedtune.simulations.local import LocalGrid
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,14 @@ def simulate(plan: Plan, *, resume: bool = False) -> None:
     if plan.base.simulation.backend == "shared":
         setup_logging()
         run_server(plan, LocalGrid(client_app, plan.base.simulation.num_supernodes), resume=resume)
-        return
+    else:
+        _simulate_ray(plan, resume)
+    if parse_baselines(plan.base.baselines):  # after the federated run, in this process (no Ray)
+        baselines.run_baselines(plan, output_dir(plan.base))
+
+
+def _simulate_ray(plan: Plan, resume: bool) -> None:
+    """The federation on Flower's simulation engine (Ray backend)."""
     if plan.base.train.num_threads == 0:
         # Each simulated client gets simulation.num-cpus cores; more torch threads oversubscribe.
         plan = plan.override({"train.num-threads": plan.base.simulation.num_cpus})

@@ -69,7 +69,9 @@ def test_metrics_jsonl_and_sites_json_carry_the_task_metrics(tiny_model: Path, t
             {"min": min(values), "max": max(values), "mean": sum(values) / 2, "sites": 2}
         )
     assert all(s["data_checks"]["malformed"] == 0 for s in sites["sites"].values()) and "privacy" not in sites
-    assert set(last["data_checks"]["1"]) == {"malformed", "empty", "duplicates", "too_long"}
+    assert set(last["data_checks"]["1"]) == {
+        *("malformed", "empty", "duplicates", "too_long", "prompts_cut", "responses_too_long")
+    }
     summary = json.loads((out / "summary.json").read_text())["task_metrics"]
     assert summary["base"]["rouge_l"] == rows[0]["rouge_l"] and summary["final"]["rouge_l"] == last["rouge_l"]
 

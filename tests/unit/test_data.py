@@ -34,9 +34,9 @@ def test_labels_cover_exactly_the_response(tiny_model: Path, fmt: str) -> None:
     assert example.input_ids[prompt_len:] == response
 
 
-def test_truncation_keeps_ids_and_labels_aligned(tiny_model: Path) -> None:
+def test_right_truncation_keeps_ids_and_labels_aligned(tiny_model: Path) -> None:
     tok = load_tokenizer(str(tiny_model))
-    (example,) = tokenize([RECORD], DataConfig(format="alpaca", max_seq_len=10), tok)
+    (example,) = tokenize([RECORD], DataConfig(format="alpaca", max_seq_len=10, truncation="right"), tok)
     assert len(example.input_ids) == len(example.labels) == 10
 
 

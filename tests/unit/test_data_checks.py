@@ -77,8 +77,11 @@ def test_site_reports_duplicates_and_truncated_records_and_keeps_them(tiny_model
     # Execute
     site = open_site(cfg, {keys.DATA_PATH: str(path)})
 
-    # Assert: the 7 good records are all used; the long one is truncated to max-seq-len
-    assert site.data_checks == {"malformed": 4, "empty": 2, "duplicates": 3, "too_long": 1}
+    # Assert: the 7 good records are all used; the long one's prompt is cut to fit max-seq-len
+    assert site.data_checks == {
+        **{"malformed": 4, "empty": 2, "duplicates": 3, "too_long": 1},
+        **{"prompts_cut": 1, "responses_too_long": 0},
+    }
     assert len(site.train) + len(site.heldout) == 7
     assert max(len(e.input_ids) for e in site.train + site.heldout) == 48
 
