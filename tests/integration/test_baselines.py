@@ -142,7 +142,12 @@ def test_an_unknown_baseline_is_one_line_naming_the_key(tiny_model: Path, tmp_pa
     [
         ({"simulation.backend": "ray", "server.fraction-train": 0.5}, r"needs every site sampled every round"),
         (
-            {"privacy.mechanism": "central", "server.sampling": "poisson", "strategy.weighting": "uniform"},
+            {
+                "privacy.mechanism": "central",
+                "privacy.noise-multiplier": 1.0,
+                "server.sampling": "poisson",
+                "strategy.weighting": "uniform",
+            },
             r"set `output.log-participants` = true",
         ),
     ],
