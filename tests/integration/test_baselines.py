@@ -146,6 +146,7 @@ def test_an_unknown_baseline_is_one_line_naming_the_key(tiny_model: Path, tmp_pa
                 "privacy.mechanism": "central",
                 "privacy.noise-multiplier": 1.0,
                 "server.sampling": "poisson",
+                "server.fraction-train": 0.5,
                 "strategy.weighting": "uniform",
             },
             r"set `output.log-participants` = true",
