@@ -18,6 +18,7 @@ from fedtune.model.sources import load_tokenizer, resolve_model
 from fedtune.privacy import compat
 from fedtune.server.app import make_server_app, run_server
 from fedtune.simulations.local import LocalGrid
+from fedtune.simulations.ray_cluster import backend_config
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,12 @@ def simulate(plan: Plan, *, resume: bool = False) -> None:
 
     quiet_flower()
 
-    backend = {
-        "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
-        "init_args": {"logging_level": "error", "log_to_driver": True},
-    }
+    backend = backend_config(cfg)
+    if cfg.simulation.ray_address:
+        log.info("simulation: attaching to the Ray cluster at %s", cfg.simulation.ray_address)
     run_simulation(
         server_app=make_server_app(plan.to_flat(), resume=resume),
         client_app=client_app,
         num_supernodes=cfg.simulation.num_supernodes,
-        backend_config=backend,  # type: ignore[arg-type]
+        backend_config=backend,
     )
