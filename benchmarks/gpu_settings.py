@@ -9,8 +9,8 @@ against the plain fp32 median measured in the same run:
 - ``accum-2``: the same effective batch as 2 accumulated micro-batches;
 - ``checkpointing``: with ``train.gradient-checkpointing``;
 - ``bf16``: bf16 autocast on the CPU;
-- ``ddp-2``: ``train.num-processes = 2`` (gloo); its time includes spawning the second rank and
-  loading the base model there, as every data-parallel round does.
+- ``ddp-2``: ``train.num-processes = 2`` (gloo); the second rank is resident (spawned, with its
+  base model, in the warm-up pass), as at a site after its first data-parallel round.
 
 No GPU is involved: this measures what the settings cost on the CPU path, not what they gain on a
 GPU. Usage:

@@ -23,8 +23,21 @@ class SimulationConfig:
     """GPUs per simulated client; fractions share a GPU."""
     site_ranks: str = ""
     """Comma-separated LoRA rank per simulated site (cycled), e.g. ``16,8,4``; empty: all ``lora.r``."""
+    ray_address: str = ""
+    """The Ray cluster the ``ray`` backend runs on. Empty: a new local Ray instance, always (never
+    one that ``ray start`` left running, nor ``RAY_ADDRESS``); ``auto``: the running cluster Ray
+    finds (``RAY_ADDRESS``, else the one ``ray start`` started on this machine); ``HOST:PORT``: the
+    cluster whose head listens there. Each client asks the cluster for ``simulation.num-cpus`` CPUs
+    and ``simulation.num-gpus`` GPUs."""
 
     def __post_init__(self) -> None:
+        host, _, port = self.ray_address.rpartition(":")
+        require(
+            self.ray_address in ("", "auto")
+            or (bool(host) and "://" not in host and port.isdigit() and 0 < int(port) < 65536),
+            "simulation.ray-address",
+            f"must be empty (a new local Ray), `auto` or HOST:PORT of a Ray head, got {self.ray_address!r}.",
+        )
         require(self.num_supernodes >= 1, "simulation.num-supernodes", "must be >= 1.")
         require(self.num_cpus >= 1, "simulation.num-cpus", "must be >= 1.")
         require(self.num_gpus >= 0, "simulation.num-gpus", "must be >= 0.")

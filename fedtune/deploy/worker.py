@@ -128,6 +128,9 @@ def serve(directory: Path) -> None:
             break
     server.stop(grace=2).wait()
     channel.socket_path(directory).unlink(missing_ok=True)
+    ranks = sys.modules.get("fedtune.client.ranks")  # imported by a data-parallel round
+    if ranks is not None:
+        ranks.shutdown()  # the site's resident data-parallel ranks end with the worker
 
 
 def main(argv: list[str] | None = None) -> int:

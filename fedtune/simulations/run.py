@@ -20,6 +20,7 @@ from fedtune.privacy import compat
 from fedtune.server.app import make_server_app, output_dir, run_server
 from fedtune.simulations import baselines
 from fedtune.simulations.local import LocalGrid
+from fedtune.simulations.ray_cluster import backend_config
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,12 @@ def _simulate_ray(plan: Plan, resume: bool) -> None:
 
     quiet_flower()
 
-    backend = {
-        "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
-        "init_args": {"logging_level": "error", "log_to_driver": True},
-    }
+    backend = backend_config(cfg)
+    if cfg.simulation.ray_address:
+        log.info("simulation: attaching to the Ray cluster at %s", cfg.simulation.ray_address)
     run_simulation(
         server_app=make_server_app(plan.to_flat(), resume=resume),
         client_app=client_app,
         num_supernodes=cfg.simulation.num_supernodes,
-        backend_config=backend,  # type: ignore[arg-type]
+        backend_config=backend,
     )
