@@ -30,6 +30,7 @@ from fedtune.config import RunConfig, Scalar
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import FedtuneError
 from fedtune.data.prompts import Example
+from fedtune.model import threads
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ def _rank_main(job: Job, rank: int, reports: Any) -> None:
         cfg = RunConfig.from_flat(job.flat)
         if cfg.train.device != "cpu" and torch.cuda.is_available():
             torch.cuda.set_device(rank)  # "cuda" below then means this rank's GPU
-        elif cfg.train.num_threads == 0:  # share the CPU with the other ranks
-            torch.set_num_threads(max(1, torch.get_num_threads() // job.world))
+        else:  # the CPU ranks share the site's cores (train.num-threads: per rank)
+            threads.apply(cfg.train.num_threads, job.world)
         model = wrap(load_for(cfg, pick_device(cfg.train.device)), cfg, job.lora_rank or None)
         load_adapter_arrays(model, job.start)
         reports.put((rank, "ready"))

@@ -7,15 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from fedtune.config import RunConfig
 from fedtune.core.errors import ConfigError
 from fedtune.data.checks import count_duplicates
 from fedtune.data.loaders import load_checked, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import IGNORE, Example, check_format, tokenize
-from fedtune.model.hardware import check_site
+from fedtune.model import threads
+from fedtune.model.hardware import check_site, on_cuda
 from fedtune.model.loading import LoadedModel, pick_device
 from fedtune.model.methods import load_for, wrap
 from fedtune.wire import keys
@@ -74,6 +73,13 @@ def site_rank(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:
     return rank
 
 
+def _set_threads(cfg: RunConfig, name: str) -> None:
+    """This process's torch threads (``train.num-threads``, 0 = auto), logged once per site."""
+    ranks = 1 if on_cuda(cfg.train.device) else cfg.train.num_processes  # CPU ranks share the cores
+    threads.apply(cfg.train.num_threads)  # this process: loading, evaluation; ranks set their own
+    threads.log_choice(name, threads.choose(cfg.train.num_threads, ranks), ranks)
+
+
 def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
     """Load (once per process) the base model and this site's data, and return the site.
 
@@ -92,8 +98,7 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
     key = (where, cfg.data, cfg.model, cfg.lora, cfg.peft, rank, cfg.train.device, cfg.seed)
     if key in _SITES:
         return _SITES[key]
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    _set_threads(cfg, name)
     loaded = load_for(cfg, pick_device(cfg.train.device))
     check_format(cfg.data, loaded.tokenizer, cfg.model.name)
     if where[0] == "file":

@@ -12,6 +12,7 @@ from fedtune.core.logs import quiet_flower, setup_logging
 from fedtune.data.loaders import load_eval_records, load_records, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import check_format
+from fedtune.model import threads
 from fedtune.model.hardware import check_site
 from fedtune.model.methods import check_model_files
 from fedtune.model.sources import load_tokenizer, resolve_model
@@ -49,12 +50,14 @@ def simulate(plan: Plan, *, resume: bool = False) -> None:
     precheck(plan)
     if plan.base.simulation.backend == "shared":
         setup_logging()
+        threads.announce(1)  # the sites take turns in this process
         run_server(plan, LocalGrid(client_app, plan.base.simulation.num_supernodes), resume=resume)
         return
-    if plan.base.train.num_threads == 0:
-        # Each simulated client gets simulation.num-cpus cores; more torch threads oversubscribe.
-        plan = plan.override({"train.num-threads": plan.base.simulation.num_cpus})
     cfg = plan.base
+    cores = threads.usable_cores()
+    # Ray runs as many clients at once as its CPUs allow (simulation.num-cpus each); each site's
+    # auto thread count (train.num-threads = 0) divides the cores among them.
+    threads.announce(min(cfg.simulation.num_supernodes, max(1, cores // cfg.simulation.num_cpus)))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-site progress lines look alike; keep them all
@@ -64,7 +67,7 @@ def simulate(plan: Plan, *, resume: bool = False) -> None:
 
     backend = {
         "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
-        "init_args": {"logging_level": "error", "log_to_driver": True},
+        "init_args": {"logging_level": "error", "log_to_driver": True, "num_cpus": max(cores, cfg.simulation.num_cpus)},
     }
     run_simulation(
         server_app=make_server_app(plan.to_flat(), resume=resume),
