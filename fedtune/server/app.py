@@ -20,6 +20,7 @@ from fedtune.core.logs import quiet_libraries, setup_logging
 from fedtune.model.hardware import server_model
 from fedtune.model.loading import pick_device
 from fedtune.model.methods import initial_state, load_for
+from fedtune.model.sources import base_source
 from fedtune.privacy import compat
 from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.server import checkpoint, loop, site_metrics, traffic
@@ -75,6 +76,7 @@ def run_server(plan: Plan, grid: GridLike, *, resume: bool = False) -> dict[str,
     final = out / writer.final_name()
     write_atomic_dir(final, lambda tmp: writer.final(tmp, state.global_arrays))
     extra: dict[str, Any] = {"base_model": loaded.path, writer.final_name(): str(final), "run_id": state.run_id}
+    extra["base_model_source"] = base_source(cfg.model, loaded.path)
     extra["peft_method"] = cfg.peft.method
     extra["privacy"] = privacy_summary(plan, state)
     extra["communication"] = traffic.communication_summary(cfg, state)
