@@ -53,7 +53,7 @@ def open_round(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any
     if not MECHANISMS.get(str(spec.get("privacy.mechanism", "none"))).site_ledger:  # only DP-SGD sites account
         local = {k: v for k, v in local.items() if k not in SITE_PRIVACY_KEYS}
     cfg = RunConfig.from_flat({**spec, **local})  # the site's own settings win over the spec
-    return cfg, extra, open_site(cfg, context.node_config)
+    return cfg, extra, open_site(cfg, context.node_config, context.state)
 
 
 def open_with_adapter(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Site, Any]:

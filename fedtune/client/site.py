@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flwr.app import ConfigRecord, RecordDict
+
 from fedtune.config import RunConfig
 from fedtune.core.errors import ConfigError
 from fedtune.data.checks import count_duplicates
@@ -20,6 +22,8 @@ from fedtune.model.methods import load_for, wrap
 from fedtune.wire import keys
 
 log = logging.getLogger(__name__)
+
+ANNOUNCED = "fedtune.site-announced"  # context.state: this site has logged its start-up report
 
 
 @dataclass
@@ -73,18 +77,38 @@ def site_rank(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:
     return rank
 
 
-def _set_threads(cfg: RunConfig, name: str) -> None:
-    """This process's torch threads (``train.num-threads``, 0 = auto), logged once per site."""
+def _set_threads(cfg: RunConfig) -> tuple[threads.Choice, int]:
+    """This process's torch threads (``train.num-threads``, 0 = auto); the choice per training
+    process and the number of CPU data-parallel ranks, for the site's start-up report."""
     ranks = 1 if on_cuda(cfg.train.device) else cfg.train.num_processes  # CPU ranks share the cores
     threads.apply(cfg.train.num_threads)  # this process: loading, evaluation; ranks set their own
-    threads.log_choice(name, threads.choose(cfg.train.num_threads, ranks), ranks)
+    return threads.choose(cfg.train.num_threads, ranks), ranks
 
 
-def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
+def _report(site: Site, lines: list[str], cfg: RunConfig) -> None:
+    """The site's data checks and sizes, logged when it opens."""
+    level = logging.WARNING if any(site.data_checks.values()) else logging.INFO
+    log.log(level, "%s: %s", site.name, "\n".join(lines))
+    lost = sum(1 for e in site.train + site.heldout if all(t == IGNORE for t in e.labels))
+    if lost:
+        log.warning(
+            "%s: %d example(s) lose their whole response to `data.max-seq-len` = %d and teach nothing; raise it.",
+            *(site.name, lost, cfg.data.max_seq_len),
+        )
+    method = f"LoRA rank {site.rank}" if site.rank else cfg.peft.method
+    log.info(
+        "%s: %d train / %d held-out examples, %s, on %s",
+        *(site.name, len(site.train), len(site.heldout), method, site.loaded.device),
+    )
+
+
+def open_site(cfg: RunConfig, node_config: Mapping[str, Any], state: RecordDict | None = None) -> Site:
     """Load (once per process) the base model and this site's data, and return the site.
 
     A site either points at its own file (node config ``data-path``) or, in a simulation, takes
-    partition ``partition-id`` of ``data.path``.
+    partition ``partition-id`` of ``data.path``. Its start-up report (threads, data checks, sizes)
+    is logged once per site: ``state`` (the site's ``context.state``) remembers it across the
+    processes that open the site (Ray workers, Flower's per-message ClientApp processes).
     """
     own_path = node_config.get(keys.DATA_PATH)
     if own_path:
@@ -98,7 +122,7 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
     key = (where, cfg.data, cfg.model, cfg.lora, cfg.peft, rank, cfg.train.device, cfg.seed)
     if key in _SITES:
         return _SITES[key]
-    _set_threads(cfg, name)
+    choice, ranks = _set_threads(cfg)
     loaded = load_for(cfg, pick_device(cfg.train.device))
     check_format(cfg.data, loaded.tokenizer, cfg.model.name)
     if where[0] == "file":
@@ -119,17 +143,10 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
     report.duplicates = count_duplicates(rows, cfg.data)  # this site's own records
     report.too_long = sum(e.truncated for e in site.train + site.heldout)
     site.data_checks = report.counts()
-    level = logging.WARNING if any(site.data_checks.values()) else logging.INFO
-    log.log(level, "%s: %s", name, "\n".join(report.lines(cfg.data.max_seq_len)))
-    lost = sum(1 for e in site.train + site.heldout if all(t == IGNORE for t in e.labels))
-    if lost:
-        log.warning(
-            "%s: %d example(s) lose their whole response to `data.max-seq-len` = %d and teach nothing; raise it.",
-            *(name, lost, cfg.data.max_seq_len),
-        )
-    log.info(
-        "%s: %d train / %d held-out examples, %s, on %s",
-        *(name, len(site.train), len(site.heldout), f"LoRA rank {rank}" if rank else cfg.peft.method, loaded.device),
-    )
+    if state is None or ANNOUNCED not in state:
+        threads.log_choice(name, choice, ranks)
+        _report(site, report.lines(cfg.data.max_seq_len), cfg)
+        if state is not None:
+            state[ANNOUNCED] = ConfigRecord({"site": name})
     _SITES[key] = site
     return site
