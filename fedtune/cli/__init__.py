@@ -15,7 +15,7 @@ import sys
 
 from fedtune.cli import calc, deploy, fetch, run
 from fedtune.core.errors import FedtuneError
-from fedtune.core.logs import quiet_libraries, readable_flower, setup_logging
+from fedtune.core.logs import VERBOSE_ENV, quiet_libraries, readable_flower, setup_logging
 
 log = logging.getLogger("fedtune.cli")
 
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the processes fedtune starts (Ray workers, site workers) too
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     readable_flower(args.verbose)
     # SIGTERM unwinds like Ctrl-C, so the Flower processes fedtune started are stopped too.

@@ -45,10 +45,16 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.propagate = False
 
 
-def readable_flower(verbose: bool = False) -> None:
+VERBOSE_ENV = "FEDTUNE_VERBOSE"  # set by `fedtune --verbose`, inherited by the processes it starts
+
+
+def readable_flower(verbose: bool | None = None) -> None:
     """Flower's console in this process as fedtune's: INFO to stdout, warnings to stderr, colour
-    codes only on a terminal, DEBUG only with ``--verbose``."""
+    codes only on a terminal, DEBUG only with ``--verbose`` (``verbose``, else :data:`VERBOSE_ENV`)."""
     from flwr.supercore.logger import ConsoleHandler, console_handler
+
+    if verbose is None:
+        verbose = os.environ.get(VERBOSE_ENV) == "1"
 
     flwr = logging.getLogger("flwr")
     console_handler.setStream(sys.stdout)
@@ -97,6 +103,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     # RDP says a wider order range could tighten epsilon; the epsilon reported is still a valid bound.
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    readable_flower()  # here too in a Ray worker or a Flower app process: no colour codes in a log
 
 
 class _DropDeprecationNotice(logging.Filter):
