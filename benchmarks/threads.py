@@ -10,7 +10,7 @@ does. "other work" adds one busy process beside a single trainer (fedtune cannot
 compares torch's default with the README's advice, ``train.num-threads`` = cores - 1. Everything runs
 in one invocation, one configuration after the other; run it under the heavy lock.
 
-    .venv/bin/python benchmarks/threads.py [--preset tiny|smollm2] [--steps 8]
+    .venv/bin/python benchmarks/threads.py [--preset tiny|smollm2] [--steps 8] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=["tiny", "smollm2"])
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1, help="before/after pairs, alternating; medians reported")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     cases = [
@@ -97,12 +98,19 @@ def main() -> None:
         ("loopback demo federation (3 site workers)", 3, "0", False),
         ("shared backend + 1 busy process, train.num-threads = cores - 1", 1, str(max(1, cores - 1)), True),
     ]
-    print(f"{args.preset}, {cores} usable cores, {args.steps} steps per process\n")
+    print(f"{args.preset}, {cores} usable cores, {args.steps} steps per process, median of {args.repeats}\n")
     print("| configuration | before: threads, s/step | after: threads, s/step | before / after |")
     print("|---|---|---|---|")
     for name, processes, after, busy in cases:
-        before_s, before_t = _measure(args.preset, args.steps, processes, "default", busy)
-        after_s, after_t = _measure(args.preset, args.steps, processes, after, busy)
+        pairs = [
+            (
+                _measure(args.preset, args.steps, processes, "default", busy),
+                _measure(args.preset, args.steps, processes, after, busy),
+            )
+            for _ in range(args.repeats)
+        ]
+        before_s, before_t = statistics.median(b[0] for b, _ in pairs), pairs[0][0][1]
+        after_s, after_t = statistics.median(a[0] for _, a in pairs), pairs[0][1][1]
         print(f"| {name} | {before_t}, {before_s:.3f} | {after_t}, {after_s:.3f} | {before_s / after_s:.2f}x |")
 
 
