@@ -45,6 +45,7 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.propagate = False
 
 
+CONSOLE_ENV = "FEDTUNE_CONSOLE_LOG"  # "1": the ClientApp's process logs fedtune's records to the console
 VERBOSE_ENV = "FEDTUNE_VERBOSE"  # set by `fedtune --verbose`, inherited by the processes it starts
 
 
@@ -57,6 +58,7 @@ def readable_flower(verbose: bool | None = None) -> None:
         verbose = os.environ.get(VERBOSE_ENV) == "1"
 
     flwr = logging.getLogger("flwr")
+    flwr.propagate = False  # its own console handler shows it; a root handler (Ray's) repeated DEBUG lines
     console_handler.setStream(sys.stdout)
     console_handler.colored = sys.stdout.isatty()
     console_handler.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from fedtune.client.app import app as client_app
 from fedtune.config.plan import Plan
 from fedtune.core.errors import ConfigError
-from fedtune.core.logs import quiet_flower, setup_logging
+from fedtune.core.logs import CONSOLE_ENV, quiet_flower, setup_logging
 from fedtune.data.loaders import load_eval_records, load_records, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import check_format
@@ -61,6 +62,9 @@ def simulate(plan: Plan, *, resume: bool = False) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-site progress lines look alike; keep them all
+    os.environ[CONSOLE_ENV] = "1"  # each site's start-up report, from its Ray worker
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray colours its worker prefixes by default
     from flwr.simulation import run_simulation
 
     quiet_flower()
