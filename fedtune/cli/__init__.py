@@ -15,7 +15,7 @@ import sys
 
 from fedtune.cli import calc, chat, deploy, evaluate, export, fetch, run
 from fedtune.core.errors import FedtuneError
-from fedtune.core.logs import quiet_libraries, setup_logging
+from fedtune.core.logs import VERBOSE_ENV, quiet_libraries, readable_flower, setup_logging
 
 log = logging.getLogger("fedtune.cli")
 
@@ -23,6 +23,8 @@ log = logging.getLogger("fedtune.cli")
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of LLM adapters on Flower.")
+    parser.add_argument("--version", action="version", version=f"fedtune {_version()}")
+    parser.add_argument("--verbose", action="store_true", help="show DEBUG lines, Flower's too (default: off)")
     sub = parser.add_subparsers(dest="command", required=True)
     run.add_simulate(sub)
     deploy.add_keys(sub)
@@ -36,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedtune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -45,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
-    setup_logging()
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the processes fedtune starts (Ray workers, site workers) too
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    readable_flower(args.verbose)
     # SIGTERM unwinds like Ctrl-C, so the Flower processes fedtune started are stopped too.
     signal.signal(signal.SIGTERM, _terminate)
     try:

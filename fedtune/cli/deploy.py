@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fedtune.cli.run import add_run_options, plan_from_args
-from fedtune.config import parse_assignments
+from fedtune.config import Scalar, parse_assignments
 from fedtune.config.presets import PRESETS
 from fedtune.core.errors import FedtuneError
 
@@ -94,6 +94,7 @@ def _client(args: argparse.Namespace) -> None:
         device=args.device,
         sets=parse_assignments(args.set),
     )
+    _announce_local_sites(args.superlink, config)
     if args.state_dir:
         config[keys.STATE_DIR] = str(Path(args.state_dir).expanduser().resolve())
     root = None if args.insecure else Path(args.root_cert).resolve()
@@ -110,8 +111,29 @@ def _client(args: argparse.Namespace) -> None:
         client.join(cmd, worker)
 
 
+def _announce_local_sites(superlink: str, config: dict[str, Scalar]) -> None:
+    """A demo share of N sites on a loopback SuperLink is a test federation on this machine: its N
+    site workers share the cores (``train.num-threads`` = 0 divides them, fedtune.model.threads)."""
+    import ipaddress
+
+    from fedtune.model import threads
+    from fedtune.wire import keys
+
+    host = superlink.rpartition(":")[0].strip("[]")
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if local and keys.NUM_PARTITIONS in config:
+        threads.announce(int(config[keys.NUM_PARTITIONS]))
+
+
 def procs_show(cmd: list[str]) -> str:
     """A command as one shell line, with the environment fedtune sets."""
-    from fedtune.deploy import procs
+    import os
 
-    return procs.exported() + " " + procs.show(cmd)
+    from fedtune.deploy import procs
+    from fedtune.model.threads import PROCESSES_ENV
+
+    announced = f" {PROCESSES_ENV}={os.environ[PROCESSES_ENV]}" if PROCESSES_ENV in os.environ else ""
+    return procs.exported() + announced + " " + procs.show(cmd)

@@ -6,21 +6,30 @@ import argparse
 import json
 from pathlib import Path
 
-from fedtune.config import Scalar, default_output_dir, parse_assignments
+from fedtune.config import RunConfig, Scalar, default_output_dir, parse_assignments
 from fedtune.config.plan import Plan
 from fedtune.config.presets import PRESETS, preset
+
+DEFAULTS = RunConfig()
 
 
 def add_run_options(parser: argparse.ArgumentParser, preset_help: str, clients: bool) -> None:
     """The flags that make a run's plan: --preset, --out, --rounds, [--clients,] --seed, --set, --resume."""
-    parser.add_argument("--preset", choices=list(PRESETS), help=preset_help)
-    parser.add_argument("--out", help="run directory (default runs/<timestamp>)")
-    parser.add_argument("--rounds", type=int, help="num-server-rounds")
+    parser.add_argument("--preset", choices=list(PRESETS), help=f"{preset_help} (default: none, the config defaults)")
+    parser.add_argument("--out", help="run directory (default: runs/<timestamp>)")
+    rounds, sites = DEFAULTS.num_server_rounds, DEFAULTS.simulation.num_supernodes
+    parser.add_argument("--rounds", type=int, help=f"num-server-rounds (default: the preset's, else {rounds})")
     if clients:
-        parser.add_argument("--clients", type=int, help="simulated sites (simulation.num-supernodes)")
-    parser.add_argument("--seed", type=int, help="seed for everything")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key (repeatable)")
-    parser.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last complete checkpoint")
+        parser.add_argument(
+            "--clients", type=int, help=f"simulation.num-supernodes (default: the preset's, else {sites})"
+        )
+    parser.add_argument("--seed", type=int, help=f"seed for everything (default: {DEFAULTS.seed})")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config key (repeatable; default: none)"
+    )
+    parser.add_argument(
+        "--resume", metavar="OUT", help="continue the run in OUT from its last complete checkpoint (default: a new run)"
+    )
 
 
 def plan_from_args(args: argparse.Namespace, extra: dict[str, Scalar] | None = None) -> Plan:

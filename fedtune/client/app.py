@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -11,11 +12,13 @@ from flwr.clientapp import ClientApp
 from fedtune.client import pipeline, secagg
 from fedtune.client.compress import encode_update
 from fedtune.core.errors import FedtuneError
-from fedtune.core.logs import quiet_libraries
+from fedtune.core.logs import CONSOLE_ENV, quiet_libraries, setup_logging
 from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.wire import keys
 
 quiet_libraries()  # this module is the process entry point under `flwr run` / deployment
+if os.environ.get(CONSOLE_ENV) == "1":
+    setup_logging()  # a Ray worker: the site's start-up report shows in the run's output
 
 app = ClientApp()
 

@@ -55,7 +55,7 @@ def open_round(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any
         local = {k: v for k, v in local.items() if k not in SITE_PRIVACY_KEYS}
     cfg = RunConfig.from_flat({**spec, **local})  # the site's own settings win over the spec
     compat.check_round(cfg)  # the server checked the spec; the site's own settings may not compose with it
-    return cfg, extra, open_site(cfg, context.node_config)
+    return cfg, extra, open_site(cfg, context.node_config, context.state)
 
 
 def open_with_adapter(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Site, Any]:

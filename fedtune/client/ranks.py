@@ -36,6 +36,7 @@ from fedtune.config import RunConfig, Scalar
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import FedtuneError
 from fedtune.data.prompts import Example
+from fedtune.model import threads
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
-def _train(job: Job, rank: int, reports: Any, threads: int) -> None:
+def _train(job: Job, rank: int, reports: Any) -> None:
     """One round on a spawned rank: the resident base and the global adapter, its shards, a report."""
     from fedtune.model.adapters import load_adapter_arrays
     from fedtune.model.loading import pick_device
@@ -95,8 +96,8 @@ def _train(job: Job, rank: int, reports: Any, threads: int) -> None:
     cfg = RunConfig.from_flat(job.flat)
     if cfg.train.device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(rank)  # "cuda" below then means this rank's GPU
-    else:  # the site's thread count, else an equal share of the CPU with the other ranks
-        torch.set_num_threads(cfg.train.num_threads or max(1, threads // job.world))
+    else:  # the CPU ranks share the site's cores (train.num-threads: per rank)
+        threads.apply(cfg.train.num_threads, job.world)
     model = wrap(load_for(cfg, pick_device(cfg.train.device)), cfg, job.lora_rank or None)  # loaded once
     load_adapter_arrays(model, job.start)
     reports.put((rank, job.job_id, READY))
@@ -121,7 +122,6 @@ def _train(job: Job, rank: int, reports: Any, threads: int) -> None:
 
 def rank_main(rank: int, jobs: Any, reports: Any, parent: int) -> None:
     """A spawned rank's life: take jobs until told to stop (``None``) or its parent is gone."""
-    threads = torch.get_num_threads()
     while True:
         try:
             job = jobs.get(timeout=JOB_POLL_S)
@@ -132,7 +132,7 @@ def rank_main(rank: int, jobs: Any, reports: Any, parent: int) -> None:
         if job is None:
             return
         try:
-            _train(job, rank, reports, threads)
+            _train(job, rank, reports)
         except BaseException as exc:  # report, then leave: rank 0 closes the pool and respawns
             reports.put((rank, job.job_id, _first_line(exc)))
             raise

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from flwr.app import ConfigRecord, RecordDict
 
 from fedtune.config import RunConfig
 from fedtune.core.errors import ConfigError, DataError
@@ -15,12 +15,15 @@ from fedtune.data.checks import count_duplicates
 from fedtune.data.loaders import load_checked, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import IGNORE, Example, check_format, tokenize_counted
-from fedtune.model.hardware import check_site
+from fedtune.model import threads
+from fedtune.model.hardware import check_site, on_cuda
 from fedtune.model.loading import LoadedModel, pick_device
 from fedtune.model.methods import load_for, wrap
 from fedtune.wire import keys
 
 log = logging.getLogger(__name__)
+
+ANNOUNCED = "fedtune.site-announced"  # context.state: this site has logged its start-up report
 
 
 @dataclass
@@ -74,11 +77,38 @@ def site_rank(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:
     return rank
 
 
-def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
+def _set_threads(cfg: RunConfig) -> tuple[threads.Choice, int]:
+    """This process's torch threads (``train.num-threads``, 0 = auto); the choice per training
+    process and the number of CPU data-parallel ranks, for the site's start-up report."""
+    ranks = 1 if on_cuda(cfg.train.device) else cfg.train.num_processes  # CPU ranks share the cores
+    threads.apply(cfg.train.num_threads)  # this process: loading, evaluation; ranks set their own
+    return threads.choose(cfg.train.num_threads, ranks), ranks
+
+
+def _report(site: Site, lines: list[str], cfg: RunConfig) -> None:
+    """The site's data checks and sizes, logged when it opens."""
+    level = logging.WARNING if any(site.data_checks.values()) else logging.INFO
+    log.log(level, "%s: %s", site.name, "\n".join(lines))
+    lost = sum(1 for e in site.train + site.heldout if all(t == IGNORE for t in e.labels))
+    if lost:
+        log.warning(
+            "%s: %d example(s) lose their whole response to `data.max-seq-len` = %d and teach nothing; raise it.",
+            *(site.name, lost, cfg.data.max_seq_len),
+        )
+    method = f"LoRA rank {site.rank}" if site.rank else cfg.peft.method
+    log.info(
+        "%s: %d train / %d held-out examples, %s, on %s",
+        *(site.name, len(site.train), len(site.heldout), method, site.loaded.device),
+    )
+
+
+def open_site(cfg: RunConfig, node_config: Mapping[str, Any], state: RecordDict | None = None) -> Site:
     """Load (once per process) the base model and this site's data, and return the site.
 
     A site either points at its own file (node config ``data-path``) or, in a simulation, takes
-    partition ``partition-id`` of ``data.path``.
+    partition ``partition-id`` of ``data.path``. Its start-up report (threads, data checks, sizes)
+    is logged once per site: ``state`` (the site's ``context.state``) remembers it across the
+    processes that open the site (Ray workers, Flower's per-message ClientApp processes).
     """
     own_path = node_config.get(keys.DATA_PATH)
     if own_path:
@@ -92,8 +122,7 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
     key = (where, cfg.data, cfg.model, cfg.lora, cfg.peft, rank, cfg.train.device, cfg.seed)
     if key in _SITES:
         return _SITES[key]
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    choice, ranks = _set_threads(cfg)
     loaded = load_for(cfg, pick_device(cfg.train.device))
     check_format(cfg.data, loaded.tokenizer, cfg.model.name)
     if where[0] == "file":
@@ -123,17 +152,10 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
     report.too_long, report.prompts_cut = cut.too_long, cut.prompts_cut
     report.responses_too_long = cut.responses_too_long
     site.data_checks = report.counts()
-    level = logging.WARNING if any(site.data_checks.values()) else logging.INFO
-    log.log(level, "%s: %s", name, "\n".join(report.lines(cfg.data.max_seq_len, cfg.data.truncation)))
-    lost = sum(1 for e in site.train + site.heldout if all(t == IGNORE for t in e.labels))
-    if lost:
-        log.warning(
-            "%s: %d example(s) lose their whole response to `data.max-seq-len` = %d and teach nothing; raise it.",
-            *(name, lost, cfg.data.max_seq_len),
-        )
-    log.info(
-        "%s: %d train / %d held-out examples, %s, on %s",
-        *(name, len(site.train), len(site.heldout), f"LoRA rank {rank}" if rank else cfg.peft.method, loaded.device),
-    )
+    if state is None or ANNOUNCED not in state:
+        threads.log_choice(name, choice, ranks)
+        _report(site, report.lines(cfg.data.max_seq_len, cfg.data.truncation), cfg)
+        if state is not None:
+            state[ANNOUNCED] = ConfigRecord({"site": name})
     _SITES[key] = site
     return site

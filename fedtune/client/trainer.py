@@ -88,8 +88,8 @@ def train_local(
     model.train()
     losses = []
     # Under Ray (no tty) output is forwarded line by line: update the bar in place, show it on close.
-    interactive = sys.stderr.isatty()
-    bar = tqdm(plan, desc=desc, unit="step", file=sys.stderr, mininterval=1.0 if interactive else 1e9, disable=rank > 0)
+    interactive = sys.stdout.isatty()  # progress goes to stdout, warnings and errors to stderr
+    bar = tqdm(plan, desc=desc, unit="step", file=sys.stdout, mininterval=1.0 if interactive else 1e9, disable=rank > 0)
     try:
         for step in bar:
             count = max(1, sum(response_tokens(examples[i]) for idx in step for i in idx))

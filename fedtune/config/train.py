@@ -27,7 +27,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where a site trains; ``auto`` uses CUDA when present."""
     num_threads: int = 0
-    """torch CPU threads per client process; 0 keeps torch's default."""
+    """torch CPU threads per training process (a site, or each of its data-parallel ranks). 0 (auto):
+    the cores this process may use (its CPU affinity) divided by the training processes fedtune runs
+    at once on this machine (a simulation's concurrent clients, the ranks, the sites of a loopback
+    demo federation); set it when other work shares the machine."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision of the forward pass: ``bf16`` (CUDA or CPU), ``fp16`` (CUDA only, with a
     gradient scaler) or ``fp32`` (none). Adapter weights and optimizer state stay float32."""

@@ -58,6 +58,33 @@ def resolve_model(cfg: ModelConfig) -> str:
     return cfg.name
 
 
+def hub_id(cfg: ModelConfig) -> str | None:
+    """The hub id ``model.name`` stands for, directly or as fedtune's cached copy of one (the demo's
+    ``~/.cache/fedtune/models/ORG--NAME``); None for any other local folder and for a GGUF file."""
+    path = Path(cfg.name).expanduser()
+    if cfg.gguf_file:
+        return None
+    if not path.is_dir():
+        return None if _looks_like_path(cfg.name) else cfg.name
+    mirrors = (fedtune_home() / "models").resolve()
+    folder = path.resolve()
+    if folder.parent == mirrors and "--" in folder.name and not folder.name.startswith("gguf-"):
+        return folder.name.replace("--", "/", 1)
+    return None
+
+
+def base_source(cfg: ModelConfig, local_path: str) -> dict[str, str]:
+    """``summary.json``'s ``base_model_source``: the name the adapter gives its base (the hub id where
+    there is one) and the exact local source the run loaded."""
+    return {
+        "name": hub_id(cfg) or local_path,
+        "local_path": local_path,
+        "model.name": cfg.name,
+        "gguf_file": cfg.gguf_file,
+        "quantization": cfg.quantization,
+    }
+
+
 def dequantize_gguf(directory: Path, gguf_file: str, target: Path | None = None) -> Path:
     """Dequantize ``directory/gguf_file`` once and cache it as a safetensors model folder.
 

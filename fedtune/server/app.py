@@ -16,10 +16,11 @@ from fedtune.config import RunConfig, default_output_dir, from_run_config
 from fedtune.config.plan import Plan
 from fedtune.core.atomic import write_atomic_dir
 from fedtune.core.errors import ConfigError
-from fedtune.core.logs import quiet_libraries, setup_logging
+from fedtune.core.logs import block, quiet_libraries, setup_logging
 from fedtune.model.hardware import server_model
 from fedtune.model.loading import pick_device
 from fedtune.model.methods import initial_state, load_for
+from fedtune.model.sources import base_source
 from fedtune.privacy import compat
 from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.server import checkpoint, loop, site_metrics, traffic
@@ -75,6 +76,7 @@ def run_server(plan: Plan, grid: GridLike, *, resume: bool = False) -> dict[str,
     final = out / writer.final_name()
     write_atomic_dir(final, lambda tmp: writer.final(tmp, state.global_arrays))
     extra: dict[str, Any] = {"base_model": loaded.path, writer.final_name(): str(final), "run_id": state.run_id}
+    extra["base_model_source"] = base_source(cfg.model, loaded.path)
     extra["peft_method"] = cfg.peft.method
     extra["privacy"] = privacy_summary(plan, state)
     extra["communication"] = traffic.communication_summary(cfg, state)
@@ -92,7 +94,7 @@ def run_server(plan: Plan, grid: GridLike, *, resume: bool = False) -> dict[str,
         }
         log.info(
             "\nHeld-out prompt: %s\n  reference : %s\n  base model: %s\n  fine-tuned: %s",
-            *extra["sample"].values(),
+            *(block(text, 14 if i else 17) for i, text in enumerate(extra["sample"].values())),
         )
     if (task := site_metrics.base_vs_final(state.history)) is not None:
         extra["task_metrics"] = task

@@ -21,6 +21,7 @@ from fedtune.core.arrays import Arrays
 from fedtune.model.adapters import load_adapter_arrays, write_peft_folder
 from fedtune.model.loading import LoadedModel
 from fedtune.model.methods import METHODS, wrap
+from fedtune.model.sources import base_source
 
 ADAPTER_DIR = "adapter"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -55,7 +56,9 @@ class Writer:
         model = wrap(self.loaded, self.cfg)
         if self.peft:
             config = model.peft_config[model.active_adapter]
-            write_peft_folder(directory, arrays, config, self.loaded.path)
+            # The hub id where the base has one, so the folder loads on any machine (summary.json
+            # records the exact local source beside it).
+            write_peft_folder(directory, arrays, config, base_source(self.cfg.model, self.loaded.path)["name"])
             return
         load_adapter_arrays(model, arrays)
         use_cache = model.config.use_cache

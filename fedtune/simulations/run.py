@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from fedtune.client.app import app as client_app
 from fedtune.config.baselines import parse_baselines
 from fedtune.config.plan import Plan
 from fedtune.core.errors import ConfigError
-from fedtune.core.logs import quiet_flower, setup_logging
+from fedtune.core.logs import CONSOLE_ENV, quiet_flower, setup_logging
 from fedtune.data.loaders import load_eval_records, load_records, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import check_format
+from fedtune.model import threads
 from fedtune.model.hardware import check_site
 from fedtune.model.methods import check_model_files
 from fedtune.model.sources import load_tokenizer, resolve_model
@@ -52,6 +54,7 @@ def simulate(plan: Plan, *, resume: bool = False) -> None:
     precheck(plan)
     if plan.base.simulation.backend == "shared":
         setup_logging()
+        threads.announce(1)  # the sites take turns in this process
         run_server(plan, LocalGrid(client_app, plan.base.simulation.num_supernodes), resume=resume)
     else:
         _simulate_ray(plan, resume)
@@ -61,19 +64,25 @@ def simulate(plan: Plan, *, resume: bool = False) -> None:
 
 def _simulate_ray(plan: Plan, resume: bool) -> None:
     """The federation on Flower's simulation engine (Ray backend)."""
-    if plan.base.train.num_threads == 0:
-        # Each simulated client gets simulation.num-cpus cores; more torch threads oversubscribe.
-        plan = plan.override({"train.num-threads": plan.base.simulation.num_cpus})
     cfg = plan.base
+    cores = threads.usable_cores()
+    # Ray runs as many clients at once as its CPUs allow (simulation.num-cpus each); each site's
+    # auto thread count (train.num-threads = 0) divides the cores among them.
+    threads.announce(min(cfg.simulation.num_supernodes, max(1, cores // cfg.simulation.num_cpus)))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-site progress lines look alike; keep them all
+    os.environ[CONSOLE_ENV] = "1"  # each site's start-up report, from its Ray worker
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray colours its worker prefixes by default
     from flwr.simulation import run_simulation
 
     quiet_flower()
 
     backend = backend_config(cfg)
-    if cfg.simulation.ray_address:
+    if not cfg.simulation.ray_address:  # a new local Ray gets the cores this process may use
+        backend["init_args"]["num_cpus"] = max(cores, cfg.simulation.num_cpus)
+    else:
         log.info("simulation: attaching to the Ray cluster at %s", cfg.simulation.ray_address)
     run_simulation(
         server_app=make_server_app(plan.to_flat(), resume=resume),
