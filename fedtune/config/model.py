@@ -44,6 +44,10 @@ class LoraSection:
     """Comma-separated module names, or ``all-linear``."""
     freeze_a: bool = False
     """FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded init, only B is trained and sent."""
+    share: Literal["ab", "a"] = "ab"
+    """What a site sends: ``ab`` both LoRA matrices; ``a`` only the A matrices (FedSA-LoRA, Guo et al.,
+    ICLR 2025, https://arxiv.org/abs/2410.01463): each site keeps its own B across rounds, and its
+    personal adapter is (global A, own B)."""
 
     def __post_init__(self) -> None:
         require(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}.")

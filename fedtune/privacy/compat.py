@@ -14,6 +14,7 @@ from fedtune.config.plan import Plan, group_rounds
 from fedtune.core.errors import ConfigError, IncompatibleComponentsError
 from fedtune.model.methods import METHODS
 from fedtune.privacy.mechanisms import MECHANISMS
+from fedtune.privacy.personal_rules import local_steps_vs_dp, share_a
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg import settings as secagg_settings
 from fedtune.privacy.traffic_rules import budget_vs_secagg, compression_vs_secagg
@@ -213,6 +214,7 @@ RULES: list[Rule] = [
     _secagg_params,
     _secagg_rank_bands,
     compression_vs_secagg,
+    share_a,
 ]
 
 
@@ -245,7 +247,7 @@ def _one_guarantee(plan: Plan) -> list[str]:
     return []
 
 
-PLAN_RULES: list[Callable[[Plan], list[str]]] = [_one_guarantee, budget_vs_secagg]
+PLAN_RULES: list[Callable[[Plan], list[str]]] = [_one_guarantee, budget_vs_secagg, local_steps_vs_dp]
 
 
 def problems(plan: Plan) -> list[str]:

@@ -1,0 +1,168 @@
+"""Personalization's pieces: FedSA-LoRA key sets, the site's kept B (context state and state dir),
+the plan checker's refusals and the trust statement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from fedtune.client import store
+from fedtune.config import LoraSection, RunConfig
+from fedtune.config.plan import Plan
+from fedtune.core.errors import ConfigError, IncompatibleComponentsError
+from fedtune.model.share import kept_keys, personal, sent_keys
+from fedtune.privacy import compat
+from fedtune.server.report import privacy_summary
+from fedtune.server.state import ServerState
+from fedtune.wire import keys
+
+A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
+ADAPTER = {A: np.ones((2, 3), np.float32), B: np.zeros((3, 2), np.float32), "m.score.weight": np.ones(3, np.float32)}
+
+
+@pytest.mark.parametrize(
+    ("lora", "sent", "kept"),
+    [
+        (LoraSection(), [A, B, "m.score.weight"], []),
+        (LoraSection(freeze_a=True), [B, "m.score.weight"], []),
+        (LoraSection(share="a"), [A, "m.score.weight"], [B]),
+    ],
+)
+def test_each_setting_sends_and_keeps_its_part(lora: LoraSection, sent: list[str], kept: list[str]) -> None:
+    assert sent_keys(ADAPTER, lora) == sent
+    assert kept_keys(ADAPTER, lora) == kept
+    assert sorted(sent_keys(ADAPTER, lora) + kept_keys(ADAPTER, lora)) == sorted(ADAPTER) or lora.freeze_a
+
+
+def test_the_personal_adapter_is_the_global_one_with_the_own_b() -> None:
+    own = {B: np.full((3, 2), 7, np.float32)}
+    merged = personal(ADAPTER, own)
+    assert merged[A] is ADAPTER[A] and merged[B] is own[B] and sorted(merged) == sorted(ADAPTER)
+
+
+def _context(state_dir: Path) -> Context:
+    return Context(run_id=1, node_id=1, node_config={keys.STATE_DIR: str(state_dir)}, state=RecordDict(), run_config={})
+
+
+def test_the_own_b_survives_a_restart_through_the_state_dir(tmp_path: Path) -> None:
+    # Prepare
+    first, own = _context(tmp_path), {B: np.arange(6, dtype=np.float32).reshape(3, 2)}
+
+    # Execute: a new process (fresh context state) with the same state dir; another run id has nothing
+    store.keep(own, first, "run1", "site 0")
+    restarted = store.restore(_context(tmp_path), "run1", "site 0")
+    other_run = store.restore(_context(tmp_path), "run2", "site 0")
+
+    # Assert
+    assert restarted is not None and other_run is None
+    np.testing.assert_array_equal(restarted[B], own[B])
+    assert store.restore(_context(tmp_path / "elsewhere"), "run1", "site 0") is None
+
+
+def test_context_state_wins_over_the_file_and_a_bad_file_names_itself(tmp_path: Path) -> None:
+    # Prepare
+    context = _context(tmp_path)
+    store.keep({B: np.ones((3, 2), np.float32)}, context, "r", "site 1")
+    path = store.state_path(context, "r", "site 1")
+    path.write_bytes(b"not safetensors")
+
+    # Execute / Assert: the running process reads its context; a restarted one reads the file
+    restored = store.restore(context, "r", "site 1")
+    assert restored is not None and restored[B].sum() == 6
+    with pytest.raises(ConfigError, match=f"site 1: cannot read its own adapter part {path}"):
+        store.restore(_context(tmp_path), "r", "site 1")
+
+
+@pytest.mark.parametrize(
+    ("flat", "line"),
+    [
+        (
+            {"lora.share": "a", "lora.freeze-a": True},
+            "`lora.share` = a (FedSA-LoRA) sends only the A matrices, which `lora.freeze-a` (FFA-LoRA) keeps fixed: "
+            "no site would send anything; use one of them.",
+        ),
+        (
+            {"lora.share": "a", "strategy.name": "exact"},
+            "`lora.share` = a (FedSA-LoRA) sends only the A matrices and keeps each site's B, and `strategy.name` = "
+            "exact needs both; use a fedavg-family strategy.",
+        ),
+        (
+            {"lora.share": "a", "peft.method": "ia3"},
+            "`lora.share` = a (FedSA-LoRA) sends only the A matrices of a LoRA adapter; it needs `peft.method` = "
+            "lora, got ia3.",
+        ),
+        (
+            {"personalize.local-steps": 5, "privacy.mechanism": "dp-sgd", "privacy.noise-multiplier": 1.0},
+            "`personalize.local-steps` trains each site's personal adapter without DP-SGD, outside the sample-level "
+            "guarantee of `privacy.mechanism` = dp-sgd; set it to 0.",
+        ),
+    ],
+)
+def test_combinations_that_cannot_compose_are_refused_in_one_line(flat: dict[str, object], line: str) -> None:
+    plan = Plan.from_flat({"num-server-rounds": 2, **flat})
+    with pytest.raises(IncompatibleComponentsError) as info:
+        compat.check(plan)
+    assert line in str(info.value).split(" | ") or f"rounds 1-2: {line}" in str(info.value).split(" | ")
+
+
+def test_what_a_site_keeps_is_fixed_for_the_whole_run() -> None:
+    with pytest.raises(ConfigError, match=r"`lora\.share` is fixed for the whole run"):
+        Plan.from_flat({"num-server-rounds": 2, "plan.2-.lora.share": "a"})
+    late = Plan.from_flat({"num-server-rounds": 2, "privacy.mechanism": "dp-sgd", "plan.2.personalize.local-steps": 3})
+    assert any("`personalize.local-steps` trains" in p for p in compat.problems(late))  # what the last round says
+
+
+@pytest.mark.parametrize(
+    "flat",
+    [
+        {"lora.share": "a"},
+        {
+            "lora.share": "a",
+            "privacy.mechanism": "central",
+            "privacy.noise-multiplier": 1.0,
+            "strategy.weighting": "uniform",
+        },
+        {"lora.share": "a", "secagg.protocol": "secagg", "server.min-clients": 3},
+        {
+            "personalize.local-steps": 3,
+            "privacy.mechanism": "local",
+            "privacy.noise-multiplier": 1.0,
+            "strategy.weighting": "uniform",
+        },
+    ],
+)
+def test_fedsa_and_local_adaptation_compose_with_what_is_sent(flat: dict[str, object]) -> None:
+    compat.check(Plan.from_flat({"num-server-rounds": 2, **flat}))
+
+
+@pytest.mark.parametrize(
+    ("flat", "needle"),
+    [
+        ({"lora.share": "a", "privacy.mechanism": "dp-sgd"}, "covered by the sample-level guarantee only"),
+        ({"lora.share": "a", "privacy.mechanism": "central"}, "only a sample-level `privacy.mechanism` = dp-sgd"),
+        ({"personalize.local-steps": 2, "privacy.mechanism": "local"}, "does not cover the personal adapter"),
+        ({"privacy.mechanism": "central"}, None),
+    ],
+)
+def test_the_trust_statement_says_what_covers_a_personal_adapter(flat: dict[str, object], needle: str | None) -> None:
+    plan = Plan.from_flat({"num-server-rounds": 2, "privacy.noise-multiplier": 1.0, **flat})
+    covers = privacy_summary(plan, ServerState(round=0, global_arrays={}, rng=np.random.default_rng()))["covers"]
+    if needle is None:
+        assert "personal adapter" not in covers
+    else:
+        assert needle in covers
+
+
+@pytest.mark.parametrize(
+    ("flat", "match"),
+    [
+        ({"lora.share": "b"}, r"`lora\.share` must be one of a, ab|`lora\.share` must be one of ab, a"),
+        ({"personalize.local-steps": -1}, r"`personalize\.local-steps` must be >= 0, got -1"),
+    ],
+)
+def test_bad_personalization_values_name_their_key(flat: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_flat(flat)
