@@ -42,27 +42,34 @@ def _run_id(extra: Mapping[str, Any]) -> str:
     return str(extra.get(keys.RUN_ID, "run"))
 
 
-def adopt_own(cfg: RunConfig, model: Any, context: Context, extra: Mapping[str, Any], site: Site) -> None:
-    """Under ``lora.share = a``: put the site's own B (once it has one) over the global B in ``model``."""
+def adopt_own(
+    cfg: RunConfig, model: Any, context: Context, extra: Mapping[str, Any], site: Site, *, evaluating: bool = False
+) -> bool:
+    """Under ``lora.share = a``: put the site's own B (once it has one) over the global B in ``model``;
+    whether it did."""
     if cfg.lora.share != "a":
-        return
-    own = store.restore(context, _run_id(extra), site.name)
+        return False
+    rnd = int(extra[keys.ROUND])
+    upto = rnd if evaluating else rnd - 1  # training round r starts from the B of round r - 1
+    own = store.restore(context, _run_id(extra), site.name, upto)
     if own is None:
-        return
+        return False
     current = adapter_arrays(model)
     wrong = [k for k in kept_keys(current, cfg.lora) if k not in own or own[k].shape != current[k].shape]
     if wrong:
         raise ConfigError(
-            f"{site.name}: its own adapter part ({store.state_path(context, _run_id(extra), site.name)}) does not "
-            f"match the model at rank {site.rank} (first: {wrong[0]}); was `lora.r` changed mid-run?"
+            f"{site.name}: its own adapter part (in {store.state_dir(context)}) does not match the model at "
+            f"rank {site.rank} (first: {wrong[0]}); was its `lora.r` changed mid-run?"
         )
     load_adapter_arrays(model, personal(current, own))
+    return True
 
 
 def keep_own(cfg: RunConfig, trained: Arrays, context: Context, extra: Mapping[str, Any], site: Site) -> None:
     """Under ``lora.share = a``: keep the site's trained B for its next round (and a restart)."""
     if cfg.lora.share == "a":
-        store.keep({k: trained[k] for k in kept_keys(trained, cfg.lora)}, context, _run_id(extra), site.name)
+        own = {k: trained[k] for k in kept_keys(trained, cfg.lora)}
+        store.keep(own, context, _run_id(extra), site.name, int(extra[keys.ROUND]))
 
 
 def evaluate_personal(
@@ -73,12 +80,10 @@ def evaluate_personal(
     last round. ``model`` holds the global adapter, already evaluated. The adapter is written as a PEFT
     folder where the site keeps its outputs (:func:`adapter_dir`)."""
     rnd = int(extra[keys.ROUND])
-    own = store.restore(context, _run_id(extra), site.name) if cfg.lora.share == "a" else None
+    owns = adopt_own(cfg, model, context, extra, site, evaluating=True)
     adapt = cfg.personalize.local_steps > 0 and rnd == cfg.num_server_rounds
-    if own is None and not adapt:
+    if not owns and not adapt:
         return {}
-    if own is not None:
-        adopt_own(cfg, model, context, extra, site)
     if adapt:
         _adapt(cfg, model, site)
     pad_id = int(site.loaded.tokenizer.pad_token_id)

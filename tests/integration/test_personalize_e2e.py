@@ -114,8 +114,10 @@ def test_fedsa_sends_a_only_and_the_global_a_is_the_weighted_mean(tiny_model: Pa
             assert not after[key].any()
     # each site's own B: kept in its context, trained, and in its personal PEFT folder with the final global A
     final = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    run_id = trains(grid, 2)[0][0].content.config_records[keys.SPEC][keys.RUN_ID]
     for pid, context in enumerate(grid.contexts.values()):
-        own = arrays_from_record(context.state.array_records[next(iter(context.state.array_records))])
+        assert sorted(context.state.array_records) == [f"{STATE_KEY}.{run_id}.r1", f"{STATE_KEY}.{run_id}.r2"]
+        own = arrays_from_record(context.state.array_records[f"{STATE_KEY}.{run_id}.r2"])
         assert sorted(own) == sorted(k for k in sent if ".lora_B." in k) and all(v.any() for v in own.values())
         folder = tmp_path / "run" / "sites" / f"site-{pid}" / "adapter"
         saved = load_file(str(folder / "adapter_model.safetensors"))
@@ -152,7 +154,7 @@ def test_a_restarted_site_continues_with_its_own_b(tiny_model: Path, tmp_path: P
 
     def lose_files(msg: Message) -> Message:
         if msg.content.config_records[keys.SPEC][keys.ROUND] == 2 and not wiped.restarted:
-            for path in (tmp_path / "state-wiped").glob("*.personal.safetensors"):
+            for path in (tmp_path / "state-wiped").glob("*.personal-r*.safetensors"):
                 path.unlink()
         return original(msg)
 

@@ -52,28 +52,49 @@ def test_the_own_b_survives_a_restart_through_the_state_dir(tmp_path: Path) -> N
     first, own = _context(tmp_path), {B: np.arange(6, dtype=np.float32).reshape(3, 2)}
 
     # Execute: a new process (fresh context state) with the same state dir; another run id has nothing
-    store.keep(own, first, "run1", "site 0")
-    restarted = store.restore(_context(tmp_path), "run1", "site 0")
-    other_run = store.restore(_context(tmp_path), "run2", "site 0")
+    store.keep(own, first, "run1", "site 0", 1)
+    restarted = store.restore(_context(tmp_path), "run1", "site 0", 1)
+    other_run = store.restore(_context(tmp_path), "run2", "site 0", 1)
 
     # Assert
     assert restarted is not None and other_run is None
     np.testing.assert_array_equal(restarted[B], own[B])
-    assert store.restore(_context(tmp_path / "elsewhere"), "run1", "site 0") is None
+    assert store.restore(_context(tmp_path / "elsewhere"), "run1", "site 0", 1) is None
+    assert store.restore(_context(tmp_path), "run1", "site 0", 0) is None  # round 1 starts from no B
+
+
+def test_a_replayed_round_starts_from_the_b_of_the_round_before(tmp_path: Path) -> None:
+    # Prepare: rounds 1-3 kept; a resumed server replays round 3
+    context = _context(tmp_path)
+    for rnd in (1, 2, 3):
+        store.keep({B: np.full((3, 2), rnd, np.float32)}, context, "r", "site 0", rnd)
+
+    # Execute
+    in_process = store.restore(context, "r", "site 0", 2)
+    restarted = store.restore(_context(tmp_path), "r", "site 0", 2)
+    latest = store.restore(_context(tmp_path), "r", "site 0", 3)
+
+    # Assert: round 2's B for the replay, round 3's for the next; only the last two rounds are kept
+    assert in_process is not None and restarted is not None and latest is not None
+    assert (in_process[B] == 2).all() and (restarted[B] == 2).all() and (latest[B] == 3).all()
+    kept = sorted(p.name.rsplit("-r", 1)[1] for p in tmp_path.glob("*.personal-r*"))
+    assert kept == ["2.safetensors", "3.safetensors"]
+    assert len(context.state.array_records) == 2
+    assert store.restore(_context(tmp_path), "r", "site 0", 1) is None
 
 
 def test_context_state_wins_over_the_file_and_a_bad_file_names_itself(tmp_path: Path) -> None:
     # Prepare
     context = _context(tmp_path)
-    store.keep({B: np.ones((3, 2), np.float32)}, context, "r", "site 1")
-    path = store.state_path(context, "r", "site 1")
+    store.keep({B: np.ones((3, 2), np.float32)}, context, "r", "site 1", 1)
+    path = store.state_path(context, "r", "site 1", 1)
     path.write_bytes(b"not safetensors")
 
     # Execute / Assert: the running process reads its context; a restarted one reads the file
-    restored = store.restore(context, "r", "site 1")
+    restored = store.restore(context, "r", "site 1", 1)
     assert restored is not None and restored[B].sum() == 6
     with pytest.raises(ConfigError, match=f"site 1: cannot read its own adapter part {path}"):
-        store.restore(_context(tmp_path), "r", "site 1")
+        store.restore(_context(tmp_path), "r", "site 1", 1)
 
 
 @pytest.mark.parametrize(
