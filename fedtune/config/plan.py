@@ -101,7 +101,7 @@ class Plan:
 
     def for_round(self, rnd: int) -> RunConfig:
         """The config round ``rnd`` runs with."""
-        changes = {e.key: e.value for e in self.entries if e.covers(rnd)}
+        changes = {e.key: e.value for e in self.entries if e.covers(rnd)} | self.base.lora.phase(rnd)  # RoLoRA
         return self.base.override(changes) if changes else self.base
 
     def spec(self, rnd: int) -> dict[str, Scalar]:

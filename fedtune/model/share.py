@@ -1,4 +1,4 @@
-"""Which part of a LoRA adapter leaves a site and which stays: FFA-LoRA and FedSA-LoRA key sets.
+"""Which part of a LoRA adapter leaves a site and which stays: FFA-LoRA, RoLoRA and FedSA-LoRA key sets.
 
 FFA-LoRA (``lora.freeze-a``) trains and sends only B; FedSA-LoRA (``lora.share = a``, Guo et al.,
 ICLR 2025, https://arxiv.org/abs/2410.01463) trains both but sends only A, each site keeping its own B.
@@ -12,9 +12,11 @@ from fedtune.model.lora import LORA_A, LORA_B
 
 
 def sent_keys(arrays: Arrays, lora: LoraSection) -> list[str]:
-    """Keys a site sends: all of them; only B (and non-LoRA) under FFA-LoRA; only A (and non-LoRA)
-    under ``lora.share = a``."""
-    return [k for k in arrays if not (lora.freeze_a and LORA_A in k) and k not in kept_keys(arrays, lora)]
+    """Keys a site sends: all of them; only B (and non-LoRA) under FFA-LoRA (``lora.freeze-a``) and the
+    B rounds of ``lora.alternate``; only A (and non-LoRA) under ``lora.freeze-b`` (the A rounds of
+    ``lora.alternate``) and ``lora.share = a``."""
+    frozen = [k for k in arrays if (lora.freeze_a and LORA_A in k) or (lora.freeze_b and LORA_B in k)]
+    return [k for k in arrays if k not in frozen and k not in kept_keys(arrays, lora)]
 
 
 def kept_keys(arrays: Arrays, lora: LoraSection) -> list[str]:

@@ -14,7 +14,7 @@ from fedtune.config.plan import Plan, group_rounds
 from fedtune.core.errors import ConfigError, IncompatibleComponentsError
 from fedtune.model.methods import METHODS
 from fedtune.privacy.mechanisms import MECHANISMS
-from fedtune.privacy.personal_rules import local_steps_vs_dp, share_a
+from fedtune.privacy.personal_rules import alternate, freeze_b, local_steps_vs_dp, share_a
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg import settings as secagg_settings
 from fedtune.privacy.traffic_rules import budget_vs_secagg, compression_vs_secagg
@@ -54,7 +54,7 @@ def _trimmed_keeps_some(cfg: RunConfig) -> list[str]:
 
 
 def _exact_vs_ffa(cfg: RunConfig) -> list[str]:
-    if cfg.strategy.name == "exact" and cfg.lora.freeze_a:
+    if cfg.strategy.name == "exact" and cfg.lora.freeze_a and not cfg.lora.alternate:  # RoLoRA: its own rule
         return [
             "`strategy.name` = exact re-factorizes A, which `lora.freeze-a` keeps fixed; with FFA-LoRA "
             "plain fedavg is already exact."
@@ -84,7 +84,7 @@ def _method_support(cfg: RunConfig) -> list[str]:
                 f"`strategy.name` = {cfg.strategy.name} is defined for LoRA adapters only, not `peft.method` = "
                 f"{method}; use a fedavg-family or robust strategy."
             )
-        if cfg.lora.freeze_a:
+        if cfg.lora.freeze_a and not cfg.lora.alternate:
             out.append(f"`lora.freeze-a` (FFA-LoRA) needs `peft.method` = lora, got {method}.")
         if cfg.simulation.site_ranks:
             out.append(f"`simulation.site-ranks` (heterogeneous LoRA ranks) needs `peft.method` = lora, got {method}.")
@@ -215,6 +215,7 @@ RULES: list[Rule] = [
     _secagg_rank_bands,
     compression_vs_secagg,
     share_a,
+    freeze_b,
 ]
 
 
@@ -247,7 +248,7 @@ def _one_guarantee(plan: Plan) -> list[str]:
     return []
 
 
-PLAN_RULES: list[Callable[[Plan], list[str]]] = [_one_guarantee, budget_vs_secagg, local_steps_vs_dp]
+PLAN_RULES: list[Callable[[Plan], list[str]]] = [_one_guarantee, budget_vs_secagg, local_steps_vs_dp, alternate]
 
 
 def problems(plan: Plan) -> list[str]:

@@ -1,5 +1,6 @@
-"""Plan-checker rules for personalization: FedSA-LoRA (``lora.share = a``) and local adaptation
-(``personalize.local-steps``), joined into ``compat``."""
+"""Plan-checker rules for what a LoRA site trains and sends: FedSA-LoRA (``lora.share = a``), local
+adaptation (``personalize.local-steps``), ``lora.freeze-b`` and RoLoRA (``lora.alternate``), joined
+into ``compat``."""
 
 from __future__ import annotations
 
@@ -42,3 +43,43 @@ def local_steps_vs_dp(plan: Plan) -> list[str]:
             "sample-level guarantee of `privacy.mechanism` = dp-sgd; set it to 0."
         ]
     return []
+
+
+ALTERNATE = "`lora.alternate` (RoLoRA) freezes A in odd rounds and B in even rounds"
+
+
+def freeze_b(cfg: RunConfig) -> list[str]:
+    """``lora.freeze-b`` set by the user (``lora.alternate`` sets it itself, see :func:`alternate`)."""
+    if not cfg.lora.freeze_b or cfg.lora.alternate:
+        return []
+    out = []
+    if cfg.peft.method != "lora":
+        out.append(f"`lora.freeze-b` needs `peft.method` = lora, got {cfg.peft.method}.")
+    if cfg.lora.freeze_a:
+        out.append("`lora.freeze-a` and `lora.freeze-b` together freeze the whole adapter; use one of them.")
+    if cfg.lora.share == "a":
+        out.append(f"{SHARE_A} and keeps B, which `lora.freeze-b` fixes at its initial zeros; drop `lora.freeze-b`.")
+    if cfg.strategy.name in STRATEGIES and STRATEGIES.get(cfg.strategy.name).lora_only:
+        out.append(f"`strategy.name` = {cfg.strategy.name} re-factorizes B, which `lora.freeze-b` keeps fixed.")
+    return out
+
+
+def alternate(plan: Plan) -> list[str]:
+    """RoLoRA sets ``lora.freeze-a`` / ``lora.freeze-b`` itself each round, and needs both factors sent
+    and averaged (``lora.*`` is fixed for the whole run, so the base config says it all)."""
+    cfg = plan.base
+    if not cfg.lora.alternate:
+        return []
+    out = []
+    if cfg.peft.method != "lora":
+        out.append(f"{ALTERNATE}; it needs `peft.method` = lora, got {cfg.peft.method}.")
+    if cfg.lora.freeze_a or cfg.lora.freeze_b:
+        out.append(f"{ALTERNATE} itself; unset `lora.freeze-a` and `lora.freeze-b`.")
+    if cfg.lora.share == "a":
+        out.append(f"{ALTERNATE}, and {SHARE_A}: its B rounds would send nothing; use one of them.")
+    rounds = range(1, cfg.num_server_rounds + 1)
+    names = sorted({n for r in rounds if (n := plan.for_round(r).strategy.name) in STRATEGIES})
+    for name in names:
+        if STRATEGIES.get(name).lora_only:
+            out.append(f"{ALTERNATE}, and `strategy.name` = {name} re-factorizes both; use a fedavg-family strategy.")
+    return out

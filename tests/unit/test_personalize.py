@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 
 from fedtune.client import store
 from fedtune.config import LoraSection, RunConfig
 from fedtune.config.plan import Plan
 from fedtune.core.errors import ConfigError, IncompatibleComponentsError
+from fedtune.model.methods import load_for, wrap
 from fedtune.model.share import kept_keys, personal, sent_keys
 from fedtune.privacy import compat
 from fedtune.server.report import privacy_summary
@@ -29,12 +31,28 @@ ADAPTER = {A: np.ones((2, 3), np.float32), B: np.zeros((3, 2), np.float32), "m.s
         (LoraSection(), [A, B, "m.score.weight"], []),
         (LoraSection(freeze_a=True), [B, "m.score.weight"], []),
         (LoraSection(share="a"), [A, "m.score.weight"], [B]),
+        (LoraSection(freeze_b=True), [A, "m.score.weight"], []),
     ],
 )
 def test_each_setting_sends_and_keeps_its_part(lora: LoraSection, sent: list[str], kept: list[str]) -> None:
     assert sent_keys(ADAPTER, lora) == sent
     assert kept_keys(ADAPTER, lora) == kept
-    assert sorted(sent_keys(ADAPTER, lora) + kept_keys(ADAPTER, lora)) == sorted(ADAPTER) or lora.freeze_a
+    if not (lora.freeze_a or lora.freeze_b):  # what is not frozen is either sent or kept
+        assert sorted(sent_keys(ADAPTER, lora) + kept_keys(ADAPTER, lora)) == sorted(ADAPTER)
+
+
+def test_alternate_freezes_a_in_odd_rounds_and_b_in_even_rounds() -> None:
+    # Prepare
+    plan = Plan.from_flat({"num-server-rounds": 4, "lora.alternate": True})
+
+    # Execute
+    frozen = [(plan.for_round(r).lora.freeze_a, plan.for_round(r).lora.freeze_b) for r in range(1, 5)]
+
+    # Assert: B, A, B, A are trained and sent; the base config (round 0, evaluation only) freezes nothing
+    assert frozen == [(True, False), (False, True), (True, False), (False, True)]
+    assert [sent_keys(ADAPTER, plan.for_round(r).lora)[0] for r in (1, 2)] == [B, A]
+    assert not plan.base.lora.freeze_a and not plan.base.lora.freeze_b
+    compat.check(plan)
 
 
 def test_the_personal_adapter_is_the_global_one_with_the_own_b() -> None:
@@ -116,6 +134,25 @@ def test_context_state_wins_over_the_file_and_a_bad_file_names_itself(tmp_path: 
             "lora, got ia3.",
         ),
         (
+            {"lora.alternate": True, "strategy.name": "exact"},
+            "`lora.alternate` (RoLoRA) freezes A in odd rounds and B in even rounds, and `strategy.name` = exact "
+            "re-factorizes both; use a fedavg-family strategy.",
+        ),
+        (
+            {"lora.alternate": True, "lora.freeze-a": True},
+            "`lora.alternate` (RoLoRA) freezes A in odd rounds and B in even rounds itself; unset `lora.freeze-a` "
+            "and `lora.freeze-b`.",
+        ),
+        (
+            {"lora.alternate": True, "lora.share": "a"},
+            "`lora.alternate` (RoLoRA) freezes A in odd rounds and B in even rounds, and `lora.share` = a "
+            "(FedSA-LoRA) sends only the A matrices: its B rounds would send nothing; use one of them.",
+        ),
+        (
+            {"lora.freeze-b": True, "lora.freeze-a": True},
+            "`lora.freeze-a` and `lora.freeze-b` together freeze the whole adapter; use one of them.",
+        ),
+        (
             {"personalize.local-steps": 5, "privacy.mechanism": "dp-sgd", "privacy.noise-multiplier": 1.0},
             "`personalize.local-steps` trains each site's personal adapter without DP-SGD, outside the sample-level "
             "guarantee of `privacy.mechanism` = dp-sgd; set it to 0.",
@@ -187,3 +224,16 @@ def test_the_trust_statement_says_what_covers_a_personal_adapter(flat: dict[str,
 def test_bad_personalization_values_name_their_key(flat: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_flat(flat)
+
+
+def test_freeze_b_trains_only_the_a_matrices(tiny_model: Path) -> None:
+    # Prepare
+    cfg = RunConfig.from_flat({"model.name": str(tiny_model), "lora.freeze-b": True, "train.device": "cpu"})
+
+    # Execute
+    model = wrap(load_for(cfg, torch.device("cpu")), cfg)
+
+    # Assert
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n for n in trainable)
+    assert any(".lora_B." in n for n, _ in model.named_parameters())
