@@ -193,3 +193,31 @@ def test_local_adaptation_evaluates_a_personal_adapter_after_the_last_round(tiny
     for pid in range(3):
         saved = load_file(str(tmp_path / "run" / "sites" / f"site-{pid}" / "adapter" / "adapter_model.safetensors"))
         assert sorted(saved) == sorted(final) and any(not np.array_equal(saved[k], final[k]) for k in final)
+
+
+def test_fedsa_under_central_dp_noises_what_is_sent_and_says_what_it_covers(tiny_model: Path, tmp_path: Path) -> None:
+    # Prepare
+    flat = {
+        "lora.share": "a",
+        "privacy.mechanism": "central",
+        "privacy.noise-multiplier": 0.5,
+        "strategy.weighting": "uniform",
+        "eval.federated": True,
+    }
+    grid = Recorder(3)
+
+    # Execute
+    federate(tiny_model, tmp_path / "run", grid, flat)
+
+    # Assert: sites send A only (clipped to `privacy.clip-norm`); the global B never moves; the trust
+    # statement says a personal adapter is not covered
+    sent = adapter_sent(trains(grid, 1)[0][0])
+    for _, delta, _ in trains(grid, 1) + trains(grid, 2):
+        assert delta and all(".lora_A." in k for k in delta)
+        assert np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in delta.values())) <= 1.0 + 1e-4
+    after = adapter_sent(trains(grid, 2)[0][0])
+    assert all(not after[k].any() for k in sent if ".lora_B." in k)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "does not cover the personal adapter" in summary["privacy"]["covers"]
+    report = json.loads((tmp_path / "run" / "sites.json").read_text())
+    assert all("personal_eval_loss" in s["eval"] for s in report["sites"].values())
