@@ -3,7 +3,7 @@
 They live in the ClientApp's ``context.state`` (kept by the SuperNode between messages of a run) and
 in safetensors files under the site's state directory (node config ``state-dir``), written atomically
 after each round, so a restarted site continues with its own B. Both are keyed by the run's id and
-tagged with the round that trained them, and the last ``KEEP`` rounds are kept: a server that resumes
+tagged with the round that trained them, and the site's last ``KEEP`` rounds are kept: a server that resumes
 from its last complete checkpoint replays the round in flight, and the site then starts it from the B
 of the round before, as an uninterrupted run does.
 """
@@ -73,8 +73,8 @@ def restore(context: Context, run_id: str, site_name: str, upto: int) -> Arrays 
 
 
 def keep(own: Arrays, context: Context, run_id: str, site_name: str, rnd: int) -> None:
-    """Write round ``rnd``'s own entries to ``context.state`` and, atomically, to their file; drop
-    what is older than the last ``KEEP`` rounds."""
+    """Write round ``rnd``'s own entries to ``context.state`` and, atomically, to their file; drop all
+    but the site's last ``KEEP`` rounds."""
     own = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in own.items()}
     context.state.array_records[f"{STATE_KEY}.{run_id}.r{rnd}"] = record_from_arrays(own)
     path = state_path(context, run_id, site_name, rnd)
@@ -87,9 +87,10 @@ def keep(own: Arrays, context: Context, run_id: str, site_name: str, rnd: int) -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    for old, name in _record_names(context, run_id).items():
-        if old <= rnd - KEEP:
-            del context.state.array_records[name]
-    for old, file in _kept(context, run_id, site_name).items():
-        if old <= rnd - KEEP:
-            file.unlink(missing_ok=True)
+    # by count, not by round: a site sampled in rounds 2 and 7 replays round 7 from round 2's B
+    names = _record_names(context, run_id)
+    for old in sorted(names)[:-KEEP]:
+        del context.state.array_records[names[old]]
+    files = _kept(context, run_id, site_name)
+    for old in sorted(files)[:-KEEP]:
+        files[old].unlink(missing_ok=True)

@@ -101,6 +101,19 @@ def test_a_replayed_round_starts_from_the_b_of_the_round_before(tmp_path: Path) 
     assert store.restore(_context(tmp_path), "r", "site 0", 1) is None
 
 
+def test_a_site_sampled_rarely_keeps_the_b_a_replay_needs(tmp_path: Path) -> None:
+    # Prepare: the site trained in rounds 2 and 7 only
+    context = _context(tmp_path)
+    for rnd in (2, 7):
+        store.keep({B: np.full((3, 2), rnd, np.float32)}, context, "r", "site 0", rnd)
+
+    # Execute: a restarted site asked to replay round 7
+    replay = store.restore(_context(tmp_path), "r", "site 0", 6)
+
+    # Assert
+    assert replay is not None and (replay[B] == 2).all()
+
+
 def test_context_state_wins_over_the_file_and_a_bad_file_names_itself(tmp_path: Path) -> None:
     # Prepare
     context = _context(tmp_path)
