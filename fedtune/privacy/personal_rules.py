@@ -65,11 +65,12 @@ def freeze_b(cfg: RunConfig) -> list[str]:
 
 
 def alternate(plan: Plan) -> list[str]:
-    """RoLoRA sets ``lora.freeze-a`` / ``lora.freeze-b`` itself each round, and needs both factors sent
-    and averaged (``lora.*`` is fixed for the whole run, so the base config says it all)."""
-    cfg = plan.base
-    if not cfg.lora.alternate:
+    """RoLoRA sets ``lora.freeze-a`` / ``lora.freeze-b`` itself in the rounds that alternate, and needs
+    both factors sent and averaged there (``lora.freeze-*`` and ``lora.share`` are fixed for the run)."""
+    rounds = [r for r in range(1, plan.base.num_server_rounds + 1) if plan.for_round(r).lora.alternate]
+    if not rounds:
         return []
+    cfg = plan.base
     out = []
     if cfg.peft.method != "lora":
         out.append(f"{ALTERNATE}; it needs `peft.method` = lora, got {cfg.peft.method}.")
@@ -77,7 +78,6 @@ def alternate(plan: Plan) -> list[str]:
         out.append(f"{ALTERNATE} itself; unset `lora.freeze-a` and `lora.freeze-b`.")
     if cfg.lora.share == "a":
         out.append(f"{ALTERNATE}, and {SHARE_A}: its B rounds would send nothing; use one of them.")
-    rounds = range(1, cfg.num_server_rounds + 1)
     names = sorted({n for r in rounds if (n := plan.for_round(r).strategy.name) in STRATEGIES})
     for name in names:
         if STRATEGIES.get(name).lora_only:

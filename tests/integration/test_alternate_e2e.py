@@ -60,3 +60,18 @@ def test_alternating_rounds_send_one_factor_and_aggregate_exactly(tiny_model: Pa
         np.testing.assert_array_equal(final[b_key], middle[b_key])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+
+
+def test_a_plan_alternates_only_in_its_rounds(tiny_model: Path, tmp_path: Path) -> None:
+    # Prepare
+    grid = Recorder(3)
+
+    # Execute: plain LoRA in round 1, then RoLoRA (round 2 is even: A; round 3 odd: B)
+    federate(tiny_model, tmp_path / "run", grid, {"num-server-rounds": 3, "plan.2-.lora.alternate": True})
+
+    # Assert
+    start = adapter_sent(trains(grid, 1)[0][0])
+    replies = [d for r in (1, 2, 3) for _, d, _ in trains(grid, r)]
+    parts = [{".lora_A." if ".lora_A." in k else ".lora_B." for k in d} for d in replies]
+    assert parts == [{".lora_A.", ".lora_B."}] * 3 + [{".lora_A."}] * 3 + [{".lora_B."}] * 3
+    assert all(sorted(d) == sorted(start) for _, d, _ in trains(grid, 1))

@@ -55,6 +55,21 @@ def test_alternate_freezes_a_in_odd_rounds_and_b_in_even_rounds() -> None:
     compat.check(plan)
 
 
+def test_a_plan_alternates_only_in_its_rounds() -> None:
+    # Prepare / Execute
+    plan = Plan.from_flat({"num-server-rounds": 5, "plan.3-4.lora.alternate": True})
+    frozen = [(plan.for_round(r).lora.freeze_a, plan.for_round(r).lora.freeze_b) for r in range(1, 6)]
+
+    # Assert
+    assert frozen == [(False, False), (False, False), (True, False), (False, True), (False, False)]
+    compat.check(plan)
+    exact = Plan.from_flat({"num-server-rounds": 5, "plan.3-4.lora.alternate": True, "plan.4.strategy.name": "exact"})
+    assert compat.problems(exact) == [
+        "`lora.alternate` (RoLoRA) freezes A in odd rounds and B in even rounds, and `strategy.name` = exact "
+        "re-factorizes both; use a fedavg-family strategy."
+    ]
+
+
 def test_the_personal_adapter_is_the_global_one_with_the_own_b() -> None:
     own = {B: np.full((3, 2), 7, np.float32)}
     merged = personal(ADAPTER, own)
