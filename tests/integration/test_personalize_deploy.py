@@ -59,21 +59,28 @@ def test_fedsa_sites_restarted_mid_run_continue_with_their_own_b(
     sites = {k: start_site(processes, keyset, address, k, tmp_path, "") for k in (1, 2, 3)}
     wait_for(lambda: len(rows_of(run)) >= 2, 300, "round 1")
 
-    # Execute: every process dies without clean-up; the server resumes, the sites restart
-    for proc in (server, *sites.values()):
-        os.killpg(proc.pid, signal.SIGKILL)
+    # Execute: the server host dies (no clean-up) and every site process stops (its SuperNode and site
+    # worker with it, so its context state is gone); the server resumes and the sites start again
+    os.killpg(server.pid, signal.SIGKILL)
     os.killpg(int((run / "superlink.pid").read_text()), signal.SIGKILL)
     server.wait(timeout=30)
+    for proc in sites.values():
+        os.killpg(proc.pid, signal.SIGTERM)
+    for proc in sites.values():
+        proc.wait(timeout=60)
     done = len(rows_of(run)) - 1
     resumed = processes.start(
         "server-resumed", "server", "--resume", str(run), "--keys", str(keyset / "keys"), "--address", address
     )
+    joinable = "sites can join now"
+    wait_for(lambda: joinable in processes.log("server-resumed") or resumed.poll() is not None, 120, "resume")
     for k in (1, 2, 3):
         start_site(processes, keyset, address, k, tmp_path, "-again")
     assert resumed.wait(timeout=400) == 0, processes.log("server-resumed")[-3000:]
 
     # Assert: the final global A and each site's personal adapter equal an uninterrupted run's
     assert 1 <= done < 3, f"the server should die mid-run, but it had finished {done} of 3 rounds"
+    assert all(row["replied"] == 3 for row in rows_of(run)[1:]), rows_of(run)
     from fedtune.client.app import app as client_app
     from fedtune.config.plan import Plan
     from fedtune.server.app import run_server
