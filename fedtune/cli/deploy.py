@@ -47,6 +47,11 @@ def add_client(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--state-dir",
         help="where this site keeps its DP-SGD privacy ledger across restarts (default ~/.cache/fedtune/site-state)",
     )
+    cli.add_argument(
+        "--out",
+        help="where this site writes its personal adapter (`lora.share = a`, `personalize.local-steps`); "
+        "it never leaves the site",
+    )
     cli.add_argument("--port", type=int, help="local port of the SuperNode's runtime API (default: a free one)")
     cli.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
     cli.add_argument("--insecure", action="store_true", help="no TLS (development only)")
@@ -97,6 +102,8 @@ def _client(args: argparse.Namespace) -> None:
     _announce_local_sites(args.superlink, config)
     if args.state_dir:
         config[keys.STATE_DIR] = str(Path(args.state_dir).expanduser().resolve())
+    if args.out:
+        config[keys.SITE_OUT] = str(Path(args.out).expanduser().resolve())
     root = None if args.insecure else Path(args.root_cert).resolve()
     with client.worker_dir(not args.no_worker, args.dry_run) as worker:
         if worker is not None:

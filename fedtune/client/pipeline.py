@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Error, Message
 
+from fedtune.client import personal
 from fedtune.client.dp_trainer import DPSettings, sample_rate, train_dp
 from fedtune.client.parallel import train_parallel
 from fedtune.client.site import Site, open_site
@@ -29,8 +30,9 @@ from fedtune.core.paths import fedtune_home
 from fedtune.model import task_metrics
 from fedtune.model.adapters import adapter_arrays, load_adapter_arrays
 from fedtune.model.generation import task_scores
-from fedtune.model.lora import rank_slice, sent_keys
+from fedtune.model.lora import rank_slice
 from fedtune.model.scoring import heldout_loss
+from fedtune.model.share import sent_keys
 from fedtune.privacy import compat
 from fedtune.privacy import site as site_privacy
 from fedtune.privacy.mechanisms import MECHANISMS
@@ -96,6 +98,7 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
     """Open the site, train the global adapter locally (plain or DP-SGD) and compute the delta."""
     opened = time.perf_counter()
     cfg, extra, site, model = open_with_adapter(msg, context)
+    personal.adopt_own(cfg, model, context, extra, site)  # lora.share = a: the site's own B
     trained = time.perf_counter()
     rnd = extra[keys.ROUND]
     mechanism = MECHANISMS.get(cfg.privacy.mechanism)
@@ -149,7 +152,8 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
                 model, site.train, cfg.train, pad_id=pad_id, generator=generator, desc=desc, proximal_mu=mu
             )
     end = adapter_arrays(model)
-    delta = {k: (end[k] - start[k]).astype(np.float32) for k in sent_keys(start, cfg.lora.freeze_a)}
+    personal.keep_own(cfg, end, context, extra, site)
+    delta = {k: (end[k] - start[k]).astype(np.float32) for k in sent_keys(start, cfg.lora)}
     delta = mechanism.client_step(cfg, delta, metrics)
     clear = mechanism.clear_site_metrics
     if clear and not math.isnan(result.loss):
@@ -165,7 +169,7 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
 def evaluate_site(msg: Message, context: Context) -> dict[str, Any]:
     """The global adapter's ``eval.metrics`` on this site's held-out split: the loss, and the task
     metrics on answers generated for the first ``eval.max-generate`` held-out examples."""
-    cfg, _, site, model = open_with_adapter(msg, context)
+    cfg, extra, site, model = open_with_adapter(msg, context)
     tok = site.loaded.tokenizer
     metrics: dict[str, Any] = {keys.NUM_EXAMPLES: len(site.heldout)}
     if task_metrics.LOSS in cfg.eval.metric_names():
@@ -175,4 +179,5 @@ def evaluate_site(msg: Message, context: Context) -> dict[str, Any]:
     scores, generated = task_scores(model, tok, site.heldout_records, cfg.data, cfg.eval)
     if generated:
         metrics.update({**scores, keys.NUM_GENERATED: generated})
+    metrics.update(personal.evaluate_personal(cfg, model, context, extra, site))  # after the global adapter's
     return metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -119,7 +120,9 @@ def open_site(cfg: RunConfig, node_config: Mapping[str, Any], state: RecordDict 
     rank = site_rank(cfg, node_config)
     name = f"site {own_path}" if own_path else f"site {where[1]}"
     check_site(cfg, name)
-    key = (where, cfg.data, cfg.model, cfg.lora, cfg.peft, rank, cfg.train.device, cfg.seed)
+    # what a round trains and sends (FFA, RoLoRA's phase, FedSA) is set on the model each round, not here
+    lora = dataclasses.replace(cfg.lora, freeze_a=False, freeze_b=False, alternate=False, share="ab")
+    key = (where, cfg.data, cfg.model, lora, cfg.peft, rank, cfg.train.device, cfg.seed)
     if key in _SITES:
         return _SITES[key]
     choice, ranks = _set_threads(cfg)

@@ -44,12 +44,30 @@ class LoraSection:
     """Comma-separated module names, or ``all-linear``."""
     freeze_a: bool = False
     """FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded init, only B is trained and sent."""
+    freeze_b: bool = False
+    """B stays as the server sends it; only A is trained and sent (what ``lora.alternate`` does in its
+    A rounds)."""
+    alternate: bool = False
+    """RoLoRA-style alternating training (Chen et al. 2025): odd rounds
+    train and send only B (A frozen), even rounds only A (B frozen), so every round's FedAvg is exact
+    (one factor is the same at every site) and the uplink shrinks to one factor. B comes first because
+    it starts at zero, where A's gradient is zero."""
+    share: Literal["ab", "a"] = "ab"
+    """What a site sends: ``ab`` both LoRA matrices; ``a`` only the A matrices (FedSA-LoRA, Guo et al.,
+    ICLR 2025, https://arxiv.org/abs/2410.01463): each site keeps its own B across rounds, and its
+    personal adapter is (global A, own B)."""
 
     def __post_init__(self) -> None:
         require(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}.")
         require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}.")
         require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}.")
         require(bool(self.modules()), "lora.target-modules", "must name at least one module.")
+
+    def phase(self, rnd: int) -> dict[str, bool]:
+        """Under ``lora.alternate``: round ``rnd``'s frozen factor as flat keys (odd rounds B, even A)."""
+        if not self.alternate:
+            return {}
+        return {"lora.freeze-a": rnd % 2 == 1, "lora.freeze-b": rnd % 2 == 0}
 
     def modules(self) -> list[str] | str:
         """Target modules in the form PEFT expects."""

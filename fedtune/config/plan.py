@@ -36,6 +36,8 @@ FIXED_KEYS = (
     "privacy.accountant",
     "communication.budget-mb",
 )
+# What a round trains may change per round: RoLoRA's alternation (its adapter's shape stays fixed).
+PER_ROUND_KEYS = ("lora.alternate",)
 _RANGE = re.compile(r"^(\d+)(?:-(\d*))?$")
 
 
@@ -70,7 +72,7 @@ def _parse_entry(raw: str, value: Any) -> Entry:
         raise ConfigError(f"`{raw}`: round range {span!r} is empty or starts below 1.")
     if key not in flat_defaults():
         raise ConfigError(f"`{raw}`: unknown config key `{key}`.")
-    if key.startswith(FIXED_PREFIXES) or key in FIXED_KEYS:
+    if (key.startswith(FIXED_PREFIXES) and key not in PER_ROUND_KEYS) or key in FIXED_KEYS:
         raise ConfigError(f"`{raw}`: `{key}` is fixed for the whole run and cannot change per round.")
     return Entry(first=first, last=last, key=key, value=value, raw=raw)
 
@@ -102,7 +104,9 @@ class Plan:
     def for_round(self, rnd: int) -> RunConfig:
         """The config round ``rnd`` runs with."""
         changes = {e.key: e.value for e in self.entries if e.covers(rnd)}
-        return self.base.override(changes) if changes else self.base
+        cfg = self.base.override(changes) if changes else self.base
+        phase = cfg.lora.phase(rnd)  # RoLoRA: the factor round `rnd` trains
+        return cfg.override(phase) if phase else cfg
 
     def rounds(self) -> Iterator[tuple[int, RunConfig]]:
         """Each round's number and config, round 1 first: the one walk over the plan that checks,

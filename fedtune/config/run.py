@@ -22,6 +22,7 @@ from fedtune.config.evaluation import EvalConfig
 from fedtune.config.fields import Scalar, attr_of, coerce, field_types, key_of, require
 from fedtune.config.model import LoraSection, ModelConfig, PeftSection
 from fedtune.config.outputs import OutputConfig, SimulationConfig
+from fedtune.config.personalize import PersonalizeConfig
 from fedtune.config.privacy import PrivacyConfig, SecaggConfig
 from fedtune.config.server import ServerConfig
 from fedtune.config.strategy import StrategyConfig
@@ -78,6 +79,7 @@ class RunConfig:
     communication: CommunicationConfig = field(default_factory=CommunicationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

@@ -75,17 +75,18 @@ def init_adapter(model: PeftModel, seed: int) -> None:
             module.reset_lora_parameters(name, True)
 
 
-def set_trainable(model: PeftModel, freeze_a: bool) -> None:
-    """Train the active adapter only; with FFA-LoRA (``freeze_a``) only its B matrices."""
+def set_trainable(model: PeftModel, freeze_a: bool, freeze_b: bool = False) -> None:
+    """Train the active adapter only; with FFA-LoRA (``freeze_a``) only its B matrices, with ``freeze_b``
+    only its A matrices."""
     active = model.active_adapter
     model.set_adapter(active)
     if model.peft_config[active].is_prompt_learning:  # set_adapter leaves other prompts trainable
         for name, encoder in model.prompt_encoder.items():
             encoder.requires_grad_(name == active)
-    if freeze_a:
-        for pname, param in model.named_parameters():
-            if ".lora_A." in pname:
-                param.requires_grad_(False)
+    frozen = [part for part, on in ((".lora_A.", freeze_a), (".lora_B.", freeze_b)) if on]
+    for pname, param in model.named_parameters():
+        if any(part in pname for part in frozen):
+            param.requires_grad_(False)
 
 
 def adapter_arrays(model: Any) -> Arrays:

@@ -51,10 +51,10 @@ def card_metadata(run: FinishedRun, *, merged: bool) -> dict[str, Any]:
     """The front matter: base_model (a hub id only), library_name, pipeline_tag, tags."""
     cfg = run.cfg
     tags = ["fedtune", "federated-learning", cfg.peft.method, cfg.strategy.name]
-    mechanism = (run.summary.get("privacy") or {}).get("mechanism", "none")
-    if mechanism != "none":
-        tags += ["differential-privacy", f"dp-{mechanism}"]
-    if cfg.secagg.protocol != "none" or run.summary.get("secure_aggregation"):
+    private = run.summary.get("privacy") or {}
+    if "unit" in private:  # summary.json states a DP unit only for a run with a DP mechanism
+        tags += ["differential-privacy", f"dp-{private['mechanism']}"]
+    if run.summary.get("secure_aggregation"):  # written when some round ran secure aggregation
         tags.append("secure-aggregation")
     meta: dict[str, Any] = {
         "library_name": "peft" if run.peft and not merged else "transformers",

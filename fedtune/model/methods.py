@@ -125,7 +125,7 @@ def wrap(loaded: LoadedModel, cfg: RunConfig, rank: int | None = None) -> Any:
     method = cfg.peft.method
     if METHODS[method].peft:
         model = wrap_peft(loaded, peft_config(cfg, rank), _error_key(method))
-        set_trainable(model, method == "lora" and cfg.lora.freeze_a)
+        set_trainable(model, method == "lora" and cfg.lora.freeze_a, method == "lora" and cfg.lora.freeze_b)
         return model
     model = loaded.model
     for pname, param in model.named_parameters():

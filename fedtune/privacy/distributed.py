@@ -32,7 +32,7 @@ import numpy as np
 from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import FedtuneError
-from fedtune.model.lora import sent_keys
+from fedtune.model.share import sent_keys
 from fedtune.privacy.skellam import SkellamEvent
 from fedtune.wire.keys import MAX_MODULUS_BITS
 
@@ -189,4 +189,4 @@ class NoisedMean:
 
 def adapter_length(cfg: RunConfig, arrays: Arrays) -> int:
     """Entries of the flat vector a client sends under SecAgg+ (only B under FFA-LoRA)."""
-    return sum(int(arrays[k].size) for k in sent_keys(arrays, cfg.lora.freeze_a))
+    return sum(int(arrays[k].size) for k in sent_keys(arrays, cfg.lora))

@@ -22,6 +22,7 @@ NOT_COVERED = (
 )
 CHECK_NAMES = ("malformed", "empty", "duplicates", "too_long", "prompts_cut", "responses_too_long")
 NEWER_CHECKS = ("prompts_cut", "responses_too_long")  # a site from before `data.truncation` lacks them
+PERSONAL_LOSS = "personal_eval_loss"  # a site's personal adapter (``lora.share = a``, ``personalize.local-steps``)
 
 
 def _number(metrics: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
@@ -41,6 +42,8 @@ def eval_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
     entry: dict[str, Any] = {"num_examples": example_count(metrics)}
     if (loss := _number(metrics, keys.EVAL_LOSS, 0.0, sys.float_info.max)) is not None:
         entry[column(LOSS)] = loss
+    if (personal := _number(metrics, keys.PERSONAL_EVAL_LOSS, 0.0, sys.float_info.max)) is not None:
+        entry[PERSONAL_LOSS] = personal
     if keys.NUM_GENERATED in metrics:
         entry["num_generated"] = example_count(metrics, keys.NUM_GENERATED)
         for name in GENERATED:
@@ -89,8 +92,9 @@ def data_checks(metrics: Mapping[str, Any]) -> dict[str, int] | None:
 
 
 def sites_report(history: Sequence[RoundRecord], privacy_note: str | None) -> dict[str, Any]:
-    """``sites.json``: each site's latest eval scores (with the round and example counts) and
-    latest data-check counts, and per metric the spread across sites (unweighted: each site counts
+    """``sites.json``: each site's latest eval scores (with the round and example counts; under
+    personalization its personal adapter's loss ``personal_eval_loss`` beside the global one's
+    ``eval_loss``) and latest data-check counts, and per metric the spread across sites (unweighted: each site counts
     once, so an unfair model shows as a wide spread)."""
     sites: dict[str, dict[str, Any]] = {}
     for record in history:
@@ -99,10 +103,10 @@ def sites_report(history: Sequence[RoundRecord], privacy_note: str | None) -> di
         for node, counts in (record.data_checks or {}).items():
             sites.setdefault(str(node), {})["data_checks"] = {"round": record.round, **counts}
     spread: dict[str, dict[str, float | int]] = {}
-    for name in (LOSS, *GENERATED):
-        values = [s["eval"][column(name)] for s in sites.values() if column(name) in s.get("eval", {})]
+    for name in (column(LOSS), PERSONAL_LOSS, *map(column, GENERATED)):
+        values = [s["eval"][name] for s in sites.values() if name in s.get("eval", {})]
         if values:
-            spread[column(name)] = {
+            spread[name] = {
                 "min": min(values),
                 "max": max(values),
                 "mean": sum(values) / len(values),

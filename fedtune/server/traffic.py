@@ -24,7 +24,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import CommunicationBudgetExceeded
-from fedtune.model.lora import rank_of, rank_slice, sent_keys
+from fedtune.model.lora import rank_of, rank_slice
+from fedtune.model.share import sent_keys
 from fedtune.server.state import ServerState
 from fedtune.wire import keys
 from fedtune.wire.codec import Scheme, rng_for
@@ -78,7 +79,7 @@ def projected_bytes(cfg: RunConfig, state: ServerState, train_nodes: Iterable[in
     evaluated client, and each trained client's encoded delta up."""
     down_scheme, up_scheme = Scheme.of(cfg.compression, "downlink"), Scheme.of(cfg.compression, "uplink")
     full = rank_of(state.global_arrays)
-    sent = sent_keys(state.global_arrays, cfg.lora.freeze_a)
+    sent = sent_keys(state.global_arrays, cfg.lora)
 
     def down(node: int) -> int:
         rank = state.node_ranks.get(node, full)

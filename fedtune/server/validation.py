@@ -18,7 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import FedtuneError, UpdateRejected
-from fedtune.model.lora import pad_rank, rank_of, rank_slice, sent_keys
+from fedtune.model.lora import pad_rank, rank_of, rank_slice
+from fedtune.model.share import sent_keys
 from fedtune.strategies.kernels import sum_of_squares
 from fedtune.wire import keys
 from fedtune.wire.codec import Scheme
@@ -153,8 +154,8 @@ class Accepted:
 
 
 def expected_keys(global_arrays: Arrays, cfg: RunConfig) -> Arrays:
-    """The part of the global adapter clients train and send (only B under FFA-LoRA)."""
-    return {k: global_arrays[k] for k in sent_keys(global_arrays, cfg.lora.freeze_a)}
+    """The part of the global adapter clients send (only B under FFA-LoRA, only A under ``lora.share = a``)."""
+    return {k: global_arrays[k] for k in sent_keys(global_arrays, cfg.lora)}
 
 
 def accept_reply(reply: Message, cfg: RunConfig, global_arrays: Arrays) -> Accepted:

@@ -68,3 +68,7 @@ TIME_SERIALIZE = "time-serialize"  # encode the delta and build the reply's reco
 
 #: SecAgg+ masked values travel as unsigned integers of at most this many bits.
 MAX_MODULUS_BITS = 32
+
+# Personalization (``lora.share = a``, ``personalize.local-steps``): eval replies and node config
+PERSONAL_EVAL_LOSS = "personal-eval-loss"  # eval: the site's personal adapter's loss on its held-out split
+SITE_OUT = "out-dir"  # node config: where a deployed site writes its personal adapter (`fedtune client --out`)

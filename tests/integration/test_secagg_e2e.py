@@ -242,8 +242,9 @@ def test_the_server_never_receives_a_clear_delta_under_secagg(plain_and_secagg: 
     [
         ({"lora.freeze-a": True}, lambda k: ".lora_B." in k),
         ({"lora.r": 4, "simulation.site-ranks": "4,4,2", "server.min-clients": 3}, lambda k: True),
+        ({"lora.share": "a"}, lambda k: ".lora_A." in k),
     ],
-    ids=["ffa", "hetero-ranks"],
+    ids=["ffa", "hetero-ranks", "fedsa"],
 )
 def test_ffa_and_heterogeneous_ranks_aggregate_like_the_plain_rules(
     tiny_model: Path, tmp_path: Path, deltas: dict[tuple[int, int], LocalUpdate], flat: dict[str, Any], sent: Any

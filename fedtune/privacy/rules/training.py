@@ -39,7 +39,7 @@ def _trimmed_keeps_some(cfg: RunConfig) -> list[str]:
 
 
 def _exact_vs_ffa(cfg: RunConfig) -> list[str]:
-    if cfg.strategy.name == "exact" and cfg.lora.freeze_a:
+    if cfg.strategy.name == "exact" and cfg.lora.freeze_a and not cfg.lora.alternate:  # RoLoRA: its own rule
         return [
             "`strategy.name` = exact re-factorizes A, which `lora.freeze-a` keeps fixed; with FFA-LoRA "
             "plain fedavg is already exact."
@@ -69,7 +69,7 @@ def _method_support(cfg: RunConfig) -> list[str]:
                 f"`strategy.name` = {cfg.strategy.name} is defined for LoRA adapters only, not `peft.method` = "
                 f"{method}; use a fedavg-family or robust strategy."
             )
-        if cfg.lora.freeze_a:
+        if cfg.lora.freeze_a and not cfg.lora.alternate:
             out.append(f"`lora.freeze-a` (FFA-LoRA) needs `peft.method` = lora, got {method}.")
         if cfg.simulation.site_ranks:
             out.append(f"`simulation.site-ranks` (heterogeneous LoRA ranks) needs `peft.method` = lora, got {method}.")

@@ -41,6 +41,15 @@ FEDERATED_EVAL = (
     "(`eval.federated` = true) reports without noise."
 )
 NO_FEDERATED_EVAL = "; federated evaluation is off (`eval.federated`), so no per-site metrics are reported."
+PERSONAL_SAMPLE_LEVEL = (
+    " A site's personal adapter (`lora.share` = a: global A and the site's own B) never leaves the site; its own B "
+    "is trained on the site's data by DP-SGD, so the adapter is covered by the sample-level guarantee only."
+)
+PERSONAL_NOT_COVERED = (
+    " A site's personal adapter (`lora.share` = a: the site's own B; `personalize.local-steps`: local adaptation) "
+    "is trained on the site's data and never leaves the site; this guarantee covers only what is sent, so it does "
+    "not cover the personal adapter: only a sample-level `privacy.mechanism` = dp-sgd covers one."
+)
 
 
 def trust(plan: Plan, family: str) -> str:
@@ -61,7 +70,15 @@ def covers(plan: Plan, family: str) -> str:
         if MECHANISMS.get(family).site_ledger
         else "each site's training data as a whole. "
     )
-    return unit + NOT_COVERED + (FEDERATED_EVAL if evaluated else NO_FEDERATED_EVAL)
+    return unit + NOT_COVERED + (FEDERATED_EVAL if evaluated else NO_FEDERATED_EVAL) + _personal(plan, family)
+
+
+def _personal(plan: Plan, family: str) -> str:
+    """What the guarantee says about the sites' personal adapters, when the plan makes any."""
+    adapts = plan.for_round(plan.base.num_server_rounds).personalize.local_steps > 0  # after the last round
+    if plan.base.lora.share != "a" and not adapts:  # lora.* is fixed for the whole run
+        return ""
+    return PERSONAL_SAMPLE_LEVEL if MECHANISMS.get(family).site_ledger else PERSONAL_NOT_COVERED
 
 
 def _event_json(e: Event) -> dict[str, Any]:
