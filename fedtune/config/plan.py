@@ -35,6 +35,7 @@ FIXED_KEYS = (
     "privacy.delta",
     "privacy.accountant",
     "communication.budget-mb",
+    "server.mode",
 )
 _RANGE = re.compile(r"^(\d+)(?:-(\d*))?$")
 

@@ -13,6 +13,7 @@ from fedtune.config import RunConfig
 from fedtune.config.plan import Plan, group_rounds
 from fedtune.core.errors import ConfigError, IncompatibleComponentsError
 from fedtune.model.methods import METHODS
+from fedtune.privacy.async_rules import async_composition
 from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.privacy.secagg import flat
 from fedtune.privacy.secagg import settings as secagg_settings
@@ -245,7 +246,7 @@ def _one_guarantee(plan: Plan) -> list[str]:
     return []
 
 
-PLAN_RULES: list[Callable[[Plan], list[str]]] = [_one_guarantee, budget_vs_secagg]
+PLAN_RULES: list[Callable[[Plan], list[str]]] = [_one_guarantee, budget_vs_secagg, async_composition]
 
 
 def problems(plan: Plan) -> list[str]:
