@@ -24,7 +24,7 @@ from fedtune.model.lora import rank_of
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.central import noise_rng
 from fedtune.privacy.mechanisms import MECHANISMS
-from fedtune.server import site_metrics, traffic, validation
+from fedtune.server import buffered, site_metrics, traffic, validation
 from fedtune.server.bookkeeping import account_round, declined, record_site_epsilon, server_step
 from fedtune.server.exchange import release, stream_replies, wait_for_nodes
 from fedtune.server.participants import redact, scrub, who
@@ -287,6 +287,9 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         record = RoundRecord(round=0)
         evaluate_round(base, grid, state, 0, record, evaluate)
         _finish(state, record, start, state.privacy.epsilon(base, family), on_round)
+    if base.server.mode == "async":  # FedBuff: versions instead of rounds (server/buffered.py)
+        evaluate_version = lambda c, v, r: evaluate_round(c, grid, state, v, r, evaluate)  # noqa: E731
+        return buffered.run(plan, grid, state, extra, solved, evaluate=evaluate_version, on_round=on_round)
     for rnd in range(state.round + 1, base.num_server_rounds + 1):
         if state.privacy.stopped:
             break
