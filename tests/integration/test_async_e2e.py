@@ -24,6 +24,7 @@ from fedtune.simulations.local import LocalGrid
 from fedtune.strategies import make_optimizer
 from fedtune.wire import keys
 from fedtune.wire.records import arrays_from_record
+from tests.integration.test_simulation import fedtune
 
 ADAPTER = "adapter_model.safetensors"
 
@@ -120,3 +121,22 @@ def test_resume_continues_from_the_checkpointed_version_and_optimizer_state(tiny
         np.testing.assert_allclose(version3[key], value, rtol=0, atol=1e-6, err_msg=key)
     final = load_file(str(out / "adapter" / ADAPTER))
     assert set(final) == set(saved.global_arrays)
+
+
+def test_async_on_flowers_ray_engine_with_a_site_that_sleeps(tmp_path: Path) -> None:
+    # Prepare: `fedtune simulate` as a user runs it; partition 2 sleeps 5 s per local step (20 s a turn)
+    out = tmp_path / "ray"
+    sets = ["server.mode=async", "server.buffer-size=2", "simulation.site-delays=0,0,5"]
+    args = [arg for s in sets for arg in ("--set", s)]
+
+    # Execute
+    proc = fedtune("simulate", "--preset", "tiny", "--out", str(out), "--rounds", "3", "--clients", "3", *args)
+
+    # Assert: three versions of two replies each; the sleeping site contributes least
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = rows_of(out)
+    assert [r.get("version") for r in rows[1:]] == [1, 2, 3]
+    assert all(len(r["contributors"]) == 2 for r in rows[1:])
+    nodes = set(rows[1]["idle_seconds"])
+    counts = Counter(str(c["node"]) for r in rows[1:] for c in r["contributors"])
+    assert len(nodes) == 3 and min(counts[n] for n in nodes) < max(counts.values())
