@@ -140,3 +140,20 @@ def test_async_on_flowers_ray_engine_with_a_site_that_sleeps(tmp_path: Path) -> 
     nodes = set(rows[1]["idle_seconds"])
     counts = Counter(str(c["node"]) for r in rows[1:] for c in r["contributors"])
     assert len(nodes) == 3 and min(counts[n] for n in nodes) < max(counts.values())
+
+
+def test_dp_sgd_runs_unchanged_each_site_accounting_its_own_turns(tiny_model: Path, tmp_path: Path) -> None:
+    # Prepare
+    flat = {"num-server-rounds": 3, "privacy.mechanism": "dp-sgd", "privacy.noise-multiplier": 1.0}
+    plan = async_plan(tiny_model, tmp_path / "dp", flat)
+
+    # Execute
+    run_server(plan, LocalGrid(client_app, 3))
+
+    # Assert: three versions; every contributing site reported its own (finite) epsilon to the server
+    rows = rows_of(tmp_path / "dp")
+    assert [r.get("version") for r in rows[1:]] == [1, 2, 3]
+    sites = json.loads((tmp_path / "dp" / "summary.json").read_text())["privacy"]["sites"]
+    turns = Counter(str(c["node"]) for r in rows[1:] for c in r["contributors"])
+    assert set(turns) <= set(sites) and all(0 < float(sites[n]) < float("inf") for n in turns)
+    assert all(r["train_loss"] is None for r in rows[1:])  # under DP no site sends a clear-text loss
