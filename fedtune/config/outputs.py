@@ -30,6 +30,10 @@ class SimulationConfig:
     cluster whose head listens there. Each client asks the cluster for ``simulation.num-cpus`` CPUs
     and ``simulation.num-gpus`` GPUs."""
 
+    site_delays: str = ""
+    """Comma-separated extra seconds per local step for each simulated site (cycled like
+    ``simulation.site-ranks``), e.g. ``0,0,0,2`` makes every fourth site slower; empty: none."""
+
     def __post_init__(self) -> None:
         host, _, port = self.ray_address.rpartition(":")
         require(
@@ -46,10 +50,31 @@ class SimulationConfig:
             "simulation.site-ranks",
             f"must be comma-separated ranks >= 1, got {self.site_ranks!r}.",
         )
+        require(
+            _seconds(self.site_delays) is not None,
+            "simulation.site-delays",
+            f"must be comma-separated seconds >= 0, got {self.site_delays!r}.",
+        )
 
     def ranks(self) -> list[int]:
         """The per-site ranks, empty when every site uses ``lora.r``."""
         return [int(p) for p in self.site_ranks.split(",")] if self.site_ranks else []
+
+    def delay(self, partition: int) -> float:
+        """Extra seconds per local step of the site with partition id ``partition`` (0 when none is set)."""
+        delays = _seconds(self.site_delays) or []
+        return delays[partition % len(delays)] if delays else 0.0
+
+
+def _seconds(text: str) -> list[float] | None:
+    """``text``'s comma-separated non-negative finite numbers (empty text: none), or None if malformed."""
+    if not text.strip():
+        return []
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError:
+        return None
+    return values if all(0 <= v < float("inf") for v in values) else None
 
 
 @dataclass(frozen=True, kw_only=True)

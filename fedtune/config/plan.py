@@ -35,6 +35,7 @@ FIXED_KEYS = (
     "privacy.delta",
     "privacy.accountant",
     "communication.budget-mb",
+    "server.mode",
 )
 # What a round trains may change per round: RoLoRA's alternation (its adapter's shape stays fixed).
 PER_ROUND_KEYS = ("lora.alternate",)

@@ -29,6 +29,16 @@ class ServerConfig:
     """Seconds to wait for ``server.min-clients`` clients to connect."""
     max_update_norm: float = 0.0
     """Replies whose delta has a larger L2 norm are rejected; 0 turns the check off."""
+    mode: Literal["sync", "async"] = "sync"
+    """``sync``: rounds, each waiting for its sampled sites. ``async``: buffered asynchronous rounds
+    (FedBuff): sites train all the time, and every ``server.buffer-size`` replies make a new global
+    version; ``num-server-rounds`` then counts versions."""
+    concurrency: int = 0
+    """``async``: sites training at once; 0 means every connected site."""
+    buffer_size: int = 2
+    """``async``: replies aggregated into each new global version (FedBuff's K)."""
+    max_staleness: int = 0
+    """``async``: a reply started more than this many versions ago is dropped (and logged); 0 keeps every one."""
 
     def __post_init__(self) -> None:
         require(
@@ -41,3 +51,6 @@ class ServerConfig:
         require(self.min_replies >= 1, "server.min-replies", "must be >= 1.")
         require(self.round_timeout > 0, "server.round-timeout", "must be > 0.")
         require(self.max_update_norm >= 0, "server.max-update-norm", "must be >= 0.")
+        require(self.concurrency >= 0, "server.concurrency", f"must be >= 0, got {self.concurrency}.")
+        require(self.buffer_size >= 1, "server.buffer-size", f"must be >= 1, got {self.buffer_size}.")
+        require(self.max_staleness >= 0, "server.max-staleness", f"must be >= 0, got {self.max_staleness}.")

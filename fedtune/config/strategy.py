@@ -37,6 +37,14 @@ class StrategyConfig:
     """Number of poisoned clients ``krum`` / ``multi-krum`` tolerate (f)."""
     multi_krum_select: int = 0
     """Updates ``multi-krum`` averages; 0 means n - f."""
+    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    """``server.mode = async``: how a reply of staleness s (versions published since its site started)
+    is weighted down: ``constant`` 1; ``polynomial`` (1 + s)^-a; ``hinge`` 1 up to s = b, then
+    1 / (1 + a (s - b)) (Xie et al. 2019, FedAsync; see ``fedtune.strategies.staleness``)."""
+    staleness_exponent: float = 0.5
+    """a of ``strategy.staleness``: the exponent of ``polynomial`` (FedBuff's 0.5), the slope of ``hinge``."""
+    staleness_cutoff: int = 4
+    """b of ``strategy.staleness = hinge``: the staleness up to which a reply keeps its full weight."""
 
     def __post_init__(self) -> None:
         require(self.server_lr > 0, "strategy.server-lr", f"must be > 0, got {self.server_lr}.")
@@ -52,3 +60,9 @@ class StrategyConfig:
         )
         require(self.krum_byzantine >= 0, "strategy.krum-byzantine", "must be >= 0.")
         require(self.multi_krum_select >= 0, "strategy.multi-krum-select", "must be >= 0.")
+        require(
+            self.staleness_exponent >= 0,
+            "strategy.staleness-exponent",
+            f"must be >= 0, got {self.staleness_exponent}.",
+        )
+        require(self.staleness_cutoff >= 0, "strategy.staleness-cutoff", f"must be >= 0, got {self.staleness_cutoff}.")

@@ -21,7 +21,7 @@ from fedtune.privacy import distributed
 from fedtune.privacy.distributed import adapter_length
 from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.privacy.rounds import PrivacyState, round_config
-from fedtune.privacy.rules import dp, outputs, personal, secure, training
+from fedtune.privacy.rules import asynchronous, dp, outputs, personal, secure, training
 from fedtune.privacy.secagg import settings as secagg_settings
 
 Rule = Callable[[RunConfig], list[str]]
@@ -55,8 +55,14 @@ def _distributed_fits(plan: Plan, facts: Facts) -> list[tuple[int, str]]:
     return found
 
 
-RULES: list[Rule] = [*training.RULES, *dp.RULES, *secure.RULES, *personal.RULES]
-PLAN_RULES: list[PlanRule] = [*dp.PLAN_RULES, *secure.PLAN_RULES, *personal.PLAN_RULES, *outputs.PLAN_RULES]
+RULES: list[Rule] = [*training.RULES, *dp.RULES, *secure.RULES, *personal.RULES, *asynchronous.RULES]
+PLAN_RULES: list[PlanRule] = [
+    *dp.PLAN_RULES,
+    *secure.PLAN_RULES,
+    *personal.PLAN_RULES,
+    *asynchronous.PLAN_RULES,
+    *outputs.PLAN_RULES,
+]
 FACT_RULES: list[FactRule] = [_distributed_fits]
 
 

@@ -18,7 +18,7 @@ from fedtune.core.errors import CommunicationBudgetExceeded, PrivacyBudgetExceed
 from fedtune.privacy import compat
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.central import noise_rng
-from fedtune.server import traffic
+from fedtune.server import buffered, traffic
 from fedtune.server.eval_round import evaluate_round
 from fedtune.server.exchange import wait_for_nodes
 from fedtune.server.participants import redact
@@ -69,6 +69,9 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         record = RoundRecord(round=0)
         evaluate_round(base, grid, state, 0, record, evaluate)
         _finish(state, record, start, state.privacy.epsilon(base, family), on_round)
+    if base.server.mode == "async":  # FedBuff: versions instead of rounds (server/buffered.py)
+        evaluate_version = lambda c, v, r: evaluate_round(c, grid, state, v, r, evaluate)  # noqa: E731
+        return buffered.run(plan, grid, state, extra, solved, evaluate=evaluate_version, on_round=on_round)
     for rnd in range(state.round + 1, base.num_server_rounds + 1):
         if state.privacy.stopped:
             break

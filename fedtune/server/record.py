@@ -123,6 +123,22 @@ class SecAggInfo:
 
 
 @dataclass
+class Contribution:
+    """``server.mode = async``: one reply aggregated into a version, and its staleness (versions published
+    since the site started from the global it was sent)."""
+
+    node: int
+    staleness: int
+
+    def to_json(self) -> Json:
+        return {"node": self.node, "staleness": self.staleness}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Contribution:
+        return cls(int(data["node"]), int(data["staleness"]))
+
+
+@dataclass
 class RoundRecord:
     """Everything one round records (``metrics.jsonl``'s object for the round), in the order it is written."""
 
@@ -143,6 +159,12 @@ class RoundRecord:
     budget_exhausted_nodes: list[int] | None = None
     data_checks: dict[int, dict[str, int]] | None = None
     """Each node's data-check counts (malformed, empty, duplicates, too_long)."""
+    version: int | None = None
+    """``server.mode = async``: the global version this row publishes (``round`` counts versions)."""
+    contributors: list[Contribution] | None = None
+    """``server.mode = async``: each aggregated reply (a site may send two) with its staleness."""
+    idle_seconds: dict[int, float] | None = None
+    """``server.mode = async``: seconds each connected site spent with no work during this version."""
     train_loss: float | None = None
     clip_norm: float | None = None
     clip_norm_next: float | None = None
@@ -212,6 +234,11 @@ class RoundRecord:
         _put(out, "replied_nodes", self.replied_nodes)
         _put(out, "budget_exhausted_nodes", self.budget_exhausted_nodes)
         _put(out, "data_checks", _by_str(self.data_checks))
+        _put(out, "version", self.version)
+        if self.contributors is not None:
+            out["contributors"] = [c.to_json() for c in self.contributors]
+        if self.idle_seconds is not None:
+            out["idle_seconds"] = {str(n): s for n, s in self.idle_seconds.items()}
         out["train_loss"] = self.train_loss
         _put(out, "clip_norm", self.clip_norm)
         _put(out, "clip_norm_next", self.clip_norm_next)
@@ -289,6 +316,8 @@ _READERS: dict[str, Callable[[Any], Any]] = {
     "failures": _failure_list,
     "data_checks": _by_node,
     "secagg": SecAggInfo.from_json,
+    "contributors": lambda v: [Contribution.from_json(c) for c in v],
+    "idle_seconds": lambda v: {int(n): float(s) for n, s in v.items()},
     "eval_failures": _failure_list,
     "sites_eval": _by_node,
     "epsilon": _number,

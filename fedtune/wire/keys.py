@@ -31,6 +31,7 @@ NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
 STATE_DIR = "state-dir"  # where a site keeps its privacy ledger between restarts
 WORKER = "worker"  # the site worker's Unix socket; the ClientApp forwards each message to it
+GRID_DELAYS = "grid-delays"  # the in-process grid holds replies for `simulation.site-delays`: the site must not sleep
 
 # SecAgg+ (``secagg.protocol = secagg``): message actions ("query.<action>", "train.<action>"; Flower
 # wants Python identifiers) and the entries of the ``SECAGG`` ConfigRecord each stage carries.
