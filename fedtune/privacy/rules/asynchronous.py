@@ -31,8 +31,7 @@ def _version_problems(cfg: RunConfig) -> list[str]:
         )
     if secure(cfg):
         out.append(
-            f"{WHY}: `secagg.protocol` = {cfg.secagg.protocol} (secure aggregation) needs a fixed cohort that sends "
-            "in one round."
+            f"{WHY}: `secagg.protocol` = {cfg.secagg.protocol} (SecAgg+) needs a fixed cohort that sends in one round."
         )
     mechanism = MECHANISMS.get(cfg.privacy.mechanism) if cfg.privacy.mechanism in MECHANISMS else None
     if mechanism is not None and mechanism.dp and not mechanism.site_ledger:
