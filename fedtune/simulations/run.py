@@ -67,7 +67,7 @@ def simulate(plan: Plan, *, resume: bool = False) -> None:
         "init_args": {"logging_level": "error", "log_to_driver": True},
     }
     run_simulation(
-        server_app=make_server_app(plan.to_flat(), resume=resume),
+        server_app=make_server_app(plan.to_flat(), resume=resume, announce=False),
         client_app=client_app,
         num_supernodes=cfg.simulation.num_supernodes,
         backend_config=backend,  # type: ignore[arg-type]

@@ -32,6 +32,10 @@ DATA_PATH = "data-path"
 STATE_DIR = "state-dir"  # where a site keeps its privacy ledger between restarts
 WORKER = "worker"  # the site worker's Unix socket; the ClientApp forwards each message to it
 
+# The server's last message of a run ("query.<action>"): each connected site logs that the run finished.
+RUN_FINISHED = "run_finished"
+ROUNDS_DONE = "rounds"  # in its SPEC: the rounds the run completed
+
 # SecAgg+ (``secagg.protocol = secagg``): message actions ("query.<action>", "train.<action>"; Flower
 # wants Python identifiers) and the entries of the ``SECAGG`` ConfigRecord each stage carries.
 SECAGG_KEYS = "secagg_keys"  # query: advertise two public keys (+ examples and rank in the clear)
