@@ -202,7 +202,8 @@ def join(cmd: list[str], worker: Path | None = None, *, register_wait: float = 6
                 left = deadline - time.monotonic()
                 print(
                     "fedtune client: this site's key is not registered at the SuperLink yet; "
-                    f"retrying ({left:.0f} s left)"
+                    f"retrying ({left:.0f} s left)",
+                    flush=True,
                 )
                 time.sleep(RETRY_PAUSE)
                 continue

@@ -83,9 +83,10 @@ def test_supervisor_passes_the_exit_status_and_sigterm_gives_143(tmp_path: Path)
     assert stopped.wait(timeout=30) == 128 + signal.SIGTERM
 
 
+CAUSE = "only 0 of `server.min-clients` = 2 clients connected within `server.wait-for-clients` = 300 s."
 # What `flwr run --stream` printed on this machine when no site connected (Flower 1.42, shortened):
 # the traceback twice, once with Flower's timestamped prefix.
-STREAM = """Successfully started run 15132344930740513185
+STREAM = f"""Successfully started run 15132344930740513185
 round | sampled | replied | failed | train_loss | eval_loss | epsilon |        up |      down | seconds
 \x1b[91mERROR \x1b[0m:     ServerApp raised an exception
 Traceback (most recent call last):
@@ -94,12 +95,12 @@ Traceback (most recent call last):
               ^^^^^
   File "/fedtune/server/exchange.py", line 24, in wait_for_nodes
     raise FedtuneError(
-fedtune.core.errors.FedtuneError: only 0 of `server.min-clients` = 2 clients connected within `server.wait-for-clients` = 300 s.
+fedtune.core.errors.FedtuneError: {CAUSE}
 12/02/2026 16:33:37:ERROR:ServerApp raised an exception
 Traceback (most recent call last):
   File "/venv/flwr/superlink/runtime/run_serverapp.py", line 221, in run_serverapp
     context = run_(
-fedtune.core.errors.FedtuneError: only 0 of `server.min-clients` = 2 clients connected within `server.wait-for-clients` = 300 s.
+fedtune.core.errors.FedtuneError: {CAUSE}
 \x1b[91mERROR \x1b[0m:     Exit Code: 201
 
 An unhandled exception occurred in the ServerApp.
@@ -116,7 +117,7 @@ def test_run_stream_hides_tracebacks_and_returns_the_cause(capsys: object) -> No
     # Assert: the cause is fedtune's own sentence, the run id Flower's; no traceback line was shown,
     # nor any timestamped copy; the raw log kept everything
     shown = capsys.readouterr().out  # type: ignore[attr-defined]
-    assert cause == "only 0 of `server.min-clients` = 2 clients connected within `server.wait-for-clients` = 300 s."
+    assert cause == CAUSE
     assert run_id == 15132344930740513185
     assert "Traceback" not in shown and "File " not in shown and "16:33:37" not in shown, shown
     assert "round | sampled" in shown and "Exit Code: 201" in shown
