@@ -208,7 +208,9 @@ def join(cmd: list[str], worker: Path | None = None, *, register_wait: float = 6
                 time.sleep(RETRY_PAUSE)
                 continue
             break
-    if REPLACED in text:
+    # Flower's SuperNode stops itself, with status 0, on a 401 from any Fleet call (heartbeat, pull,
+    # push): the SuperLink does not know its node id. It exits 0 for nothing else.
+    if status == 0 or REPLACED in text:
         raise FedtuneError(
             f"the SuperLink at {cmd[cmd.index('--superlink') + 1]} no longer knows this node: the server's keys or "
             "database changed (a new server run); register this site again and restart `fedtune client`."
