@@ -89,11 +89,11 @@ def start(cmd: list[str], log: Path, extra_env: Mapping[str, str] | None = None)
         )
 
 
-def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+def stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """SIGTERM a supervised process, then SIGKILL its group after ``grace`` seconds."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)  # the supervisor, which signals its command once
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace)
     with contextlib.suppress(ProcessLookupError):

@@ -11,7 +11,8 @@ its own process group, so stopping one group leaves the others running. This sup
 - on SIGTERM/SIGINT/SIGHUP, or when CMD exits, sends SIGTERM to every descendant, SIGKILL to what
   is left after a grace period, and exits with CMD's status (143 when it was told to stop).
 
-CMD runs in the supervisor's process group, so ``kill -- -PID`` of that group reaches both.
+CMD runs in the supervisor's process group, so ``kill -- -PID`` of that group reaches both; to stop
+them cleanly, signal the supervisor alone (``kill PID``): it signals CMD once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-GRACE = 5.0  # seconds between SIGTERM and SIGKILL (procs.stop waits 10 s for all of it)
+GRACE = 5.0  # seconds between SIGTERM and SIGKILL (procs.stop waits 20 s for all of it)
 
 
 def _prctl(option: int, value: int) -> None:
@@ -67,8 +68,14 @@ def _reap() -> None:
             return
 
 
-def stop_tree(grace: float = GRACE) -> None:
-    """SIGTERM every descendant of this process, then SIGKILL what remains after ``grace``."""
+def stop_tree(child: subprocess.Popen[bytes], grace: float = GRACE) -> None:
+    """SIGTERM ``child`` once and let it stop what it started (Flower's SuperNode deactivates its
+    node; a second signal would cut that short); then SIGTERM every descendant left, and SIGKILL
+    what remains after ``grace``."""
+    if child.poll() is None:
+        child.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=grace)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         for pid in descendants(os.getpid()):
             with contextlib.suppress(ProcessLookupError):
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     child = subprocess.Popen(cmd)
     while child.poll() is None and not stopping:
         time.sleep(0.2)
-    stop_tree()
+    stop_tree(child)
     child.wait()
     return 128 + stopping[0] if stopping else child.returncode
 
