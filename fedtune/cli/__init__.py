@@ -47,8 +47,12 @@ def _version() -> str:
         return "(not installed)"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds like Ctrl-C (every ``finally`` stops what it started), exit status 143."""
+
+
 def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except FedtuneError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("fedtune: stopped (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("fedtune: interrupted", file=sys.stderr)
         return 130

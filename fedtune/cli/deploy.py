@@ -16,15 +16,21 @@ def add_keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = sub.add_parser("keys", help="create a CA, the server's TLS certificate and one auth key pair per site")
     keys.add_argument("--out", required=True, help="directory to create (must be new or empty)")
     keys.add_argument("--nodes", type=int, required=True, help="number of sites")
-    keys.add_argument("--hosts", default="localhost,127.0.0.1", help="server names/IPs for the certificate")
+    keys.add_argument(
+        "--hosts", default="localhost,127.0.0.1", help="server names/IPs for the certificate (default: %(default)s)"
+    )
     keys.set_defaults(func=_keys)
 
 
 def add_server(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedtune server``: flower-superlink and the run."""
     srv = sub.add_parser("server", help="run the aggregation server: flower-superlink (TLS + node auth) and the run")
-    srv.add_argument("--keys", required=True, help="directory written by `fedtune keys`")
-    srv.add_argument("--address", default="127.0.0.1:8000", help="HOST:PORT the SuperLink listens on")
+    srv.add_argument("--keys", help="directory written by `fedtune keys` (required; on --resume: the run's own)")
+    srv.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="HOST:PORT the SuperLink listens on (default: 127.0.0.1:8000; on --resume: the address the run used)",
+    )
     add_run_options(srv, "starting config, as for simulate", clients=False)
     srv.add_argument("--dry-run", action="store_true", help="print the Flower commands instead of running them")
     srv.set_defaults(func=_server)
@@ -53,7 +59,18 @@ def add_client(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "it never leaves the site",
     )
     cli.add_argument("--port", type=int, help="local port of the SuperNode's runtime API (default: a free one)")
-    cli.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
+    cli.add_argument(
+        "--max-retries",
+        type=int,
+        help="give up after this many failed connection attempts (default: retry forever, as flower-supernode)",
+    )
+    cli.add_argument(
+        "--register-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="while the SuperLink refuses this site's key as unregistered, retry for this long (default: %(default)s)",
+    )
     cli.add_argument("--insecure", action="store_true", help="no TLS (development only)")
     cli.add_argument(
         "--no-worker",
@@ -74,9 +91,11 @@ def _keys(args: argparse.Namespace) -> None:
 
 def _server(args: argparse.Namespace) -> None:
     from fedtune.deploy.keys import KeyLayout
-    from fedtune.deploy.server import serve
+    from fedtune.deploy.server import serve, settings
 
-    out = serve(plan_from_args(args), KeyLayout(Path(args.keys)), args.address, dry_run=args.dry_run)
+    plan = plan_from_args(args)
+    address, keys = settings(Path(plan.base.output.dir), args.address, args.keys, bool(args.resume))
+    out = serve(plan, KeyLayout(Path(keys)), address, dry_run=args.dry_run)
     if not args.dry_run:
         print(f"Run finished: {out}")
 
@@ -115,7 +134,7 @@ def _client(args: argparse.Namespace) -> None:
                 print(procs_show(client.worker_command(worker)) + " &")
             print(procs_show(cmd))
             return
-        client.join(cmd, worker)
+        client.join(cmd, worker, register_wait=args.register_wait)
 
 
 def _announce_local_sites(superlink: str, config: dict[str, Scalar]) -> None:

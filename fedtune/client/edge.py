@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.client import channel
@@ -57,6 +57,16 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Answer a query at the site (see :func:`handle`)."""
     return handle(msg, context)
+
+
+@app.query(keys.RUN_FINISHED)
+def run_finished(msg: Message, context: Context) -> Message:
+    """The server's last message of a run: one line for the site's log (Flower's run id), here in
+    this process, never forwarded."""
+    spec: Mapping[str, Any] = msg.content.config_records.get(keys.SPEC, {}) if msg.has_content() else {}
+    rounds = spec.get(keys.ROUNDS_DONE, "?")
+    print(f"fedtune client: run {context.run_id} finished ({rounds} rounds); serving until stopped", flush=True)
+    return Message(RecordDict(), reply_to=msg)
 
 
 # SecAgg+ stages (fedtune.client.secagg) travel as actions of their own; route them the same way.

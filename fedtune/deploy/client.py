@@ -184,18 +184,55 @@ def site_worker(directory: Path) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait()
 
 
-def join(cmd: list[str], worker: Path | None = None) -> None:
+REFUSED_UNREGISTERED = "2004"  # Flower: no SuperNode with this public key is registered
+REPLACED = "401 Unauthorized"  # the SuperLink does not know this node id (Flower then exits 0)
+RETRY_PAUSE = 2.0  # seconds between attempts while the key is not registered yet
+
+
+def join(cmd: list[str], worker: Path | None = None, *, register_wait: float = 60.0) -> None:
     """Run the SuperNode in the foreground (with the site worker in ``worker``, if given), echoing
-    its output; a failure of either ends in one clear line."""
+    its output; a failure of either ends in one clear line.
+
+    While the SuperLink refuses this site's key as unregistered (the server may still be
+    registering the keys), the SuperNode is started again for up to ``register_wait`` seconds.
+    """
     with contextlib.ExitStack() as stack:
         helper = stack.enter_context(site_worker(worker)) if worker is not None else None
-        _supernode(cmd, helper)
+        deadline = time.monotonic() + register_wait
+        while True:
+            status, text = _supernode(cmd, helper)
+            if status and REFUSED_UNREGISTERED in text and time.monotonic() + RETRY_PAUSE < deadline:
+                left = deadline - time.monotonic()
+                print(
+                    "fedtune client: this site's key is not registered at the SuperLink yet; "
+                    f"retrying ({left:.0f} s left)",
+                    flush=True,
+                )
+                time.sleep(RETRY_PAUSE)
+                continue
+            break
+    # Flower's SuperNode stops itself, with status 0, on a 401 from any Fleet call (heartbeat, pull,
+    # push): the SuperLink does not know its node id. It exits 0 for nothing else.
+    if status == 0 or REPLACED in text:
+        raise FedtuneError(
+            f"the SuperLink at {cmd[cmd.index('--superlink') + 1]} no longer knows this node: the server's keys or "
+            "database changed (a new server run); register this site again and restart `fedtune client`."
+        )
+    if status:
+        hint = next((h for needle, h in HINTS.items() if needle in text), "see its output above")
+        raise FedtuneError(f"flower-supernode exited with status {status}: {hint}.")
 
 
-def _supernode(cmd: list[str], worker: subprocess.Popen[bytes] | None) -> None:
-    tail: collections.deque[str] = collections.deque(maxlen=50)
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=procs.env(), start_new_session=True
+def _supernode(cmd: list[str], worker: subprocess.Popen[bytes] | None) -> tuple[int, str]:
+    """Run one SuperNode until it exits; its exit status and the tail of its output."""
+    tail: collections.deque[str] = collections.deque(maxlen=80)
+    proc = subprocess.Popen(  # supervised: the SuperNode and its SuperExec die with this process
+        procs.supervised(cmd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=procs.env(),
+        start_new_session=True,
     )
 
     def forward() -> None:
@@ -215,7 +252,4 @@ def _supernode(cmd: list[str], worker: subprocess.Popen[bytes] | None) -> None:
     finally:
         procs.stop(proc)  # type: ignore[arg-type]  # the whole group, SuperExec included
         reader.join(timeout=5)
-    if proc.returncode:
-        text = "".join(tail)
-        hint = next((h for needle, h in HINTS.items() if needle in text), "see its output above")
-        raise FedtuneError(f"flower-supernode exited with status {proc.returncode}: {hint}.")
+    return proc.returncode, "".join(tail)

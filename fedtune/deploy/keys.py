@@ -4,7 +4,8 @@ Everything comes from ``cryptography``. TLS files are plain PEM. SuperNode keys 
 the private key in OpenSSH format (``flower-supernode --auth-supernode-private-key`` reads it with
 ``load_ssh_private_key``) and the public key as one OpenSSH line (``flwr supernode register`` reads
 it with ``load_ssh_public_key``). Private keys are written with mode 0600, all into a temp dir that
-is renamed into place, so a failure never leaves half a key set.
+is renamed into place, so a failure never leaves half a key set. A ``.gitignore`` holding ``*`` keeps
+the whole directory out of git.
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ def make_keys(out: Path, nodes: int, hosts: list[str]) -> KeyLayout:
             _write(layout.node_key(k), _pem_key(key, serialization.PrivateFormat.OpenSSH), private=True)
             public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
             _write(layout.node_pub(k), public + b"\n", private=False)
+        _write(
+            tmp / ".gitignore",
+            b"# Written by `fedtune keys`: private keys must never be committed.\n*\n",
+            private=False,
+        )
         os.chmod(tmp, 0o700)
         if out.exists():
             out.rmdir()  # empty (checked above)

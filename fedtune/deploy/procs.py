@@ -68,22 +68,36 @@ def split_address(address: str, key: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def supervised(cmd: list[str]) -> list[str]:
+    """``cmd`` under :mod:`fedtune.deploy.supervise`: it and all it starts die with this process."""
+    return [sys.executable, "-m", "fedtune.deploy.supervise", "--parent", str(os.getpid()), "--", *cmd]
+
+
+def die_with_parent() -> None:
+    """A ``preexec_fn``: the child gets SIGTERM when this process dies (Linux)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def start(cmd: list[str], log: Path, extra_env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in a new session, output to ``log``."""
+    """Start ``cmd`` supervised (see :func:`supervised`) in a new session, output to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env(extra_env), start_new_session=True)
+        return subprocess.Popen(
+            supervised(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env(extra_env), start_new_session=True
+        )
 
 
-def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+def stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """SIGTERM a supervised process, then SIGKILL its group after ``grace`` seconds."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)  # the supervisor, which signals its command once
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # children (SuperExec, ClientApps) share the group
+        os.killpg(proc.pid, signal.SIGKILL)  # what shares the group (a supervisor stopped the rest)
     proc.wait()
 
 

@@ -22,7 +22,7 @@ from fedtune.config.plan import Plan
 from fedtune.core.errors import FedtuneError
 from fedtune.data.loaders import load_eval_records
 from fedtune.data.prompts import check_format
-from fedtune.deploy import procs
+from fedtune.deploy import lifecycle, procs
 from fedtune.deploy.keys import KeyLayout
 from fedtune.model.sources import load_tokenizer, resolve_model
 from fedtune.privacy import compat
@@ -123,6 +123,20 @@ def precheck(plan: Plan) -> None:
         load_eval_records(cfg.data)
 
 
+DEFAULT_ADDRESS = "127.0.0.1:8000"
+
+
+def settings(out: Path, address: str | None, keys: str | None, resume: bool) -> tuple[str, str]:
+    """The SuperLink's address and the key directory: as given, else (on resume) as the run saved
+    them, else the defaults."""
+    saved = lifecycle.saved_settings(out) if resume else {}
+    address = address or saved.get("address") or DEFAULT_ADDRESS
+    keys = keys or saved.get("keys")
+    if not keys:
+        raise FedtuneError("`--keys` is required (the directory written by `fedtune keys`).")
+    return address, keys
+
+
 def serve(plan: Plan, layout: KeyLayout, address: str, *, dry_run: bool = False) -> Path:
     """Run the whole server side; returns the run directory."""
     host, port = procs.split_address(address, "--address")
@@ -135,8 +149,10 @@ def serve(plan: Plan, layout: KeyLayout, address: str, *, dry_run: bool = False)
         return files.out
     check_keys(layout)
     precheck(plan)
+    lifecycle.check_leftover(files.out)
     if not procs.port_free(host, port):
         raise FedtuneError(f"`--address`: {host}:{port} is already in use.")
+    lifecycle.save_settings(files.out, {"address": f"{host}:{port}", "keys": str(layout.root.resolve())})
     files.app.mkdir(parents=True, exist_ok=True)
     (files.app / "pyproject.toml").write_text(app_pyproject(plan))
     files.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -145,17 +161,21 @@ def serve(plan: Plan, layout: KeyLayout, address: str, *, dry_run: bool = False)
     )
     extra = {"FLWR_HOME": str(files.flwr_home)}
     with procs.running(cmds["superlink"], files.superlink_log, extra) as superlink:
-        (files.out / "superlink.pid").write_text(f"{superlink.pid}\n")  # for tools that must stop it
+        (files.out / lifecycle.PID_FILE).write_text(f"{superlink.pid}\n")  # its group: `kill -- -PID`
         procs.wait_for_port(superlink, "flower-superlink", host, port, files.superlink_log)
         log.info("SuperLink up on %s:%d (TLS, SuperNode authentication on); log: %s", host, port, files.superlink_log)
         registers = [cmd for name, cmd in cmds.items() if name.startswith("register-")]
         with ThreadPoolExecutor(max_workers=8) as pool:  # each `flwr` call spends seconds importing
             list(pool.map(lambda cmd: _register(cmd, extra), registers))
-        # A site that connects before its key is registered is refused at once (Flower's 2004).
+        # A site that connects before its key is registered is refused (Flower's 2004); `fedtune
+        # client` retries for `--register-wait` seconds.
         log.info("%d site key(s) registered: sites can join now", len(registers))
-        result = subprocess.run(cmds["run"], env=procs.env(extra), check=False)
+        status, cause, _ = lifecycle.stream_run(cmds["run"], procs.env(extra), files.out)
     if not (files.out / SUMMARY_FILE).exists():
-        raise FedtuneError(f"the run did not finish (flwr run exited {result.returncode}); see {files.superlink_log}")
+        log.warning(
+            "The ServerApp's output is in %s, the SuperLink's in %s", files.out / lifecycle.RUN_LOG, files.superlink_log
+        )
+        raise FedtuneError(cause or f"the run did not finish (flwr run exited {status}).")
     return files.out
 
 

@@ -23,7 +23,7 @@ from fedtune.model.methods import initial_state, load_for
 from fedtune.model.sources import base_source
 from fedtune.privacy import compat
 from fedtune.privacy.mechanisms import MECHANISMS
-from fedtune.server import checkpoint, loop, site_metrics, traffic
+from fedtune.server import checkpoint, farewell, loop, site_metrics, traffic
 from fedtune.server.evaluation import CentralEvaluator
 from fedtune.server.outputs import Writer
 from fedtune.server.record import RoundRecord
@@ -41,7 +41,7 @@ def output_dir(cfg: RunConfig) -> Path:
     return Path(cfg.output.dir or default_output_dir())
 
 
-def run_server(plan: Plan, grid: GridLike, *, resume: bool = False) -> dict[str, Any]:
+def run_server(plan: Plan, grid: GridLike, *, resume: bool = False, flower_run_id: int | None = None) -> dict[str, Any]:
     """The whole server job: init the adapter (or resume from the last complete checkpoint), run
     every round, write outputs; returns the summary extras."""
     compat.check(plan)
@@ -78,6 +78,8 @@ def run_server(plan: Plan, grid: GridLike, *, resume: bool = False) -> dict[str,
     extra: dict[str, Any] = {"base_model": loaded.path, writer.final_name(): str(final), "run_id": state.run_id}
     extra["base_model_source"] = base_source(cfg.model, loaded.path)
     extra["peft_method"] = cfg.peft.method
+    if flower_run_id is not None:  # Flower's id of this run (a resumed run gets a new one)
+        extra["flower_run_id"] = flower_run_id
     extra["privacy"] = privacy_summary(plan, state)
     extra["communication"] = traffic.communication_summary(cfg, state)
     if (secure := secagg_summary(plan)) is not None:
@@ -107,14 +109,20 @@ def run_server(plan: Plan, grid: GridLike, *, resume: bool = False) -> dict[str,
     return extra
 
 
-def make_server_app(overrides: Mapping[str, Any] | None = None, *, resume: bool = False) -> ServerApp:
-    """A ServerApp whose config is Flower's run_config with ``overrides`` on top."""
+def make_server_app(
+    overrides: Mapping[str, Any] | None = None, *, resume: bool = False, announce: bool = True
+) -> ServerApp:
+    """A ServerApp whose config is Flower's run_config with ``overrides`` on top; with ``announce``,
+    the connected sites are told when the run finished (:mod:`fedtune.server.farewell`)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         setup_logging()
-        run_server(from_run_config(context.run_config, overrides), grid, resume=resume)
+        plan = from_run_config(context.run_config, overrides)
+        run_server(plan, grid, resume=resume, flower_run_id=context.run_id)
+        if announce:
+            farewell.announce(grid, plan.base.num_server_rounds)
 
     return server_app
 

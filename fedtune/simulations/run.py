@@ -85,7 +85,7 @@ def _simulate_ray(plan: Plan, resume: bool) -> None:
     else:
         log.info("simulation: attaching to the Ray cluster at %s", cfg.simulation.ray_address)
     run_simulation(
-        server_app=make_server_app(plan.to_flat(), resume=resume),
+        server_app=make_server_app(plan.to_flat(), resume=resume, announce=False),
         client_app=client_app,
         num_supernodes=cfg.simulation.num_supernodes,
         backend_config=backend,

@@ -33,6 +33,10 @@ STATE_DIR = "state-dir"  # where a site keeps its privacy ledger between restart
 WORKER = "worker"  # the site worker's Unix socket; the ClientApp forwards each message to it
 GRID_DELAYS = "grid-delays"  # the in-process grid holds replies for `simulation.site-delays`: the site must not sleep
 
+# The server's last message of a run ("query.<action>"): each connected site logs that the run finished.
+RUN_FINISHED = "run_finished"
+ROUNDS_DONE = "rounds"  # in its SPEC: the rounds the run completed
+
 # SecAgg+ (``secagg.protocol = secagg``): message actions ("query.<action>", "train.<action>"; Flower
 # wants Python identifiers) and the entries of the ``SECAGG`` ConfigRecord each stage carries.
 SECAGG_KEYS = "secagg_keys"  # query: advertise two public keys (+ examples and rank in the clear)

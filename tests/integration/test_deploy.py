@@ -23,6 +23,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from fedtune.deploy import procs
 from fedtune.deploy.keys import make_keys
 
 # One thread per process: a server and three sites share this machine's cores, and torch's OpenMP
@@ -131,7 +132,7 @@ def test_tls_authenticated_deployment_trains_and_refuses_an_unregistered_node(
         processes.start(f"client-{k}", "client", *tls, "--auth-key", key, "--preset", "tiny", *no_worker)
     intruder = processes.start(
         *("intruder", "client", *tls, "--auth-key", str(keyset / "intruder" / "nodes" / "node-1.key")),
-        *("--preset", "tiny"),
+        *("--preset", "tiny", "--register-wait", "0"),
     )
     plaintext = processes.start(
         *("plaintext", "client", "--superlink", address, "--insecure", "--max-retries", "2"),
@@ -208,6 +209,20 @@ def runs_supernode(pid: int) -> bool:
     return False
 
 
+def descendants(root: int) -> dict[int, str]:
+    """Every live descendant of ``root`` and the name of its program (Linux ``/proc``)."""
+    found: dict[int, str] = {}
+    queue = [root]
+    while queue:
+        for child in children(queue.pop()):
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                names = [Path(a.decode()).name for a in argv[:2] if a]
+                found[child] = next((n for n in names if n.startswith(("flower-", "flwr-"))), names[0])
+                queue.append(child)
+    return found
+
+
 def node_id(log: str) -> int:
     return int(log.split("SuperNode ID: ", 1)[1].split()[0])
 
@@ -263,14 +278,42 @@ def test_server_killed_after_round_1_resumes_and_equals_an_uninterrupted_run(
         start_client(processes, keyset, address, k)
     wait_for(lambda: len(rows_of(run)) >= 2, 300, "round 1")
 
-    # Execute: the server host "dies" (fedtune server and its SuperLink, no clean-up), then resumes
+    # Execute: `fedtune server` dies by SIGKILL (no clean-up of its own), which must take down
+    # the SuperLink, its SuperExec and the ServerApp, each in a process group of its own
+    flower = descendants(int((run / "superlink.pid").read_text()))
+    assert {"flower-superlink", "flower-superexec", "flwr-serverapp"} <= set(flower.values()), flower
     os.killpg(server.pid, signal.SIGKILL)
-    os.killpg(int((run / "superlink.pid").read_text()), signal.SIGKILL)
     server.wait(timeout=30)
+    wait_for(lambda: not any(alive(p) for p in flower), 30, f"Flower's processes to die: {flower}")
     done = len(rows_of(run)) - 1
-    resumed = processes.start(
-        "server-resumed", "server", "--resume", str(run), "--keys", str(keyset / "keys"), "--address", address
+    # a SuperLink left over from an earlier crash is named (a bare one here, on a port of its own:
+    # on the run's port the sites, which use TLS, would connect to it and give up)
+    leftover = subprocess.Popen(  # supervised, so that stopping it stops the SuperExec it starts
+        procs.supervised(
+            [
+                *(str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--database", ":memory:"),
+                *("--port", str(free_port())),
+            ]
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        start_new_session=True,
     )
+    processes.started.append(leftover)
+    (run / "superlink.pid").write_text(f"{leftover.pid}\n")
+    refused = processes.start("refused", "server", "--resume", str(run), "--keys", str(keyset / "keys"))
+    assert refused.wait(timeout=120) == 1
+    assert processes.log("refused").strip().splitlines()[-1] == (
+        f"fedtune: error: a SuperLink of an earlier server of {run} is still running "
+        f"(pid {leftover.pid}, from {run / 'superlink.pid'}); stop it with `kill -- -{leftover.pid}` and start again."
+    )
+    os.killpg(leftover.pid, signal.SIGTERM)
+    leftover.wait(timeout=30)
+    # resuming without --address reuses the run's own (the dry run shows it), and finishes the run
+    dry = processes.start("dry", "server", "--resume", str(run), "--keys", str(keyset / "keys"), "--dry-run")
+    assert dry.wait(timeout=120) == 0 and f"--port {address.rsplit(':', 1)[1]}" in processes.log("dry")
+    resumed = processes.start("server-resumed", "server", "--resume", str(run), "--keys", str(keyset / "keys"))
     assert resumed.wait(timeout=400) == 0, processes.log("server-resumed")[-3000:]
 
     # Assert: it resumed mid-run; every round once in metrics.jsonl, and the adapter of an
@@ -278,6 +321,12 @@ def test_server_killed_after_round_1_resumes_and_equals_an_uninterrupted_run(
     # the same numbers)
     assert 1 <= done < 3, f"the server should die mid-run, but it had finished {done} of 3 rounds"
     assert [r["round"] for r in rows_of(run)] == [0, 1, 2, 3]
+    # each site logged that the run finished, under the run id Flower gave its messages
+    flower_run = json.loads((run / "summary.json").read_text())["flower_run_id"]
+    for k in (1, 2, 3):
+        wait_for(lambda k=k: "fedtune client: run " in processes.log(f"client-{k}"), 30, f"site {k}'s line")  # type: ignore[misc]
+        log = processes.log(f"client-{k}")
+        assert f"[RUN {flower_run}, ROUND 3]" in log and f"fedtune client: run {flower_run} finished" in log, k
     from safetensors.numpy import load_file
 
     from fedtune.client.app import app as client_app
@@ -297,3 +346,59 @@ def test_server_killed_after_round_1_resumes_and_equals_an_uninterrupted_run(
     resumed_adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     for key, value in straight.items():
         assert abs(resumed_adapter[key] - value).max() <= 1e-6, key
+
+
+def test_a_late_registered_site_joins_sigterm_stops_cleanly_and_a_replaced_superlink_is_named(
+    processes: Processes, tmp_path: Path
+) -> None:
+    # Prepare: two sites; the server's key directory lacks site 2's public key, which the
+    # operator registers by hand while site 2 is already waiting (the startup race, slowed down)
+    keys = tmp_path / "keys"
+    make_keys(keys, 2, ["localhost", "127.0.0.1"])
+    late = (keys / "nodes" / "node-2.pub").rename(tmp_path / "node-2.pub")
+    keyset = tmp_path  # start_client reads keyset/keys
+    server, address, run = start_federation(
+        processes,
+        keyset,
+        tmp_path,
+        *("--rounds", "2", "--set", "server.min-clients=2", "--set", "eval.federated=false"),
+    )
+    sites = {k: start_client(processes, keyset, address, k) for k in (1, 2)}
+    wait_for(lambda: "not registered at the SuperLink yet" in processes.log("client-2"), 120, "site 2 to wait")
+    register = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "supernode", "register", str(late), "fedtune"],
+        env={**ENV, "FLWR_HOME": str(run / ".flwr")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "registered successfully" in register.stdout + register.stderr, register
+
+    # Execute: once both sites are in (round 0 needs `server.min-clients` = 2), SIGTERM the server
+    wait_for(lambda: len(rows_of(run)) >= 1 or server.poll() is not None, 300, "round 0")
+    flower = descendants(int((run / "superlink.pid").read_text()))
+    os.killpg(server.pid, signal.SIGTERM)
+    status = server.wait(timeout=60)
+    # then a new server run (its own database) comes up at the same address, and no site joins it
+    replaced = processes.start(
+        "server-new",
+        *("server", "--keys", str(keys), "--preset", "tiny", "--out", str(tmp_path / "new"), "--address", address),
+        *("--set", "server.min-clients=2", "--set", "server.wait-for-clients=40"),
+    )
+    site_status = {k: site.wait(timeout=240) for k, site in sites.items()}
+    assert replaced.wait(timeout=240) == 1, processes.log("server-new")[-3000:]
+
+    # Assert: SIGTERM is a clean stop: 143, round 0's checkpoint kept, every Flower process gone
+    assert status == 128 + signal.SIGTERM, processes.log("server")[-3000:]
+    assert (run / "checkpoints" / "round-000" / "state.json").is_file()
+    assert not any(alive(p) for p in flower), flower
+    # the sites met the new SuperLink: one line saying it does not know them, non-zero status
+    for k in (1, 2):
+        last = processes.log(f"client-{k}").strip().splitlines()[-1]
+        assert site_status[k] == 1 and "no longer knows this node" in last, (k, site_status[k], last)
+    # the new server's last line is the real cause, and no traceback was shown
+    shown = processes.log("server-new")
+    assert shown.strip().splitlines()[-1] == (
+        "fedtune: error: only 0 of `server.min-clients` = 2 clients connected within `server.wait-for-clients` = 40 s."
+    ), shown[-3000:]
+    assert "Traceback" not in shown

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,22 @@ def test_keys_layout_chain_and_modes(tmp_path: Path) -> None:
     for path in (layout.server_key, layout.ca_key, layout.node_key(1), layout.node_key(2)):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert [p.name for p in layout.node_pubs()] == ["node-1.pub", "node-2.pub"]
+    # and git ignores the whole directory, private keys included
+    assert "*" in (layout.root / ".gitignore").read_text().splitlines()
+
+
+def test_git_ignores_every_key_file(tmp_path: Path) -> None:
+    # Prepare: the key directory inside a git work tree
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    layout = make_keys(tmp_path / "keys", nodes=1, hosts=["localhost"])
+
+    # Execute: what `git add -A` would stage
+    staged = subprocess.run(
+        ["git", "-C", str(tmp_path), "add", "-A", "--dry-run"], capture_output=True, text=True, check=True
+    ).stdout
+
+    # Assert: nothing of the key directory
+    assert layout.ca_key.exists() and staged.strip() == "", staged
 
 
 def test_keys_refuse_a_non_empty_directory(tmp_path: Path) -> None:
