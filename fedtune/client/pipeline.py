@@ -105,52 +105,15 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
     start = adapter_arrays(model)
     seed = zlib.crc32(f"{cfg.seed}:{rnd}:{site.name}".encode())
     torch.manual_seed(seed)  # LoRA dropout; same result whichever process runs this site
-    pad_id = int(site.loaded.tokenizer.pad_token_id)
     desc = f"{site.name} round {rnd}"
     metrics: dict[str, Any] = {keys.NUM_EXAMPLES: len(site.train), keys.LORA_RANK: site.rank}
     if mechanism.site_ledger:  # DP-SGD: the site trains privately and keeps its own ledger
-        path = budget_path(context, extra, site)
-        budget = site_privacy.restore(context.state, path)
-        q = sample_rate(len(site.train), cfg.train.batch_size * cfg.train.grad_accum_steps)
-        if cfg.privacy.delta >= 1 / len(site.train):
-            log.warning(
-                "%s: `privacy.delta` = %g is not below 1 / its %d examples; a guarantee at that delta is weak.",
-                *(site.name, cfg.privacy.delta, len(site.train)),
-            )
-        spend = site_privacy.plan_round(budget, cfg, q, int(extra.get(keys.DP_PLANNED_STEPS, cfg.train.local_steps)))
-        if spend.exhausted:
-            site_privacy.save(budget, context.state, path)
-            log.warning(
-                "%s: round %d would raise this site's epsilon from %.3f to %.3f, past `privacy.target-epsilon` "
-                "= %g; declining (budget exhausted).",
-                *(site.name, rnd, spend.epsilon_before, spend.epsilon_after, cfg.privacy.target_epsilon),
-            )
-            metrics.update({keys.BUDGET_EXHAUSTED: 1, keys.EPSILON: spend.epsilon_before})
+        private = _train_private(cfg, extra, site, model, context, metrics, desc)
+        if private is None:
             return LocalUpdate(cfg, extra, site, None, metrics)
-        dp = DPSettings(spend.event.noise_multiplier, cfg.privacy.clip_norm, q, spend.event.steps)
-        result: TrainResult = train_dp(model, site.train, cfg.train, dp, pad_id=pad_id, desc=desc)
-        budget.ledger.add(spend.event)
-        site_privacy.save(budget, context.state, path)  # before the delta leaves the site
-        metrics.update({keys.EPSILON: spend.epsilon_after, keys.NOISE_MULTIPLIER: dp.noise_multiplier})
+        result = private
     else:
-        mu = cfg.strategy.proximal_mu if STRATEGIES.get(cfg.strategy.name).proximal else 0.0
-        if cfg.train.num_processes > 1:
-            result = train_parallel(
-                model,
-                site.train,
-                cfg,
-                lora_rank=site.rank,
-                start=start,
-                seed=seed,
-                pad_id=pad_id,
-                desc=desc,
-                proximal_mu=mu,
-            )
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            result = train_local(
-                model, site.train, cfg.train, pad_id=pad_id, generator=generator, desc=desc, proximal_mu=mu
-            )
+        result = _train_plain(cfg, site, model, start, seed, desc)
     end = adapter_arrays(model)
     personal.keep_own(cfg, end, context, extra, site)
     delta = {k: (end[k] - start[k]).astype(np.float32) for k in sent_keys(start, cfg.lora)}
@@ -164,6 +127,65 @@ def local_update(msg: Message, context: Context) -> LocalUpdate:
     if clear:  # seconds follow the data (Poisson batch sizes, token counts): not sent under DP
         metrics.update({keys.TIME_LOAD: trained - opened, keys.TIME_TRAIN: time.perf_counter() - trained})
     return LocalUpdate(cfg, extra, site, delta, metrics)
+
+
+def _train_private(
+    cfg: RunConfig,
+    extra: dict[str, Any],
+    site: Site,
+    model: Any,
+    context: Context,
+    metrics: dict[str, Any],
+    desc: str,
+) -> TrainResult | None:
+    """DP-SGD within the site's own budget: None (and the reason in ``metrics``) when the round would
+    pass ``privacy.target-epsilon``; the ledger is saved before the delta can leave the site."""
+    rnd = extra[keys.ROUND]
+    path = budget_path(context, extra, site)
+    budget = site_privacy.restore(context.state, path)
+    q = sample_rate(len(site.train), cfg.train.batch_size * cfg.train.grad_accum_steps)
+    if cfg.privacy.delta >= 1 / len(site.train):
+        log.warning(
+            "%s: `privacy.delta` = %g is not below 1 / its %d examples; a guarantee at that delta is weak.",
+            *(site.name, cfg.privacy.delta, len(site.train)),
+        )
+    spend = site_privacy.plan_round(budget, cfg, q, int(extra.get(keys.DP_PLANNED_STEPS, cfg.train.local_steps)))
+    if spend.exhausted:
+        site_privacy.save(budget, context.state, path)
+        log.warning(
+            "%s: round %d would raise this site's epsilon from %.3f to %.3f, past `privacy.target-epsilon` "
+            "= %g; declining (budget exhausted).",
+            *(site.name, rnd, spend.epsilon_before, spend.epsilon_after, cfg.privacy.target_epsilon),
+        )
+        metrics.update({keys.BUDGET_EXHAUSTED: 1, keys.EPSILON: spend.epsilon_before})
+        return None
+    pad_id = int(site.loaded.tokenizer.pad_token_id)
+    dp = DPSettings(spend.event.noise_multiplier, cfg.privacy.clip_norm, q, spend.event.steps)
+    result: TrainResult = train_dp(model, site.train, cfg.train, dp, pad_id=pad_id, desc=desc)
+    budget.ledger.add(spend.event)
+    site_privacy.save(budget, context.state, path)  # before the delta leaves the site
+    metrics.update({keys.EPSILON: spend.epsilon_after, keys.NOISE_MULTIPLIER: dp.noise_multiplier})
+    return result
+
+
+def _train_plain(cfg: RunConfig, site: Site, model: Any, start: Arrays, seed: int, desc: str) -> TrainResult:
+    """Local AdamW steps, in this process or over the site's data-parallel ranks."""
+    pad_id = int(site.loaded.tokenizer.pad_token_id)
+    mu = cfg.strategy.proximal_mu if STRATEGIES.get(cfg.strategy.name).proximal else 0.0
+    if cfg.train.num_processes > 1:
+        return train_parallel(
+            model,
+            site.train,
+            cfg,
+            lora_rank=site.rank,
+            start=start,
+            seed=seed,
+            pad_id=pad_id,
+            desc=desc,
+            proximal_mu=mu,
+        )
+    generator = torch.Generator().manual_seed(seed)
+    return train_local(model, site.train, cfg.train, pad_id=pad_id, generator=generator, desc=desc, proximal_mu=mu)
 
 
 def evaluate_site(msg: Message, context: Context) -> dict[str, Any]:

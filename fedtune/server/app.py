@@ -75,8 +75,28 @@ def run_server(plan: Plan, grid: GridLike, *, resume: bool = False, flower_run_i
     state = loop.run(plan, grid, state, evaluate=evaluator, on_round=on_round)
     final = out / writer.final_name()
     write_atomic_dir(final, lambda tmp: writer.final(tmp, state.global_arrays))
-    extra: dict[str, Any] = {"base_model": loaded.path, writer.final_name(): str(final), "run_id": state.run_id}
-    extra["base_model_source"] = base_source(cfg.model, loaded.path)
+    extra = _summary(plan, state, loaded.path, final, writer.final_name(), evaluator, flower_run_id)
+    reporter.finish(cfg, state.history, extra)
+    log.info("%s", privacy_line(extra["privacy"]))
+    log.info(
+        "Outputs in %s (metrics.jsonl, sites.json, rounds.md, plots/, %s/, summary.json)", *(out, writer.final_name())
+    )
+    return extra
+
+
+def _summary(
+    plan: Plan,
+    state: ServerState,
+    base_path: str,
+    final: Path,
+    final_name: str,
+    evaluator: CentralEvaluator,
+    flower_run_id: int | None,
+) -> dict[str, Any]:
+    """``summary.json``'s extras: the model and its source, privacy, traffic, a sample answer, task metrics."""
+    cfg = plan.base
+    extra: dict[str, Any] = {"base_model": base_path, final_name: str(final), "run_id": state.run_id}
+    extra["base_model_source"] = base_source(cfg.model, base_path)
     extra["peft_method"] = cfg.peft.method
     if flower_run_id is not None:  # Flower's id of this run (a resumed run gets a new one)
         extra["flower_run_id"] = flower_run_id
@@ -101,11 +121,6 @@ def run_server(plan: Plan, grid: GridLike, *, resume: bool = False, flower_run_i
     if (task := site_metrics.base_vs_final(state.history)) is not None:
         extra["task_metrics"] = task
         log.info("%s", site_metrics.base_vs_final_line(task))
-    reporter.finish(cfg, state.history, extra)
-    log.info("%s", privacy_line(extra["privacy"]))
-    log.info(
-        "Outputs in %s (metrics.jsonl, sites.json, rounds.md, plots/, %s/, summary.json)", *(out, writer.final_name())
-    )
     return extra
 
 
