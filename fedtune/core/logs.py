@@ -59,7 +59,10 @@ def readable_flower(verbose: bool | None = None) -> None:
 
     flwr = logging.getLogger("flwr")
     flwr.propagate = False  # its own console handler shows it; a root handler (Ray's) repeated DEBUG lines
-    console_handler.setStream(sys.stdout)
+    try:
+        console_handler.setStream(sys.stdout)  # flushes the stream it had
+    except ValueError:  # that stream is closed (a caller swapped sys.stdout and closed it): just replace it
+        console_handler.stream = sys.stdout
     console_handler.colored = sys.stdout.isatty()
     console_handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not any(getattr(f, "level", None) == logging.WARNING for f in console_handler.filters):
