@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedtune.cli.run import add_run_options, plan_from_args
 from fedtune.config import Scalar, parse_assignments
-from fedtune.config.presets import PRESETS
+from fedtune.config.presets import PRESET_SITES, PRESETS
 from fedtune.core.errors import FedtuneError
 
 
@@ -44,7 +44,12 @@ def add_client(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     cli.add_argument("--auth-key", required=True, help="this site's private key (nodes/node-K.key)")
     cli.add_argument("--data", help="this site's data file (JSONL/CSV/Parquet); it never leaves the site")
     cli.add_argument("--preset", choices=list(PRESETS), help="use the built-in demo share for this node")
-    cli.add_argument("--share", help="K/N: which demo share (default: K from node-K.key)")
+    cli.add_argument(
+        "--share",
+        help="K/N: which demo share (default: K from node-K.key; N the preset's site count: "
+        + ", ".join(f"{name} {n}" for name, n in PRESET_SITES.items())
+        + ")",
+    )
     cli.add_argument("--device", choices=["cpu", "cuda"], help="where this site trains")
     cli.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a site setting, e.g. train.batch-size=8"

@@ -34,3 +34,6 @@ def preset(name: str) -> dict[str, Scalar]:
     if name not in PRESETS:
         raise ConfigError(f"`--preset` must be one of {', '.join(PRESETS)}; got {name!r}.")
     return dict(PRESETS[name])
+
+
+PRESET_SITES = {"tiny": 3, "smollm2": 5}  # sites the built-in demo data is split into

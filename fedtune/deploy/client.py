@@ -23,13 +23,13 @@ from pathlib import Path
 
 from fedtune.client import channel
 from fedtune.config import SITE_KEYS, RunConfig, Scalar, toml_scalar
+from fedtune.config.presets import PRESET_SITES
 from fedtune.core.errors import ConfigError, FedtuneError
 from fedtune.core.paths import tiny_model_dir
 from fedtune.deploy import procs
 from fedtune.wire import keys
 
 GPU_KEYS = ("model.quantization", "model.device-map", "train.precision", "train.num-processes", "train.device")
-PRESET_SITES = {"tiny": 3, "smollm2": 5}  # sites the built-in demo data is split into
 WORKER_START_TIMEOUT = 60.0  # seconds until the worker must listen (it binds before heavy imports)
 
 

@@ -26,6 +26,7 @@ def help_text(command: str) -> str:
                 "--register-wait SECONDS",
                 "retry for this long (default: 60.0)",
                 "(default: a free one)",
+                "N the preset's site count: tiny 3, smollm2 5",
             ],
         ),
         ("keys", ["(default: localhost,127.0.0.1)"]),
