@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedtune.config.evaluation import parse_names
 from fedtune.config.fields import require
 
 LOCAL = "local"
@@ -12,12 +13,7 @@ KNOWN = (LOCAL, CENTRALIZED)
 
 def parse_baselines(text: str) -> list[str]:
     """``"local, centralized"`` -> ``["local", "centralized"]`` (order kept, duplicates dropped)."""
-    out: list[str] = []
-    for part in text.split(","):
-        name = part.strip().lower()
-        if name and name not in out:
-            out.append(name)
-    return out
+    return parse_names(text)
 
 
 def check_baselines(text: str) -> None:
