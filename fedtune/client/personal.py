@@ -118,6 +118,6 @@ def adapter_dir(cfg: RunConfig, node_config: Mapping[str, Any]) -> Path | None:
     operator owns every site; None otherwise (the adapter is then only evaluated)."""
     if node_config.get(keys.SITE_OUT):
         return Path(str(node_config[keys.SITE_OUT])).expanduser() / "adapter"
-    if set(node_config) == SIMULATED and cfg.output.dir:
+    if set(node_config) - {keys.GRID_DELAYS} == SIMULATED and cfg.output.dir:  # the shared grid adds its flag
         return Path(cfg.output.dir) / "sites" / f"site-{node_config[keys.PARTITION_ID]}" / "adapter"
     return None
