@@ -40,7 +40,9 @@ class Cluster:
     temp_dir: Path
 
     def worker_logs(self) -> list[Path]:
-        return sorted(self.temp_dir.glob("session_*/logs/worker-*.err"))
+        return sorted(self.temp_dir.glob("session_*/logs/worker-*.out")) + sorted(
+            self.temp_dir.glob("session_*/logs/worker-*.err")
+        )
 
     def driver_logs(self) -> set[str]:
         """The drivers that ever connected to this cluster (Ray writes one log per driver)."""
@@ -147,7 +149,8 @@ def test_a_simulation_attached_to_a_two_node_cluster_runs_clients_on_both_nodes(
     cluster: Cluster, on_cluster: Path
 ) -> None:
     # Prepare: the pids of the cluster's workers that trained a site (Ray logs each worker's
-    # stderr to the cluster's session dir as worker-<id>-<job>-<pid>.err; the progress bar is there)
+    # stdout and stderr to the cluster's session dir as worker-<id>-<job>-<pid>.out/.err; the progress bar,
+    # which fedtune prints to stdout, is there)
     out = on_cluster
     pids = {
         int(p.stem.rsplit("-", 1)[1]) for p in cluster.worker_logs() if TRAINED.search(p.read_text(errors="replace"))
