@@ -297,7 +297,7 @@ def test_server_killed_after_round_1_resumes_and_equals_an_uninterrupted_run(
         ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=ENV,
+        env=procs.env(ENV),  # the venv's bin on PATH: the SuperLink starts flower-superexec from there
         start_new_session=True,
     )
     processes.started.append(leftover)
