@@ -34,8 +34,12 @@ lint: setup
 	$(BIN)/mypy fedtune
 	$(BIN)/lint-imports  # the layers and no import cycles ([tool.importlinter] in pyproject.toml)
 
+# The suite runs in TEST_WORKERS parallel pytest-xdist workers (one torch thread each, see
+# tests/conftest.py); worksteal keeps both busy to the end, whichever tests are slow.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

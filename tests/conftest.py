@@ -9,8 +9,17 @@ import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite in parallel workers (pytest-xdist). torch's default of one thread
+    # per core in every worker oversubscribes the cores, and its spinning OpenMP threads then slow
+    # each worker down many times over (issue 15's measurement). One thread per worker, and for the
+    # processes the tests start (fedtune's automatic choice is capped by OMP_NUM_THREADS).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from fedtune.model.tiny import build_tiny_model
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedtune.cli import main
 from fedtune.model.chat import answer
-from fedtune.model.finished import load_run_model, open_run
+from fedtune.model.finished import open_run
 
 DESCRIPTION = "Synthetic dosage-arithmetic notes from five simulated hospitals (test run)."
 PROMPTS = ["A patient weighing 80 kg is prescribed Velquodex at 1 mg/kg. What dose?", "What is 2 mg/kg x 5 kg?"]
@@ -210,14 +210,15 @@ def test_chat_reads_one_message_per_stdin_line_until_eof(run_dir: Path) -> None:
 
 
 def test_answers_stream_piece_by_piece(run_dir: Path) -> None:
-    # Prepare
-    model, tok = load_run_model(open_run(run_dir))
-    ref, ref_tok = reference(run_dir)
+    # Prepare: the run's base model (deterministic: the adapter's central-DP noise is not seeded, so
+    # what the tuned model says, and where its word boundaries fall, changes from run to run)
+    run = open_run(run_dir)
+    model, tok = reference(run_dir, base=True)
     pieces: list[str] = []
 
     # Execute
-    text = answer(model, tok, PROMPTS[1], open_run(run_dir).cfg.data, max_new_tokens=24, on_text=pieces.append)
+    text = answer(model, tok, PROMPTS[1], run.cfg.data, max_new_tokens=24, on_text=pieces.append)
 
     # Assert: the text arrived in several pieces during generation, and adds up to the whole answer
-    assert len(pieces) > 1
-    assert "".join(pieces) == text == greedy(ref, ref_tok, PROMPTS[1], 24)
+    assert len(pieces) > 1, pieces
+    assert "".join(pieces) == text == greedy(model, tok, PROMPTS[1], 24)
