@@ -34,10 +34,11 @@ def add_run_options(parser: argparse.ArgumentParser, preset_help: str, clients: 
 
 def plan_from_args(args: argparse.Namespace, extra: dict[str, Scalar] | None = None) -> Plan:
     """The run's plan from --resume, or from --preset, --rounds/--clients/--seed and --set."""
-    from fedtune.model.tiny import TINY_MODEL_DIR, build_tiny_model
-    from fedtune.server.checkpoint import saved_plan
-
+    # torch, transformers and Flower are imported only once the plan is valid, so that a bad key or
+    # value is named in about a second
     if args.resume:
+        from fedtune.server.checkpoint import saved_plan
+
         # The run's own config, as its last checkpoint recorded it; only --set may change it.
         out = Path(args.resume).resolve()
         flat = {**saved_plan(out), **parse_assignments(args.set), "output.dir": str(out), "output.resume": True}
@@ -56,6 +57,8 @@ def plan_from_args(args: argparse.Namespace, extra: dict[str, Scalar] | None = N
     flat["output.dir"] = str(out)
     plan = Plan.from_flat(flat)  # validate everything before building or writing anything
     if args.preset == "tiny" and "model.name" not in flat:
+        from fedtune.model.tiny import TINY_MODEL_DIR, build_tiny_model
+
         plan = plan.override({"model.name": str(build_tiny_model(out / TINY_MODEL_DIR))})
     return plan
 
@@ -73,8 +76,10 @@ def add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from fedtune.simulations.run import simulate
-
     if args.baselines is not None:  # as a --set, so --resume takes it too
         args.set = [*args.set, f"baselines={json.dumps(args.baselines)}"]
-    simulate(plan_from_args(args), resume=bool(args.resume))
+    plan = plan_from_args(args)
+
+    from fedtune.simulations.run import simulate
+
+    simulate(plan, resume=bool(args.resume))
