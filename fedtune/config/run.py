@@ -24,6 +24,7 @@ from fedtune.config.model import LoraSection, ModelConfig, PeftSection
 from fedtune.config.outputs import OutputConfig, SimulationConfig
 from fedtune.config.personalize import PersonalizeConfig
 from fedtune.config.privacy import PrivacyConfig, SecaggConfig
+from fedtune.config.report import ReportConfig
 from fedtune.config.server import ServerConfig
 from fedtune.config.strategy import StrategyConfig
 from fedtune.config.traffic import CommunicationConfig, CompressionConfig
@@ -82,6 +83,7 @@ class RunConfig:
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
         # Rules across sections are the plan checker's (``fedtune.privacy.compat``); each section checks its own.

@@ -18,14 +18,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from fedtune.config import toml_scalar
+from fedtune.config.baselines import parse_baselines
 from fedtune.config.plan import Plan
-from fedtune.core.errors import FedtuneError
+from fedtune.core.errors import ConfigError, FedtuneError
 from fedtune.data.loaders import load_eval_records
 from fedtune.data.prompts import check_format
 from fedtune.deploy import lifecycle, procs
 from fedtune.deploy.keys import KeyLayout
 from fedtune.model.sources import load_tokenizer, resolve_model
 from fedtune.privacy import compat
+from fedtune.server import tracking
 from fedtune.server.report import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
@@ -114,10 +116,20 @@ def commands(files: ServerFiles, layout: KeyLayout, host: str, port: int) -> dic
     return {"superlink": superlink, **{f"register-{i + 1}": c for i, c in enumerate(register)}, "run": run}
 
 
+def refuse_simulation_only(plan: Plan) -> None:
+    """Settings only a simulation can carry out: ``baselines`` trains on every site's data."""
+    if parse_baselines(plan.base.baselines):
+        raise ConfigError(
+            "`baselines` is for `fedtune simulate` only: the baselines train on every site's data, which a "
+            "deployment server does not have."
+        )
+
+
 def precheck(plan: Plan) -> None:
     """What the server can check before anything starts: plan, model, prompt format, eval data."""
     compat.check(plan)
     cfg = plan.base
+    tracking.chosen(cfg)  # a missing tracker package, before the SuperLink starts
     check_format(cfg.data, load_tokenizer(resolve_model(cfg.model)), cfg.model.name)
     if cfg.eval.centralized:
         load_eval_records(cfg.data)
@@ -139,6 +151,7 @@ def settings(out: Path, address: str | None, keys: str | None, resume: bool) -> 
 
 def serve(plan: Plan, layout: KeyLayout, address: str, *, dry_run: bool = False) -> Path:
     """Run the whole server side; returns the run directory."""
+    refuse_simulation_only(plan)
     host, port = procs.split_address(address, "--address")
     files = ServerFiles(Path(plan.base.output.dir))
     cmds = commands(files, layout, host, port)

@@ -27,8 +27,9 @@ from fedtune.server import checkpoint, farewell, loop, site_metrics, traffic
 from fedtune.server.evaluation import CentralEvaluator
 from fedtune.server.outputs import Writer
 from fedtune.server.record import RoundRecord
-from fedtune.server.report import Reporter, privacy_line, privacy_summary, secagg_summary
+from fedtune.server.report import SUMMARY_FILE, Reporter, privacy_line, privacy_summary, secagg_summary
 from fedtune.server.state import GridLike, ServerState
+from fedtune.server.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,25 @@ def run_server(plan: Plan, grid: GridLike, *, resume: bool = False, flower_run_i
     reporter = Reporter(out)
     if not resume and reporter.path.exists():
         raise ConfigError(f"{out} already holds a run; resume it with --resume {out}, or choose another --out.")
+    tracking = Tracking(cfg, out)  # a missing tracker package stops the run here, before round 1
+    try:
+        return _serve(plan, grid, out, reporter, tracking, resume=resume, flower_run_id=flower_run_id)
+    finally:
+        tracking.finish()  # after an error (a finished run has closed them with its files)
+
+
+def _serve(
+    plan: Plan,
+    grid: GridLike,
+    out: Path,
+    reporter: Reporter,
+    tracking: Tracking,
+    *,
+    resume: bool,
+    flower_run_id: int | None,
+) -> dict[str, Any]:
+    """:func:`run_server` once its output directory and trackers are settled."""
+    cfg = plan.base
     # The server holds the base model for the seeded initial state and centralized evaluation.
     loaded = load_for(cfg, pick_device("auto"), server_model(cfg.model))
     initial = initial_state(loaded, cfg)  # seeded: the same initial global state whatever ran before
@@ -69,7 +89,7 @@ def run_server(plan: Plan, grid: GridLike, *, resume: bool = False, flower_run_i
 
     def on_round(s: ServerState, record: RoundRecord) -> None:
         checkpoint.save(out, s, plan, writer.checkpoint)
-        reporter.row(record)
+        tracking.row(reporter.row(record))
         site_metrics.write_sites(out, s.history, note)
 
     state = loop.run(plan, grid, state, evaluate=evaluator, on_round=on_round)
@@ -77,6 +97,7 @@ def run_server(plan: Plan, grid: GridLike, *, resume: bool = False, flower_run_i
     write_atomic_dir(final, lambda tmp: writer.final(tmp, state.global_arrays))
     extra = _summary(plan, state, loaded.path, final, writer.final_name(), evaluator, flower_run_id)
     reporter.finish(cfg, state.history, extra)
+    tracking.finish(final, reporter.out / SUMMARY_FILE)
     log.info("%s", privacy_line(extra["privacy"]))
     log.info(
         "Outputs in %s (metrics.jsonl, sites.json, rounds.md, plots/, %s/, summary.json)", *(out, writer.final_name())

@@ -19,6 +19,7 @@ from fedtune.model.hardware import check_site
 from fedtune.model.methods import check_model_files
 from fedtune.model.sources import load_tokenizer, resolve_model
 from fedtune.privacy import compat
+from fedtune.server import tracking
 from fedtune.server.app import make_server_app, output_dir, run_server
 from fedtune.simulations import baselines
 from fedtune.simulations.local import LocalGrid
@@ -31,6 +32,7 @@ def precheck(plan: Plan) -> None:
     """Everything that can be checked before Ray starts: plan, model, data, every partition."""
     compat.check(plan)
     cfg = plan.base
+    tracking.chosen(cfg)  # a missing tracker package, before Ray starts
     n = cfg.simulation.num_supernodes
     if cfg.server.min_clients > n:
         raise ConfigError(

@@ -52,11 +52,13 @@ class Reporter:
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
 
-    def row(self, record: RoundRecord) -> None:
-        """Append the round to ``metrics.jsonl`` and print its table line."""
+    def row(self, record: RoundRecord) -> dict[str, Any]:
+        """Append the round to ``metrics.jsonl``, print its table line; returns the object written."""
+        row = record.to_json()
         with self.path.open("a") as fh:
-            fh.write(json.dumps(record.to_json(), default=str) + "\n")
+            fh.write(json.dumps(row, default=str) + "\n")
         log.info("%s", table_row(record, self.cols))
+        return row
 
     def finish(self, cfg: RunConfig, history: list[RoundRecord], extra: dict[str, Any]) -> None:
         """Write the round table (markdown), the loss plot and ``summary.json``."""
