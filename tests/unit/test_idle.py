@@ -15,6 +15,7 @@ from fedtune.server.report.table import COLUMNS, columns, markdown
 from fedtune.server.state import ServerState
 from fedtune.server.timing import waited_for_slowest
 from tests.unit.test_buffered import DURATION, GLOBAL, VirtualGrid
+from tests.unit.test_loop import CENTRAL, FakeGrid, clipped, run_loop
 
 
 def test_each_replied_site_waits_from_its_reply_until_the_slowest_one() -> None:
@@ -67,3 +68,15 @@ def test_a_sync_round_on_the_real_loop_records_each_sites_wait_for_the_slowest(
     expected = {str(n): float(max(DURATION.values()) - d) for n, d in DURATION.items()}
     assert [r["idle_seconds"] for r in rows[1:]] == [expected, expected]
     assert "idle_seconds" not in rows[0]  # round 0 trains nobody
+
+
+def test_under_dp_a_sync_round_records_no_idle_seconds(task_identity: None) -> None:
+    # Prepare: a site's seconds follow its data under DP (Poisson batches), so its idle seconds are not recorded
+    plans = {m: Plan.from_flat({"num-server-rounds": 1, **(CENTRAL if m == "dp" else {})}) for m in ("none", "dp")}
+
+    # Execute
+    rows = {m: run_loop(plan, FakeGrid([1, 2, 3], clipped))[1][1] for m, plan in plans.items()}
+
+    # Assert
+    assert set(rows["none"]["idle_seconds"]) == {"1", "2", "3"}
+    assert "idle_seconds" not in rows["dp"]
