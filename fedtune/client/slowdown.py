@@ -13,12 +13,23 @@ from fedtune.wire import keys
 log = logging.getLogger(__name__)
 
 
+SITE_DELAYS = "simulation.site-delays"
+
+
 def site_delay(cfg: RunConfig, node_config: Mapping[str, Any], steps: int) -> float:
     """Extra seconds this site waits after ``steps`` local steps: its ``simulation.site-delays`` entry (cycled
-    by partition id) per step; 0 without a partition id, or when the in-process grid holds the reply instead."""
-    pid = node_config.get(keys.PARTITION_ID)
-    if node_config.get(keys.GRID_DELAYS) or not isinstance(pid, int) or isinstance(pid, bool):
+    by partition id) per step; 0 when the in-process grid holds the reply instead.
+
+    A deployed site may set the key for itself (``fedtune client --set simulation.site-delays=2``, its node
+    config), which wins over the server's: a site without a partition id (its own ``--data``) then takes the
+    first entry. Without either, a site is never slowed."""
+    if node_config.get(keys.GRID_DELAYS):
         return 0.0
+    pid = node_config.get(keys.PARTITION_ID)
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        if SITE_DELAYS not in node_config:
+            return 0.0
+        pid = 0
     return cfg.simulation.delay(pid) * steps
 
 
@@ -26,5 +37,5 @@ def slow_down(cfg: RunConfig, node_config: Mapping[str, Any], steps: int) -> Non
     """Sleep :func:`site_delay` seconds (a slow machine), before the reply leaves the site."""
     seconds = site_delay(cfg, node_config, steps)
     if seconds > 0:
-        log.info("partition %s: %.1f s of `simulation.site-delays`", node_config.get(keys.PARTITION_ID), seconds)
+        log.info("this site sleeps %.1f s of `simulation.site-delays` (a test and benchmark knob)", seconds)
         time.sleep(seconds)

@@ -34,7 +34,8 @@ from fedtune.core.errors import ConfigError
 # Settings a data site may choose for itself in its node config; they override the server's round
 # spec at that site (``lora.r`` sets the site's own rank, see ``simulation.site-ranks``). The privacy
 # keys set a site's own DP-SGD noise or budget and apply under ``privacy.mechanism = dp-sgd`` only,
-# where each site accounts for itself.
+# where each site accounts for itself. ``simulation.site-delays`` is a test and benchmark knob: a site that
+# sets it sleeps that many extra seconds per local step (a slow machine on purpose, see client/slowdown.py).
 SITE_KEYS = (
     "model.name",
     "model.gguf-file",
@@ -52,6 +53,7 @@ SITE_KEYS = (
     "data.on-bad-record",
     "privacy.noise-multiplier",
     "privacy.target-epsilon",
+    "simulation.site-delays",
 )
 SITE_PRIVACY_KEYS = ("privacy.noise-multiplier", "privacy.target-epsilon")
 

@@ -26,12 +26,15 @@ from fedtune.server.participants import scrub, who
 from fedtune.server.record import Failure, RoundRecord
 from fedtune.server.send import send_adapter
 from fedtune.server.state import GridLike, ServerState
-from fedtune.server.timing import RoundClock
+from fedtune.server.timing import RoundClock, waited_for_slowest
 from fedtune.strategies import Aggregator
 from fedtune.wire import keys
 from fedtune.wire.records import message_bytes
 
 log = logging.getLogger(__name__)
+
+now = time.monotonic
+"""When a reply arrived, for the sites' idle seconds (a test reads a virtual clock instead)."""
 
 
 @dataclass
@@ -100,6 +103,8 @@ def _fold(
     """Fold each reply into ``aggregator`` as it streams in; only the first answer of an asked node counts."""
     out = _Outcome()
     asked, answered = set(nodes), set[int]()
+    replied_at: dict[int, float] = {}  # when each site's reply (not an error) arrived
+    last = 0.0
 
     def fail(node: int, reason: str) -> None:
         log.warning("round %d: rejected reply from %s: %s", rnd, who(node, hide), scrub(reason, hide))
@@ -110,6 +115,9 @@ def _fold(
             release(reply)
             continue
         answered.add(node)
+        last = now()
+        if not reply.has_error():
+            replied_at[node] = last
         folding = time.perf_counter()
         ok: validation.Accepted | None = None
         try:
@@ -133,6 +141,10 @@ def _fold(
             clock.add("aggregate", time.perf_counter() - folding)
             clock.resume()
         _keep(ok, node, state, out)
+    # the round ends with its slowest reply, or when the stream gave up on a site that never answered; under
+    # DP a site's seconds follow its data, and hidden samples keep their node ids out: no idle seconds then
+    if clock.site_seconds and hide is None:
+        record.idle_seconds = waited_for_slowest(replied_at, last if answered == asked else now())
     for node in sorted(asked - answered):
         reason = f"no reply within `server.round-timeout` = {cfg.server.round_timeout:.0f} s"
         log.warning("round %d: %s failed: %s", rnd, who(node, hide), reason)

@@ -164,7 +164,9 @@ class RoundRecord:
     contributors: list[Contribution] | None = None
     """``server.mode = async``: each aggregated reply (a site may send two) with its staleness."""
     idle_seconds: dict[int, float] | None = None
-    """``server.mode = async``: seconds each connected site spent with no work during this version."""
+    """Seconds each site spent with no work: ``server.mode = async``, each connected site during this version;
+    ``sync``, each site that replied, from its reply until the round's slowest reply (or the timeout); none
+    under a DP mechanism (a site's seconds follow its data) or a hidden sample."""
     train_loss: float | None = None
     clip_norm: float | None = None
     clip_norm_next: float | None = None

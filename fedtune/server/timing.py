@@ -1,5 +1,6 @@
 """Where a round's time goes: the sites' own load / train / serialize seconds (from their replies),
-transport (each reply's round trip minus what its site reported), and the server's parts.
+transport (each reply's round trip minus what its site reported), the server's parts, and each site's
+idle seconds.
 
 Under a DP mechanism sites send no seconds (they follow the data: Poisson batch sizes, token counts),
 so the breakdown holds each reply's whole ``round_trip`` instead of the four site-side parts."""
@@ -64,3 +65,10 @@ class RoundClock:
 
     def add(self, part: str, seconds: float) -> None:
         self.parts[part] += seconds
+
+
+def waited_for_slowest(replied: Mapping[int, float], end: float) -> dict[int, float]:
+    """A synchronous round's idle seconds per replied site: from its reply (``replied[node]``, a clock reading)
+    until the round's end ``end`` (the slowest reply, or the round timeout when a site never answered), to
+    the millisecond, as ``server.mode = async`` records its own (``metrics.jsonl``'s ``idle_seconds``)."""
+    return {node: round(max(end - at, 0.0), 3) for node, at in sorted(replied.items())}

@@ -66,6 +66,12 @@ def test_fast_sites_contribute_more_versions_than_a_slow_one(tiny_model: Path, t
             assert 0 <= c["staleness"] < row["version"]
     counts = Counter(c["node"] for r in rows[1:] for c in r["contributors"])
     assert counts[1] > counts[3] and counts[2] > counts[3]
+    # the round table (rounds.md, as on the console) shows each version, its contributors and idle seconds
+    table = (tmp_path / "run" / "rounds.md").read_text().splitlines()
+    assert table[0].startswith("| round | version | contributors | idle |")
+    for row, line in zip(rows[1:], table[3:], strict=True):
+        shown = " ".join(f"{c['node']}@{c['staleness']}" for c in row["contributors"])
+        assert line.startswith(f"| {row['round']} | {row['version']} | {shown} | ")
 
 
 def test_resume_continues_from_the_checkpointed_version_and_optimizer_state(tiny_model: Path, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ ROUND_0 = [
     "round", "sampled", "replied", "failed", "train_loss", "eval_loss", "eval_loss_central", "eval_loss_federated",
     "epsilon", "bytes_up", "bytes_down", "bytes_per_client", "seconds", "time", "sites_eval",
 ]  # fmt: skip
-ROUND_N = [*ROUND_0, "sampled_nodes", "replied_nodes", "failures", "spec", "updated"]
+ROUND_N = [*ROUND_0, "sampled_nodes", "replied_nodes", "failures", "spec", "updated", "idle_seconds"]
 
 # Rounds as metrics.jsonl and the checkpoints' history held them before RoundRecord (written by that code)
 OLD_ROUNDS: list[dict[str, Any]] = [

@@ -7,6 +7,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtune.client.slowdown import site_delay
 from fedtune.config import RunConfig
+from fedtune.config.fields import parse_assignments
+from fedtune.deploy.client import site_settings
 from fedtune.simulations.local import LocalGrid
 from fedtune.wire import keys
 
@@ -44,3 +46,18 @@ def test_a_site_sleeps_itself_only_without_a_grid_that_holds_its_reply() -> None
     assert site_delay(cfg, {keys.PARTITION_ID: 1}, 3) == 0.0
     assert site_delay(cfg, {keys.PARTITION_ID: 0, keys.GRID_DELAYS: True}, 3) == 0.0
     assert site_delay(cfg, {keys.DATA_PATH: "own.jsonl"}, 3) == 0.0
+
+
+def test_a_deployed_site_slows_itself_with_its_own_setting() -> None:
+    # Prepare: the server asks for no delay; the site's own `fedtune client --set simulation.site-delays=2`
+    sets = site_settings(parse_assignments(["simulation.site-delays=2"]))
+    node_config = {keys.DATA_PATH: "own.jsonl", **sets}
+    cfg = RunConfig.from_flat({**RunConfig().to_flat(), **sets})  # the site's settings win (client/pipeline.py)
+
+    # Execute
+    delay = site_delay(cfg, node_config, 3)
+
+    # Assert: a number is taken as the one-entry list; a site without a partition id takes the first entry
+    assert sets == {"simulation.site-delays": "2"}
+    assert delay == 2 * 3
+    assert site_delay(cfg, {**node_config, keys.PARTITION_ID: 4}, 3) == 2 * 3  # cycled, one entry

@@ -33,7 +33,8 @@ class Reporter:
     def start(self, plan: Plan) -> None:
         """Log the config tree, the plan table (if any) and the round table's header."""
         rounds = [plan.base, *plan.configs()]
-        self.cols = columns(list(dict.fromkeys(m for cfg in rounds for m in cfg.eval.metric_names())))
+        metrics = list(dict.fromkeys(m for cfg in rounds for m in cfg.eval.metric_names()))
+        self.cols = columns(metrics, asynchronous=plan.base.server.mode == "async")
         log.info("%s", config_tree(plan.base))
         if plan.entries:
             log.info(

@@ -44,6 +44,27 @@ COLUMNS: list[Column] = [
 ]
 
 
+def _contributors(record: RoundRecord) -> str | None:
+    """``node@staleness`` of each reply aggregated into an async version (``1@0 2@1``)."""
+    if record.contributors is None:
+        return None
+    return " ".join(f"{c.node}@{c.staleness}" for c in record.contributors)
+
+
+def _idle(record: RoundRecord) -> float | None:
+    """The sites' idle seconds in the round or version, summed (site-seconds; per site in ``metrics.jsonl``)."""
+    return sum(record.idle_seconds.values()) if record.idle_seconds is not None else None
+
+
+ASYNC_COLUMNS: list[Column] = [
+    Column("version", attrgetter("version"), 7, "d"),
+    Column("contributors", _contributors, 12, "s"),
+    Column("idle", _idle, 6, ".1f"),
+]
+"""What ``server.mode = async`` adds after ``round``: the version, who contributed at which staleness, and
+the sites' idle seconds."""
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -63,11 +84,13 @@ def _cell(value: Any, fmt: str) -> str:
     return format(value, fmt)
 
 
-def columns(metrics: Sequence[str] = ()) -> list[Column]:
-    """The table's columns: :data:`COLUMNS`, with one column per task metric after ``eval_loss``."""
+def columns(metrics: Sequence[str] = (), *, asynchronous: bool = False) -> list[Column]:
+    """The table's columns: :data:`COLUMNS`, with one column per task metric after ``eval_loss``, and
+    :data:`ASYNC_COLUMNS` after ``round`` when ``asynchronous``."""
     extra = [Column(column(m), _score(m), max(len(column(m)), 6), ".3f") for m in metrics if m in GENERATED]
     at = [c.header for c in COLUMNS].index("eval_loss") + 1
-    return COLUMNS[:at] + extra + COLUMNS[at:]
+    cols = COLUMNS[:at] + extra + COLUMNS[at:]
+    return cols[:1] + ASYNC_COLUMNS + cols[1:] if asynchronous else cols
 
 
 def table_header(cols: Sequence[Column] = COLUMNS) -> str:
