@@ -7,7 +7,7 @@ backend with the same seed, rounds, local steps and rank; only ``peft.method`` a
 LoRA's and at a higher one). Ratios are against LoRA in the same run. Usage:
 
     python benchmarks/lora_sb.py [--preset tiny] [--rounds 3] [--local-steps 4] [--epsilon 8]
-        [--out runs/bench-lora-sb] [--rows lora,lora-sb,lora-sb@x10] [--dp]
+        [--out runs/bench-lora-sb] [--rows lora,lora-sb,lora-sb@x10,lora-sb@x10@r16] [--dp]
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from fedtune.server.outputs import read_checkpoint
 
 
 def run_row(row: str, args: argparse.Namespace, dp: bool) -> dict[str, Any]:
-    """One federation; ``row`` is ``method`` or ``method@xF`` (learning rate F times the preset's)."""
-    method, _, factor = row.partition("@x")
-    lr = float(preset(args.preset).get("train.lr", 2e-3)) * float(factor or 1)
+    """One federation; ``row`` is ``method`` with optional ``@xF`` (learning rate F times the preset's) and
+    ``@rN`` (``lora.r`` = N, alpha / r kept at the preset's)."""
+    method, *tags = row.split("@")
+    factor = next((float(t[1:]) for t in tags if t.startswith("x")), 1.0)
+    lr = float(preset(args.preset).get("train.lr", 2e-3)) * factor
     out = Path(args.out) / f"{row}{'-dp' if dp else ''}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
@@ -41,6 +43,9 @@ def run_row(row: str, args: argparse.Namespace, dp: bool) -> dict[str, Any]:
         "--set", f"train.local-steps={args.local_steps}", "--set", f"peft.method={method}",
         "--set", f"train.lr={lr}",
     ]  # fmt: skip
+    for rank in (int(t[1:]) for t in tags if t.startswith("r")):
+        ratio = float(preset(args.preset).get("lora.alpha", 16)) / float(preset(args.preset).get("lora.r", 8))
+        cmd += ["--set", f"lora.r={rank}", "--set", f"lora.alpha={int(ratio * rank)}"]
     if dp:
         cmd += ["--set", "privacy.mechanism=dp-sgd", "--set", f"privacy.target-epsilon={args.epsilon}"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
@@ -80,7 +85,7 @@ def table(results: list[dict[str, Any]]) -> str:
         if "refused" in r:
             lines.append(f"| {r['row']} | {r['dp']} | refused: {r['refused']} |||||||")
             continue
-        lora = next(x for x in results if x["row"] == "lora" and x["dp"] == r["dp"] and "refused" not in x)
+        lora = next((x for x in results if x["row"] == "lora" and x["dp"] == r["dp"] and "refused" not in x), r)
         lines.append(
             f"| {r['row']} | {'yes' if r['dp'] else 'no'} | {r['lr']:g} | {r['trainable']:,} "
             f"| {r['trainable'] / lora['trainable']:.3g} | {r['up_per_client']:,.0f} B "
