@@ -27,6 +27,7 @@ from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
 from fedtune.core.atomic import write_atomic_dir
 from fedtune.core.errors import ConfigError
+from fedtune.model import sb
 from fedtune.model.adapters import adapter_arrays, load_adapter_arrays, write_peft_folder
 from fedtune.model.methods import METHODS, peft_config
 from fedtune.model.scoring import heldout_loss
@@ -90,7 +91,7 @@ def evaluate_personal(
     loss = heldout_loss(model, site.heldout, batch_size=cfg.eval.batch_size, pad_id=pad_id)
     where = adapter_dir(cfg, context.node_config)
     if where is not None and METHODS[cfg.peft.method].peft:  # bitfit / full: the trained weights are the model
-        arrays = adapter_arrays(model)
+        arrays = sb.fold(adapter_arrays(model))  # LoRA-SB: a vanilla LoRA folder
         config = peft_config(cfg, site.rank or None)
         write_atomic_dir(where, lambda tmp: write_peft_folder(tmp, arrays, config, site.loaded.path))
         log.info("%s: personal adapter (round %d, held-out loss %.4f) in %s", site.name, rnd, loss, where)

@@ -60,9 +60,15 @@ def _node_int(node_config: Mapping[str, Any], key: str) -> int:
 
 def site_rank(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:
     """The LoRA rank a site trains at: node config ``lora.r``, else ``simulation.site-ranks``
-    (cycled by partition id), else ``lora.r``; never above the global adapter's rank. 0 when the
-    run's ``peft.method`` is not lora (a site's ``lora.r`` has nothing to set then)."""
+    (cycled by partition id), else ``lora.r``; never above the global adapter's rank; ``lora.r`` under
+    lora-sb. 0 when the run's ``peft.method`` is not lora or lora-sb (a site's ``lora.r`` has nothing to set then)."""
     value = node_config.get("lora.r")
+    if cfg.peft.method == "lora-sb":  # every site holds the server's factors, at the run's rank
+        if value is not None and value != cfg.lora.r:
+            raise ConfigError(
+                f"node config `lora.r` = {value!r}: `peft.method` = lora-sb trains at `lora.r` = {cfg.lora.r}."
+            )
+        return cfg.lora.r
     if cfg.peft.method != "lora":
         if value is not None:
             log.warning("node config `lora.r` is ignored: this run's `peft.method` is %s.", cfg.peft.method)

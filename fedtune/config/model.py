@@ -76,16 +76,18 @@ class LoraSection:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
 
-PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "prefix-tuning", "bitfit", "full")
+PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "prefix-tuning", "bitfit", "full", "lora-sb")
 
 
 @dataclass(frozen=True, kw_only=True)
 class PeftSection:
     """``peft.*``: which parameters a site trains and sends (see README, "PEFT methods")."""
 
-    method: Literal["lora", "ia3", "prompt-tuning", "prefix-tuning", "bitfit", "full"] = "lora"
+    method: Literal["lora", "ia3", "prompt-tuning", "prefix-tuning", "bitfit", "full", "lora-sb"] = "lora"
     """``lora`` (``lora.*``), ``ia3``, ``prompt-tuning``, ``prefix-tuning`` (PEFT's own configs),
-    ``bitfit`` (only the base model's bias parameters) or ``full`` (every parameter, no PEFT)."""
+    ``bitfit`` (only the base model's bias parameters), ``full`` (every parameter, no PEFT) or ``lora-sb``
+    (Fed-SB / LoRA-SB, Singhal et al. 2025: LoRA at ``lora.r`` with A and B fixed by the server and only an
+    r x r core between them trained and sent)."""
     full_max_params: int = 200_000_000
     """``full`` is refused for a model with more parameters than this (every round moves all of
     them, 4 bytes each, to and from every site)."""
@@ -98,7 +100,19 @@ class PeftSection:
     """The subset of ``peft.ia3-target-modules`` that are feed-forward (their input is rescaled);
     empty: PEFT's default for the architecture."""
 
+    sb_init: Literal["svd", "gradient"] = "svd"
+    """How ``lora-sb`` fixes its frozen factors: ``svd`` from the truncated SVD of each target base weight
+    (data-free, as LoRA-XS does); ``gradient`` from the truncated SVD of the base model's gradient on
+    ``peft.sb-init-data`` (as LoRA-SB does)."""
+    sb_init_data: str = ""
+    """The calibration file (JSONL, the training data's format) ``peft.sb-init = gradient`` reads on the server."""
+
     def __post_init__(self) -> None:
+        require(
+            self.sb_init == "svd" or bool(self.sb_init_data.strip()),
+            "peft.sb-init-data",
+            "must name a calibration file when `peft.sb-init` = gradient.",
+        )
         require(self.full_max_params >= 1, "peft.full-max-params", f"must be >= 1, got {self.full_max_params}.")
         require(
             self.num_virtual_tokens >= 1, "peft.num-virtual-tokens", f"must be >= 1, got {self.num_virtual_tokens}."

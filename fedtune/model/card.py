@@ -108,10 +108,16 @@ def _body(run: FinishedRun, *, merged: bool, dtype: str) -> Iterator[str]:
 
 def _method_detail(run: FinishedRun) -> str:
     lora = run.cfg.lora
-    if run.cfg.peft.method != "lora":
+    if run.cfg.peft.method not in ("lora", "lora-sb"):
         return ""
-    return f" (r = {lora.r}, alpha = {lora.alpha}, target modules: {lora.target_modules})" + (
-        ", FFA-LoRA (A frozen)" if lora.freeze_a else ""
+    return (
+        f" (r = {lora.r}, alpha = {lora.alpha}, target modules: {lora.target_modules})"
+        + (", FFA-LoRA (A frozen)" if lora.freeze_a else "")
+        + (
+            f", A and B fixed by the server ({run.cfg.peft.sb_init}), r x r cores trained and folded into B"
+            if run.cfg.peft.method == "lora-sb"
+            else ""
+        )
     )
 
 

@@ -24,7 +24,7 @@ from fedtune.model.sources import load_tokenizer
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PEFT methods whose weights fold into the base's: prompt and prefix tuning add virtual tokens instead.
-MERGEABLE = ("lora", "ia3")
+MERGEABLE = ("lora", "ia3", "lora-sb")  # lora-sb: its output is a vanilla LoRA folder
 
 
 def export_run(run: FinishedRun, dest: Path, *, merge: bool, dtype: str) -> Path:

@@ -27,6 +27,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from fedtune.config import ModelConfig, RunConfig
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import ModelError
+from fedtune.data.loaders import load_records
+from fedtune.data.prompts import IGNORE, collate, token_losses, tokenize
+from fedtune.model import sb
 from fedtune.model.adapters import adapter_arrays, init_adapter, peft_lora_config, set_trainable, wrap_peft
 from fedtune.model.loading import LoadedModel, load_base, pick_dtype
 
@@ -57,13 +60,14 @@ METHODS: dict[str, MethodSpec] = {
     "prefix-tuning": MethodSpec(peft=True),
     "bitfit": MethodSpec(peft=False),
     "full": MethodSpec(peft=False),
+    "lora-sb": MethodSpec(peft=True),
 }
 
 
 def peft_config(cfg: RunConfig, rank: int | None = None) -> PeftConfig:
     """PEFT's own config for ``peft.method`` (LoRA at a site's ``rank`` when given)."""
     method, n = cfg.peft.method, cfg.peft.num_virtual_tokens
-    if method == "lora":
+    if method in ("lora", "lora-sb"):
         return peft_lora_config(cfg.lora, rank)
     if method == "ia3":
         target, feedforward = cfg.peft.ia3_modules()
@@ -79,7 +83,9 @@ def peft_config(cfg: RunConfig, rank: int | None = None) -> PeftConfig:
 
 
 def _error_key(method: str) -> str:
-    return {"lora": "lora.target-modules", "ia3": "peft.ia3-target-modules"}.get(method, "peft.method")
+    return {"lora": "lora.target-modules", "lora-sb": "lora.target-modules", "ia3": "peft.ia3-target-modules"}.get(
+        method, "peft.method"
+    )
 
 
 def check_model(model: Any, cfg: RunConfig) -> None:
@@ -126,6 +132,8 @@ def wrap(loaded: LoadedModel, cfg: RunConfig, rank: int | None = None) -> Any:
     if METHODS[method].peft:
         model = wrap_peft(loaded, peft_config(cfg, rank), _error_key(method))
         set_trainable(model, method == "lora" and cfg.lora.freeze_a, method == "lora" and cfg.lora.freeze_b)
+        if method == "lora-sb":
+            sb.install_cores(model)
         return model
     model = loaded.model
     for pname, param in model.named_parameters():
@@ -140,12 +148,17 @@ def initial_state(loaded: LoadedModel, cfg: RunConfig) -> Arrays:
     tuning: rows of the word embedding at seeded random token ids (PEFT's SAMPLE_VOCAB); prefix
     tuning: the keys and values the base model computes for such tokens (Li & Liang 2021 found
     real-word activations a better start than random; PEFT's own N(0, 1) init took SmolLM2's
-    held-out loss from 1.22 to 6.5); bitfit / full: the base model's weights as saved.
+    held-out loss from 1.22 to 6.5); bitfit / full: the base model's weights as saved; lora-sb: the
+    frozen factors ``peft.sb-init`` fixes (``model/sb.py``) and zero cores.
     """
     model = wrap(loaded, cfg)
     method = cfg.peft.method
     if method == "lora":
         init_adapter(model, cfg.seed)
+    elif method == "lora-sb" and cfg.peft.sb_init == "gradient":
+        sb.init_gradient(model, _calibration(loaded, cfg), lambda m, batch: _mean_loss(m, batch))
+    elif method == "lora-sb":
+        sb.init_svd(model)
     elif method == "ia3":
         for module in model.modules():
             if isinstance(module, IA3Layer) and model.active_adapter in module.ia3_l:
@@ -163,6 +176,21 @@ def initial_state(loaded: LoadedModel, cfg: RunConfig) -> Arrays:
     else:
         return _saved_weights(loaded, cfg, set(adapter_arrays(model)))
     return adapter_arrays(model)
+
+
+def _calibration(loaded: LoadedModel, cfg: RunConfig) -> list[dict[str, torch.Tensor]]:
+    """``peft.sb-init-data`` as training batches (the training data's format and checks)."""
+    records = load_records(cfg.peft.sb_init_data, cfg.data, key="peft.sb-init-data")
+    examples = [e for e in tokenize(records, cfg.data, loaded.tokenizer) if any(t != IGNORE for t in e.labels[1:])]
+    if not examples:
+        raise ModelError(f"`peft.sb-init-data` {cfg.peft.sb_init_data}: no example has a response token to score.")
+    size, pad = cfg.train.batch_size, int(loaded.tokenizer.pad_token_id)
+    return [collate(examples[i : i + size], pad, loaded.device) for i in range(0, len(examples), size)]
+
+
+def _mean_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    total, count = token_losses(model, batch)
+    return total / count.clamp(min=1)
 
 
 def prefix_of(base: Any, ids: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
+from fedtune.model import sb
 from fedtune.model.adapters import load_adapter_arrays, write_peft_folder
 from fedtune.model.loading import LoadedModel
 from fedtune.model.methods import METHODS, wrap
@@ -47,19 +48,24 @@ class Writer:
     def checkpoint(self, directory: Path, arrays: Arrays) -> None:
         """The state a checkpoint keeps: the PEFT folder ``adapter/``, or ``weights.safetensors``."""
         if self.peft:
-            self.final(directory / ADAPTER_DIR, arrays)
+            self._peft_folder(directory / ADAPTER_DIR, arrays)
         else:
             save_file(dict(arrays), str(directory / WEIGHTS_FILE))
 
-    def final(self, directory: Path, arrays: Arrays) -> None:
-        """The run's output, written into ``directory`` (a fresh temp dir the caller renames)."""
+    def _peft_folder(self, directory: Path, arrays: Arrays) -> None:
         model = wrap(self.loaded, self.cfg)
+        config = model.peft_config[model.active_adapter]
+        # The hub id where the base has one, so the folder loads on any machine (summary.json
+        # records the exact local source beside it).
+        write_peft_folder(directory, arrays, config, base_source(self.cfg.model, self.loaded.path)["name"])
+
+    def final(self, directory: Path, arrays: Arrays) -> None:
+        """The run's output, written into ``directory`` (a fresh temp dir the caller renames); LoRA-SB's
+        cores folded into B, so that it is a vanilla PEFT LoRA adapter (a checkpoint keeps them)."""
         if self.peft:
-            config = model.peft_config[model.active_adapter]
-            # The hub id where the base has one, so the folder loads on any machine (summary.json
-            # records the exact local source beside it).
-            write_peft_folder(directory, arrays, config, base_source(self.cfg.model, self.loaded.path)["name"])
+            self._peft_folder(directory, sb.fold(arrays))
             return
+        model = wrap(self.loaded, self.cfg)
         load_adapter_arrays(model, arrays)
         use_cache = model.config.use_cache
         model.config.use_cache = True  # fedtune turns the KV cache off for training, not for users
