@@ -159,7 +159,7 @@ def stage_seconds(preset_name: str, sets: list[str], sites: int) -> dict[str, fl
     from fedtune.simulations.local import _set_task_identity
     from fedtune.strategies import make_aggregator
     from fedtune.wire import keys
-    from fedtune.wire.records import arrays_from_record
+    from fedtune.wire.records import read_arrays
 
     flat = {**preset(preset_name), **parse_assignments(sets)}
     if preset_name == "tiny":
@@ -187,7 +187,7 @@ def stage_seconds(preset_name: str, sets: list[str], sites: int) -> dict[str, fl
     for item in ((msg, context), (reply, context)):
         channel.unpack(channel.pack(*item))
     out["serialize + parse (message and reply)"] = time.perf_counter() - start
-    delta = arrays_from_record(reply.content.array_records[keys.DELTA])
+    delta = read_arrays(reply.content, keys.DELTA)
     start = time.perf_counter()
     aggregator = make_aggregator(cfg.strategy, arrays)
     for _ in range(sites):

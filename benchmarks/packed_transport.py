@@ -1,5 +1,6 @@
-"""Deployed round time with the adapter sent one array per PEFT key (float32, the default) against
-one packed array (``compression.uplink/downlink = float32``, lossless; then int8), same invocation.
+"""Deployed round time with the default wire format (lossless float32 packed into one array, which
+``compression.* = none`` means since issue 17) against packed int8, same invocation. (The one array
+per PEFT key format this compared before is gone; BENCHMARKS.md keeps its figures.)
 
 Reuses ``deploy_round.py``'s harness: ``fedtune server`` + N x ``fedtune client`` (with the site
 worker) on 127.0.0.1 with TLS and SuperNode authentication; the SuperNodes' own log lines give the
@@ -18,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from deploy_round import run_variant, setup
 
+BASELINE = "packed float32 (default, baseline)"
 VARIANTS = {
-    "per-key float32 (baseline)": [],
-    "packed float32": ["compression.uplink=float32", "compression.downlink=float32"],
+    BASELINE: [],
     "packed int8": ["compression.uplink=int8", "compression.downlink=int8"],
 }
 
@@ -31,7 +32,7 @@ def main() -> None:
     for i, (name, sets) in enumerate(VARIANTS.items()):
         variant = argparse.Namespace(**{**vars(args), "set": [*args.set, *sets]})
         results[name] = run_variant(keys, root / f"v{i}", variant, worker=True)
-    base = results["per-key float32 (baseline)"]
+    base = results[BASELINE]
     print(f"\n{args.preset}, {args.sites} sites, {args.rounds} rounds, sets {args.set}\n")
     rounds = " | ".join(f"round {r} (s)" for r in range(1, args.rounds + 1))
     print(

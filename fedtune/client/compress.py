@@ -25,11 +25,11 @@ def load_residual(state: RecordDict, like: Arrays) -> Arrays:
 
 
 def encode_update(delta: Arrays, cfg: RunConfig, rnd: int, site_name: str, state: RecordDict) -> dict[str, Any]:
-    """The reply's records for ``delta`` under ``compression.uplink``: float32 arrays, or one packed
-    array and its index. Top-k adds the residual first and keeps what it did not send; the rounding
+    """The reply's records for ``delta`` under ``compression.uplink``: one packed array (lossless
+    float32 under ``none``) and its index. Top-k adds the residual first and keeps what it did not send; the rounding
     dither comes from a generator seeded by ``seed``, the round and the site."""
     scheme = Scheme.of(cfg.compression, "uplink")
-    residual = load_residual(state, delta) if scheme is not None and scheme.name == "topk" else None
+    residual = load_residual(state, delta) if scheme.name == "topk" else None
     rng = rng_for(cfg.seed, rnd, site_name)
     records, left = encode(delta, keys.DELTA, scheme, rng, residual)
     if left is not None:

@@ -28,7 +28,7 @@ from fedtune.core.arrays import Arrays
 from fedtune.core.errors import ConfigError, FedtuneError, UpdateRejected
 from fedtune.core.paths import fedtune_home
 from fedtune.model import task_metrics
-from fedtune.model.adapters import adapter_arrays, load_adapter_arrays
+from fedtune.model.adapters import adapter_arrays, adapter_shapes, load_adapter_arrays
 from fedtune.model.generation import task_scores
 from fedtune.model.lora import rank_slice
 from fedtune.model.scoring import heldout_loss
@@ -66,10 +66,22 @@ def open_with_adapter(msg: Message, context: Context) -> tuple[RunConfig, dict[s
     model = site.model(cfg)
     try:
         arrays = decode(msg.content, keys.ADAPTER, Scheme.of(cfg.compression, "downlink"))
-    except UpdateRejected as exc:
+        arrays = _fit(rank_slice(arrays, site.rank), adapter_shapes(model))
+    except (UpdateRejected, IndexError) as exc:  # rank_slice of an array with too few dimensions: IndexError
         raise ConfigError(f"the global adapter from the server is malformed: {exc}") from None
-    load_adapter_arrays(model, rank_slice(arrays, site.rank))
+    load_adapter_arrays(model, arrays)
     return cfg, extra, site, model
+
+
+def _fit(arrays: Arrays, shapes: dict[str, tuple[int, ...]]) -> Arrays:
+    """``arrays`` if they are exactly the model's trainable names and shapes; else UpdateRejected."""
+    if set(arrays) != set(shapes):
+        odd = sorted(set(arrays) ^ set(shapes))
+        raise UpdateRejected(f"its arrays are not the model's ({len(odd)} differ, e.g. {odd[0]!r})")
+    for key, value in arrays.items():
+        if tuple(value.shape) != shapes[key]:
+            raise UpdateRejected(f"{key!r} has shape {tuple(value.shape)}, the model's is {shapes[key]}")
+    return arrays
 
 
 def refuse(msg: Message, exc: FedtuneError) -> Message:

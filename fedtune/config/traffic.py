@@ -14,12 +14,14 @@ class CompressionConfig:
     """``compression.*``: how updates travel (see README, "Compression and communication budget")."""
 
     uplink: Literal["none", "float32", "int16", "int8", "int4", "topk"] = "none"
-    """Client -> server delta: ``none`` (float32, one array per PEFT key), ``float32`` (lossless, packed
-    into one array), ``int16`` / ``int8`` / ``int4`` (blockwise absmax scale, stochastic rounding), or
-    ``topk`` (the largest ``compression.topk-fraction`` of each array, error feedback at the client)."""
+    """Client -> server delta: ``none`` or ``float32`` (lossless float32; every message's arrays
+    travel packed into one array plus an index), ``int16`` / ``int8`` / ``int4`` (blockwise absmax
+    scale, stochastic rounding), or ``topk`` (the largest ``compression.topk-fraction`` of each
+    array, error feedback at the client)."""
     downlink: Literal["none", "float32", "int16", "int8"] = "none"
-    """Server -> client global adapter; when quantized, the dequantized adapter becomes the global
-    one, so the server and every client hold exactly the same values."""
+    """Server -> client global adapter (``none`` = ``float32``, sent at each site's LoRA rank); when
+    quantized, the dequantized adapter becomes the global one, so the server and every client hold
+    exactly the same values."""
     block_size: int = 256
     """Values per quantization block (one float32 scale each): int8 costs 1 + 4 / block bytes a value."""
     topk_fraction: float = 0.1

@@ -99,6 +99,15 @@ def adapter_arrays(model: Any) -> Arrays:
     return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
 
 
+def adapter_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """The names and shapes :func:`adapter_arrays` gives for ``model``, without copying anything."""
+    if isinstance(model, PeftModel):
+        state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+    else:
+        state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
 def load_adapter_arrays(model: Any, arrays: Arrays) -> None:
     """Load ``arrays`` (the keys :func:`adapter_arrays` gives) into the model; every key must match."""
     device = next(model.parameters()).device

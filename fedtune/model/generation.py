@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
 
 from fedtune.config import DataConfig, EvalConfig
 from fedtune.data.prompts import prompt_ids
@@ -91,3 +92,20 @@ def task_scores(
     references = [str(r.get(data.output_field) or "") for r in chosen]
     labels = [label_of(r, data) for r in chosen]
     return task_metrics.score(names, answers, references, labels), len(chosen)
+
+
+class TokenCounter(BaseStreamer):
+    """A ``generate(streamer=...)`` that calls ``step(n)`` for each batch of n new tokens (a progress bar's
+    update); the prompt, which ``generate`` streams first, is not counted."""
+
+    def __init__(self, step: Callable[[int], object]) -> None:
+        self.step = step
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.step(int(value.numel()))
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        """Nothing to flush: counts are passed on as they come."""

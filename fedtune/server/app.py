@@ -25,6 +25,7 @@ from fedtune.privacy import compat
 from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.server import checkpoint, farewell, loop, site_metrics, traffic
 from fedtune.server.evaluation import CentralEvaluator
+from fedtune.server.final_sample import FinalSample
 from fedtune.server.outputs import Writer
 from fedtune.server.record import RoundRecord
 from fedtune.server.report import SUMMARY_FILE, Reporter, privacy_line, privacy_summary, secagg_summary
@@ -87,15 +88,19 @@ def _serve(
     reporter.start(plan)
     note = site_metrics.NOT_COVERED if MECHANISMS.get(privacy_summary(plan, state)["mechanism"]).dp else None
 
+    sample = FinalSample(evaluator)
+
     def on_round(s: ServerState, record: RoundRecord) -> None:
+        sample.wait()  # the sample answers, started at the last round's evaluation, use the server's model
         checkpoint.save(out, s, plan, writer.checkpoint)
         tracking.row(reporter.row(record))
         site_metrics.write_sites(out, s.history, note)
 
-    state = loop.run(plan, grid, state, evaluate=evaluator, on_round=on_round)
+    state = loop.run(plan, grid, state, evaluate=evaluator, on_round=on_round, on_final=sample.start)
+    sample.wait()
     final = out / writer.final_name()
     write_atomic_dir(final, lambda tmp: writer.final(tmp, state.global_arrays))
-    extra = _summary(plan, state, loaded.path, final, writer.final_name(), evaluator, flower_run_id)
+    extra = _summary(plan, state, loaded.path, final, writer.final_name(), sample, flower_run_id)
     reporter.finish(cfg, state.history, extra)
     tracking.finish(final, reporter.out / SUMMARY_FILE)
     log.info("%s", privacy_line(extra["privacy"]))
@@ -111,7 +116,7 @@ def _summary(
     base_path: str,
     final: Path,
     final_name: str,
-    evaluator: CentralEvaluator,
+    sample: FinalSample,
     flower_run_id: int | None,
 ) -> dict[str, Any]:
     """``summary.json``'s extras: the model and its source, privacy, traffic, a sample answer, task metrics."""
@@ -125,16 +130,9 @@ def _summary(
     extra["communication"] = traffic.communication_summary(cfg, state)
     if (secure := secagg_summary(plan)) is not None:
         extra["secure_aggregation"] = secure
-    record = evaluator.sample_prompt()
-    if record is not None:
-        base = evaluator.answer(record, None)
-        tuned = evaluator.answer(record, state.global_arrays)
-        extra["sample"] = {
-            "prompt": record.get(cfg.data.instruction_field),
-            "reference": record.get(cfg.data.output_field),
-            "base": base,
-            "fine_tuned": tuned,
-        }
+    answers = sample.result(state.global_arrays)
+    if answers is not None:
+        extra["sample"] = answers
         log.info(
             "\nHeld-out prompt: %s\n  reference : %s\n  base model: %s\n  fine-tuned: %s",
             *(block(text, 14 if i else 17) for i, text in enumerate(extra["sample"].values())),

@@ -12,11 +12,12 @@ from typing import Any
 from flwr.app import MessageType, MetricRecord
 
 from fedtune.config import RunConfig
+from fedtune.core.arrays import Arrays
 from fedtune.core.errors import UpdateRejected
 from fedtune.server import site_metrics, traffic, validation
 from fedtune.server.record import Failure, RoundRecord
 from fedtune.server.send import send_adapter
-from fedtune.server.state import Evaluate, GridLike, ServerState
+from fedtune.server.state import Evaluate, GridLike, OnFinal, ServerState
 from fedtune.wire import keys
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,26 @@ def federated_eval(
     return site_metrics.combine(entries)
 
 
+def _central(evaluate: Evaluate, arrays: Arrays, cfg: RunConfig, then: OnFinal | None) -> Mapping[str, float]:
+    """The server's own evaluation (when ``eval.centralized``), then ``then(arrays)``."""
+    central = evaluate(arrays, cfg) if cfg.eval.centralized else {}
+    if then is not None:
+        then(arrays)
+    return central
+
+
 def evaluate_round(
-    cfg: RunConfig, grid: GridLike, state: ServerState, rnd: int, record: RoundRecord, evaluate: Evaluate
+    cfg: RunConfig,
+    grid: GridLike,
+    state: ServerState,
+    rnd: int,
+    record: RoundRecord,
+    evaluate: Evaluate,
+    then: OnFinal | None = None,
 ) -> None:
-    """Centralized and federated ``eval.metrics`` of the current global adapter, into ``record``."""
+    """Centralized and federated ``eval.metrics`` of the current global adapter, into ``record``; when the
+    sites run elsewhere, ``then(adapter)`` is told right after the centralized evaluation, while the
+    sites' replies are still awaited (the server's model is free from then on)."""
     central: Mapping[str, float]
     started = time.perf_counter()
     if cfg.compression.downlink != "none":  # evaluate exactly what the sites will receive
@@ -67,8 +84,8 @@ def evaluate_round(
         federated = federated_eval(cfg, grid, state, rnd, record)
     else:  # the server's own eval overlaps with the sites' eval instead of running before it
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(evaluate, state.global_arrays, cfg) if cfg.eval.centralized else None
+            pending = pool.submit(_central, evaluate, state.global_arrays, cfg, then)
             federated = federated_eval(cfg, grid, state, rnd, record)
-            central = pending.result() if pending is not None else {}
+            central = pending.result()
     record.scores = site_metrics.scores(cfg.eval.metric_names(), central, federated)
     record.time["eval"] = time.perf_counter() - started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from fedtune.data.loaders import eval_source, load_records
 from fedtune.data.prompts import Example, prompt_ids, tokenize_counted
 from fedtune.model import task_metrics
 from fedtune.model.adapters import load_adapter_arrays
-from fedtune.model.generation import left_pad, task_scores
+from fedtune.model.generation import TokenCounter, left_pad, task_scores
 from fedtune.model.loading import LoadedModel
 from fedtune.model.methods import METHODS, wrap
 from fedtune.model.scoring import heldout_loss
@@ -72,8 +73,11 @@ class CentralEvaluator:
         return self.records[0] if self.records else None
 
     @torch.no_grad()
-    def answer(self, record: dict[str, Any], arrays: Arrays | None) -> str:
-        """Greedy answer of the base model (``arrays`` None) or of the base plus that adapter."""
+    def answer(
+        self, record: dict[str, Any], arrays: Arrays | None, on_tokens: Callable[[int], object] | None = None
+    ) -> str:
+        """Greedy answer of the base model (``arrays`` None) or of the base plus that adapter;
+        ``on_tokens(n)`` hears of each new token as it is generated (a progress bar)."""
         tok = self.loaded.tokenizer
         rows = [prompt_ids(record, self.cfg.data, tok, self.cfg.eval.max_new_tokens)]
         ids = left_pad(rows, int(tok.pad_token_id), self.loaded.device)
@@ -82,6 +86,7 @@ class CentralEvaluator:
             "do_sample": False,
             "pad_token_id": tok.pad_token_id,
             "use_cache": True,
+            "streamer": TokenCounter(on_tokens) if on_tokens is not None else None,
         }
         if arrays is None and METHODS[self.cfg.peft.method].peft:
             model = wrap(self.loaded, self.cfg)

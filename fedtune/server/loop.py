@@ -24,7 +24,7 @@ from fedtune.server.exchange import wait_for_nodes
 from fedtune.server.participants import redact
 from fedtune.server.record import RoundRecord
 from fedtune.server.runners import RUNNERS
-from fedtune.server.state import Evaluate, GridLike, OnRound, ServerState
+from fedtune.server.state import Evaluate, GridLike, OnFinal, OnRound, ServerState
 from fedtune.wire import keys
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,22 @@ def sample_nodes(nodes: list[int], cfg: RunConfig, rng: np.random.Generator) -> 
     return sorted(nodes[int(i)] for i in picked)
 
 
-def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, on_round: OnRound) -> ServerState:
+def run(
+    plan: Plan,
+    grid: GridLike,
+    state: ServerState,
+    *,
+    evaluate: Evaluate,
+    on_round: OnRound,
+    on_final: OnFinal | None = None,
+) -> ServerState:
     """Run rounds ``state.round + 1 .. num-server-rounds``, each with its plan's config.
 
     Round 0 (before any training) is evaluation only, with the base config. Before each round the
     privacy budget is checked: a round whose release would pass ``privacy.target-epsilon`` is never
-    started; the run stops there and says why (``state.privacy.stopped``).
+    started; the run stops there and says why (``state.privacy.stopped``). ``on_final`` hears of the
+    last planned round's global adapter as soon as its centralized evaluation is done (the server's
+    model is free while the sites evaluate; see ``server/final_sample.py``).
     """
     base = _settled(plan, plan.base)
     family = privacy.unit(plan)
@@ -83,7 +93,8 @@ def run(plan: Plan, grid: GridLike, state: ServerState, *, evaluate: Evaluate, o
         sampled, denominator = picked
         record = RoundRecord(round=rnd, sampled=len(sampled), sampled_nodes=sampled, spec=plan.spec(rnd))
         RUNNERS.get(cfg.secagg.protocol)(cfg, grid, state, rnd, sampled, record, extra, max(denominator, 1e-12))
-        evaluate_round(cfg, grid, state, rnd, record, evaluate)
+        last = on_final if rnd == base.num_server_rounds else None
+        evaluate_round(cfg, grid, state, rnd, record, evaluate, then=last)
         if state.hidden:
             redact(record, sampled)
         state.round = rnd

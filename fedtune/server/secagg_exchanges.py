@@ -19,6 +19,8 @@ from fedtune.server.exchange import release, stream_replies
 from fedtune.server.participants import scrub, who
 from fedtune.server.state import GridLike
 from fedtune.server.validation import refused
+from fedtune.wire import keys
+from fedtune.wire.codec import index_bytes
 from fedtune.wire.records import payload_bytes
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,11 @@ T = TypeVar("T")
 
 
 def _payload(content: RecordDict) -> int:
-    """Bytes of array data and of byte strings (keys, ciphertexts, shares) a message carries."""
+    """Bytes of array data (with a packed adapter's index) and of byte strings (keys, ciphertexts,
+    shares) a message carries."""
     total = sum(payload_bytes(r) for r in content.array_records.values())
+    if keys.WIRE in content.config_records:
+        total += index_bytes(content.config_records[keys.WIRE])
     for record in content.config_records.values():
         for value in record.values():
             if isinstance(value, bytes):

@@ -17,13 +17,17 @@ from fedtune.server.record import RoundRecord
 from fedtune.server.state import GridLike, ServerState
 from fedtune.server.timing import RoundClock
 from fedtune.wire import keys
-from fedtune.wire.records import message_bytes, record_from_arrays
+from fedtune.wire.codec import Scheme, rng_for
+from fedtune.wire.records import encode, message_bytes
 
 
 def round_content(arrays: Arrays, cfg: RunConfig, rnd: int, extra: Mapping[str, int | str] | None = None) -> RecordDict:
-    """The global adapter plus the round's flat spec (and ``extra`` entries), as clients receive them."""
+    """The global adapter (packed, ``compression.downlink``) plus the round's flat spec (and ``extra``
+    entries), as clients receive them."""
     spec = ConfigRecord({**cfg.to_flat(), keys.ROUND: rnd, **(extra or {})})
-    return RecordDict({keys.ADAPTER: record_from_arrays(arrays), keys.SPEC: spec})
+    scheme = Scheme.of(cfg.compression, "downlink")
+    records, _ = encode(arrays, keys.ADAPTER, scheme, rng_for(cfg.seed, rnd, "server"))
+    return RecordDict({**records, keys.SPEC: spec})
 
 
 def send_adapter(
@@ -37,7 +41,7 @@ def send_adapter(
     clock: RoundClock | None = None,
     extra: Mapping[str, int | str] | None = None,
 ) -> Iterator[tuple[int, Message]]:
-    """Send each node the global adapter at its own rank (once known; full rank when compressed) with
+    """Send each node the global adapter at its own rank (once known; full rank when quantized) with
     the round's spec, count each node's bytes in ``record``; return the replies as a stream."""
     started = time.perf_counter()
     if nodes:  # the server steps and evaluates from exactly what the sites receive

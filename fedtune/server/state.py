@@ -58,3 +58,5 @@ class ServerState:
 Evaluate = Callable[[Arrays, RunConfig], Mapping[str, float]]
 """Centralized evaluation: the round's ``eval.metrics`` of an adapter, by metric name."""
 OnRound = Callable[[ServerState, RoundRecord], None]
+OnFinal = Callable[[Arrays], None]
+"""Told the final global adapter once the last round's centralized evaluation is done (must return at once)."""

@@ -1,12 +1,13 @@
 """Communication: the global adapter as each round sends it, bytes per client, and the byte budget.
 
-Under ``compression.downlink`` the server encodes the global adapter and **adopts the dequantized
-values as the global adapter** before sending it (:func:`received_adapter` returns them, the
-round assigns them), so the server steps from exactly what the
-clients received and computed their deltas against. Re-encoding values that already sit on the
-quantization grid gives them back (the block's largest magnitude maps to the top code exactly), so
-an entry that no round changes does not drift. A compressed global adapter travels at full rank;
-a lower-rank site takes its slice after decoding.
+The adapter always travels packed (:mod:`fedtune.wire.codec`). Lossless float32
+(``compression.downlink`` ``none`` or ``float32``) goes to each site at its own LoRA rank. Under a
+quantized downlink the server encodes the global adapter and **adopts the dequantized values as the
+global adapter** before sending it (:func:`received_adapter` returns them, the round assigns them),
+so the server steps from exactly what the clients received and computed their deltas against.
+Re-encoding values that already sit on the quantization grid gives them back (the block's largest
+magnitude maps to the top code exactly), so an entry that no round changes does not drift. A
+quantized global adapter travels at full rank; a lower-rank site takes its slice after decoding.
 
 The budget (``communication.budget-mb``) is checked before every round against that round's
 projected bytes: the sizes of every encoding follow from the shapes and the settings, so the
@@ -41,12 +42,12 @@ def received_adapter(cfg: RunConfig, state: ServerState, rnd: int) -> Arrays:
     """The global adapter as round ``rnd``'s clients will receive it; the caller adopts it as
     ``state.global_arrays`` before sending, evaluating or stepping from it.
 
-    Without ``compression.downlink`` that is ``state.global_arrays`` itself. With it, it is the
-    dequantized full-rank encoding, which is kept in ``state.downlink`` so that
+    Under lossless float32 that is ``state.global_arrays`` itself (float32 already). Quantized, it is
+    the dequantized full-rank encoding, which is kept in ``state.downlink`` so that
     :func:`adapter_records` sends exactly the records the clients decode to these values.
     """
     scheme = Scheme.of(cfg.compression, "downlink")
-    if scheme is None:
+    if scheme.lossless:
         return state.global_arrays
     cached = state.downlink
     if cached is not None and cached[0] == scheme and cached[1] is state.global_arrays:
@@ -58,13 +59,13 @@ def received_adapter(cfg: RunConfig, state: ServerState, rnd: int) -> Arrays:
 
 
 def adapter_records(cfg: RunConfig, state: ServerState, rnd: int, rank: int | None) -> Records:
-    """The global adapter for a client of LoRA ``rank``: float32 at its rank, or under
+    """The global adapter for a client of LoRA ``rank``: packed float32 at its rank, or under a quantized
     ``compression.downlink`` the full-rank encoding of the adopted :func:`received_adapter`."""
     scheme = Scheme.of(cfg.compression, "downlink")
-    if scheme is None:
+    if scheme.lossless:
         full = rank_of(state.global_arrays)
         arrays = rank_slice(state.global_arrays, rank) if rank and rank != full else state.global_arrays
-        return encode(arrays, keys.ADAPTER, None, rng_for(cfg.seed, rnd, "server"))[0]
+        return encode(arrays, keys.ADAPTER, scheme, rng_for(cfg.seed, rnd, "server"))[0]
     cached = state.downlink
     assert cached is not None and cached[0] == scheme and cached[1] is state.global_arrays, "adopt received_adapter"
     return cached[2]
@@ -84,7 +85,7 @@ def projected_bytes(cfg: RunConfig, state: ServerState, train_nodes: Iterable[in
     def down(node: int) -> int:
         rank = state.node_ranks.get(node, full)
         arrays = state.global_arrays
-        if down_scheme is None and rank and rank != full:
+        if down_scheme.lossless and rank and rank != full:
             arrays = rank_slice(arrays, rank)
         return encoded_bytes(_shapes(arrays), down_scheme)
 

@@ -1,9 +1,10 @@
-"""The compressed wire format: a whole encoded update as one uint8 array plus a small index.
+"""The wire format: every message's arrays (global adapter or delta) as one uint8 array plus a small index.
 
 Flower sends each array of an ArrayRecord as its own chunked message part (one request per array
 in deployment, each with its own npy header), so an update of 240 LoRA matrices is 240 transfers.
-A compressed update instead travels as **one** array ``packed`` (uint8) and a ConfigRecord index
-(scheme, block size, top-k fraction, array names and shapes). The bytes are laid out as
+fedtune's messages instead carry **one** array ``packed`` (uint8) and a ConfigRecord index
+(scheme, block size, top-k fraction, array names and shapes), whatever ``compression.*`` says:
+``none`` is lossless float32 in this format. The bytes are laid out as
 
     [every array's head, in index order][every array's tail, in index order]
 
@@ -32,6 +33,7 @@ from fedtune.wire.compression import SCALE, dequantize, quantize, sparsify_with_
 Shapes = Mapping[str, tuple[int, ...]]
 PACKED = "packed"  # the one array of a compressed ArrayRecord
 BITS = {"int16": 16, "int8": 8, "int4": 4}
+SCHEMES = ("float32", *BITS, "topk")
 _CODE_DTYPE: dict[str, np.dtype[Any]] = {
     "int16": np.dtype("<i2"),
     "int8": np.dtype(np.int8),
@@ -48,10 +50,15 @@ class Scheme:
     fraction: float
 
     @classmethod
-    def of(cls, cfg: CompressionConfig, direction: str) -> Scheme | None:
-        """The scheme ``compression.<direction>`` selects; None for ``none``."""
+    def of(cls, cfg: CompressionConfig, direction: str) -> Scheme:
+        """The scheme ``compression.<direction>`` selects; ``none`` is lossless :data:`FLOAT32`."""
         name = cfg.uplink if direction == "uplink" else cfg.downlink
-        return None if name == "none" else cls(name, cfg.block_size, cfg.topk_fraction)
+        return FLOAT32 if name in ("none", "float32") else cls(name, cfg.block_size, cfg.topk_fraction)
+
+    @property
+    def lossless(self) -> bool:
+        """Whether decoding gives back exactly the float32 values encoded (``float32``)."""
+        return self.name == "float32"
 
     def sizes(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """Bytes of (head, tail) for one array of ``shape``."""
@@ -63,6 +70,11 @@ class Scheme:
             return 4 * k, 4 * k
         codes = 2 * size if self.name == "int16" else size if self.name == "int8" else (size + 1) // 2
         return 4 * -(-size // self.block), codes
+
+
+FLOAT32 = Scheme("float32", 1, 1.0)
+"""Lossless float32 (``compression.* = none`` or ``float32``): blocks and top-k do not apply, so its index
+always says block 1, fraction 1.0, whatever ``compression.block-size`` and ``topk-fraction`` are."""
 
 
 def rng_for(seed: int, rnd: int, who: str) -> np.random.Generator:

@@ -1,8 +1,8 @@
 """Record and config keys shared by server and client; use these constants, never literals."""
 
 # RecordDict entries
-ADAPTER = "adapter"  # ArrayRecord: the global adapter (server -> client)
-DELTA = "delta"  # ArrayRecord: local minus global, PEFT state-dict keys (client -> server)
+ADAPTER = "adapter"  # ArrayRecord: the global adapter, packed (server -> client)
+DELTA = "delta"  # ArrayRecord: local minus global over the PEFT state-dict keys, packed (client -> server)
 SPEC = "spec"  # ConfigRecord: the round's flat config (server -> client)
 METRICS = "metrics"  # MetricRecord: client metrics (client -> server)
 
@@ -63,8 +63,8 @@ SA_SEED_SHARES = "seed-shares"
 SA_KEY_OWNERS = "key-owners"
 SA_KEY_SHARES = "key-shares"
 
-# Compressed messages (``compression.*``): the ArrayRecord holds one uint8 array, this ConfigRecord
-# its index (scheme, names, shapes); see fedtune/codec.py.
+# Every message with arrays (``compression.*``; ``none`` is float32): the ArrayRecord holds one uint8
+# array, this ConfigRecord its index (scheme, names, shapes); see fedtune/wire/codec.py.
 WIRE = "wire"
 # Seconds a site spent on its part of a train round (MetricRecord; the per-round time breakdown)
 TIME_LOAD = "time-load"  # open the site, put the global adapter into the model

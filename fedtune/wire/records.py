@@ -1,10 +1,20 @@
-"""Adapter arrays <-> Flower records, plain or compressed, and their size on the wire."""
+"""Adapter arrays <-> Flower records and their size on the wire.
+
+Every message that carries the adapter or a delta carries it packed (:mod:`fedtune.wire.codec`): one
+uint8 array ``packed`` and its index under ``wire``; ``compression.* = none`` packs lossless float32.
+:func:`encode` and :func:`decode` are the two ends; :func:`read_arrays` decodes whatever scheme a
+message's own index names (a Flower user's own ClientApp reads fedtune's global adapter with it and
+answers with ``encode(delta, "delta", Scheme.of(cfg.compression, "uplink"), rng)``). Per-key records
+(:func:`record_from_arrays`) remain only for what a site keeps in its own ``context.state``.
+"""
 
 from __future__ import annotations
 
 import io
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -13,11 +23,22 @@ from flwr.common.constant import SType
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import UpdateRejected
 from fedtune.wire import keys
-from fedtune.wire.codec import PACKED, Scheme, Shapes, index_bytes, make_index, pack, packed_size, unpack
+from fedtune.wire.codec import (
+    FLOAT32,
+    PACKED,
+    SCHEMES,
+    Scheme,
+    Shapes,
+    index_bytes,
+    make_index,
+    pack,
+    packed_size,
+    unpack,
+)
 
 
 def record_from_arrays(arrays: Arrays) -> ArrayRecord:
-    """Wrap numpy arrays, keeping their (PEFT state-dict) keys and order."""
+    """Wrap numpy arrays, one per (PEFT state-dict) key, in order: for ``context.state``, not the wire."""
     return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
 
 
@@ -55,7 +76,7 @@ def payload_bytes(record: ArrayRecord) -> int:
 
 
 def message_bytes(content: RecordDict, array_key: str) -> int:
-    """Bytes of the adapter or delta a message carries: its arrays plus, when compressed, the index."""
+    """Bytes of the adapter or delta a message carries: its packed array plus the index."""
     total = payload_bytes(content.array_records[array_key]) if array_key in content.array_records else 0
     if keys.WIRE in content.config_records:
         total += index_bytes(content.config_records[keys.WIRE])
@@ -70,33 +91,50 @@ def npy_bytes(shape: tuple[int, ...], dtype: str) -> int:
     return len(buf.getvalue()) + math.prod(shape) * np.dtype(dtype).itemsize
 
 
-def encoded_bytes(shapes: Shapes, scheme: Scheme | None) -> int:
+def encoded_bytes(shapes: Shapes, scheme: Scheme) -> int:
     """What ``encode`` of float32 arrays of ``shapes`` puts on the wire, known before encoding."""
-    if scheme is None:
-        return sum(npy_bytes(s, "float32") for s in shapes.values())
     return npy_bytes((packed_size(shapes, scheme),), "uint8") + index_bytes(make_index(shapes, scheme))
 
 
 def encode(
-    arrays: Arrays, array_key: str, scheme: Scheme | None, rng: np.random.Generator, residual: Arrays | None = None
+    arrays: Arrays, array_key: str, scheme: Scheme, rng: np.random.Generator, residual: Arrays | None = None
 ) -> tuple[dict[str, ArrayRecord | MetricRecord | ConfigRecord], Arrays | None]:
-    """The records of ``arrays`` under ``array_key`` (plus the index when compressed), and the new
-    top-k residual."""
-    if scheme is None:
-        return {array_key: record_from_arrays(arrays)}, None
+    """The records of ``arrays`` under ``array_key`` (one packed array) and ``wire`` (its index), and
+    the new top-k residual."""
     packed, index, left = pack(arrays, scheme, rng, residual)
     return {array_key: ArrayRecord(OrderedDict([(PACKED, Array(packed))])), keys.WIRE: ConfigRecord(index)}, left
 
 
-def decode(content: RecordDict, array_key: str, scheme: Scheme | None, expected: Shapes | None = None) -> Arrays:
-    """The float32 arrays under ``array_key``; a compressed one is checked against ``scheme`` and the
+def decode(content: RecordDict, array_key: str, scheme: Scheme, expected: Shapes | None = None) -> Arrays:
+    """The float32 arrays under ``array_key``, checked against ``scheme`` and, when given, the
     ``expected`` names and shapes (UpdateRejected names what is wrong)."""
-    record = content.array_records[array_key]
-    if scheme is None:
-        if keys.WIRE in content.config_records:
-            raise UpdateRejected("the message is compressed, but this round expects float32 arrays")
-        return arrays_from_record(record)
+    record = content.array_records.get(array_key)
     index = content.config_records.get(keys.WIRE)
-    if index is None or list(record) != [PACKED]:
-        raise UpdateRejected(f"a {scheme.name} message must hold one array {PACKED!r} and its index {keys.WIRE!r}")
+    if record is None or index is None or list(record) != [PACKED]:
+        got = list(record) if record is not None else "nothing"
+        raise UpdateRejected(
+            f"the {array_key!r} record must hold one array {PACKED!r} and its index {keys.WIRE!r} "
+            f"({scheme.name}), got {_names(got)}{'' if index is not None else ' and no index'}"
+        )
     return unpack(load_array(record[PACKED], PACKED), dict(index), scheme, expected)
+
+
+def float32_records(arrays: Arrays, array_key: str) -> dict[str, ArrayRecord | MetricRecord | ConfigRecord]:
+    """The records of ``arrays`` as a ``compression.* = none`` message carries them (lossless, packed)."""
+    return encode(arrays, array_key, FLOAT32, np.random.default_rng(0))[0]
+
+
+def read_arrays(content: RecordDict, array_key: str) -> Arrays:
+    """The float32 arrays under ``array_key``, in the scheme the message's own index names (for a
+    reader that does not know the round's ``compression.*``: a user's ClientApp, a test, a tool)."""
+    index: Mapping[str, Any] = content.config_records.get(keys.WIRE) or {}
+    name, block, fraction = index.get("scheme"), index.get("block"), index.get("fraction")
+    if name not in SCHEMES or not isinstance(block, int) or not isinstance(fraction, float):
+        raise UpdateRejected(f"the {keys.WIRE!r} index names no known scheme ({name!r}, block {block!r})")
+    return decode(content, array_key, Scheme(str(name), block, fraction))
+
+
+def _names(got: list[str] | str) -> str:
+    if isinstance(got, str):
+        return got
+    return repr(got[:3])[:-1] + (f", ... {len(got)} arrays]" if len(got) > 3 else "]")

@@ -19,7 +19,7 @@ from flwr.app import Context, RecordDict
 from fedtune.client.app import app as client_app
 from fedtune.config import TrainConfig
 from fedtune.wire import keys
-from fedtune.wire.records import arrays_from_record
+from fedtune.wire.records import read_arrays
 from tests.integration.test_data_parallel import EXACT, NODE, delta, train_message
 from tests.unit.test_trainer import delta_after, max_abs, site_setup
 
@@ -103,7 +103,7 @@ def test_a_qlora_gpu_site_through_the_clientapp(tiny_model: Path) -> None:
 
     # Assert
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    update = arrays_from_record(reply.content.array_records[keys.DELTA])
+    update = read_arrays(reply.content, keys.DELTA)
     assert all(np.isfinite(v).all() for v in update.values()) and max_abs(update) > 0
 
 

@@ -23,7 +23,7 @@ from fedtune.server.checkpoint import saved_plan
 from fedtune.simulations.local import LocalGrid
 from fedtune.strategies import make_optimizer
 from fedtune.wire import keys
-from fedtune.wire.records import arrays_from_record
+from fedtune.wire.records import read_arrays
 from tests.integration.test_simulation import fedtune
 
 ADAPTER = "adapter_model.safetensors"
@@ -94,9 +94,9 @@ def test_resume_continues_from_the_checkpointed_version_and_optimizer_state(tiny
     sent: list[tuple[Message, dict[str, np.ndarray], dict[str, np.ndarray], int]] = []
 
     def recording(msg: Message, context: Context) -> Message:
-        received = arrays_from_record(msg.content.array_records[keys.ADAPTER])
+        received = read_arrays(msg.content, keys.ADAPTER)
         reply = client_app(msg, context)
-        delta = arrays_from_record(reply.content.array_records[keys.DELTA])
+        delta = read_arrays(reply.content, keys.DELTA)
         examples = int(reply.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES])
         kept = {k: v.copy() for k, v in delta.items()}
         sent.append((msg, {k: v.copy() for k, v in received.items()}, kept, examples))

@@ -31,7 +31,7 @@ from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
 from fedtune.model.loading import load_base, pick_device
 from fedtune.server.send import round_content
 from fedtune.wire import keys
-from fedtune.wire.records import arrays_from_record
+from fedtune.wire.records import read_arrays
 
 NODE = {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 3}
 # 5 examples a micro-batch (uneven shards of 2 and 3 examples of uneven lengths), 2 micro-batches a
@@ -76,7 +76,7 @@ def delta(msg: Message, node_config: dict[str, Any]) -> Arrays:
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
     reply = client_app(msg, context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    return arrays_from_record(reply.content.array_records[keys.DELTA])
+    return read_arrays(reply.content, keys.DELTA)
 
 
 @pytest.mark.usefixtures("task_identity")

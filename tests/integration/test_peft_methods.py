@@ -30,7 +30,7 @@ from fedtune.server.app import run_server
 from fedtune.server.checkpoint import saved_plan
 from fedtune.simulations.local import LocalGrid
 from fedtune.wire import keys
-from fedtune.wire.records import arrays_from_record
+from fedtune.wire.records import read_arrays
 
 Arrays = dict[str, np.ndarray]
 
@@ -51,10 +51,10 @@ class RecordingGrid(LocalGrid):
         rnd = msg.metadata.group_id
         if rnd == self.die_in:
             raise KeyboardInterrupt  # not caught by the grid: the server process "dies"
-        sent = arrays_from_record(msg.content.array_records[keys.ADAPTER])
+        sent = read_arrays(msg.content, keys.ADAPTER)
         self.sent.setdefault(rnd, {k: v.copy() for k, v in sent.items()})
         reply = super()._handle(msg)
-        delta = {k: v.copy() for k, v in arrays_from_record(reply.content.array_records[keys.DELTA]).items()}
+        delta = {k: v.copy() for k, v in read_arrays(reply.content, keys.DELTA).items()}
         examples = float(reply.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES])  # type: ignore[arg-type]
         self.replies.setdefault(rnd, []).append((delta, examples))
         return reply

@@ -23,7 +23,7 @@ from fedtune.privacy import compat
 from fedtune.server.app import run_server
 from fedtune.simulations.local import LocalGrid
 from fedtune.wire import keys
-from fedtune.wire.records import arrays_from_record
+from fedtune.wire.records import arrays_from_record, read_arrays
 
 
 class Recorder(LocalGrid):
@@ -48,7 +48,7 @@ class Recorder(LocalGrid):
             }
         reply = super()._handle(msg)
         arrays = {
-            k: v.copy() for name, rec in reply.content.array_records.items() for k, v in arrays_from_record(rec).items()
+            k: v.copy() for name in reply.content.array_records for k, v in read_arrays(reply.content, name).items()
         }
         metrics = dict(reply.content.metric_records.get(keys.METRICS, {}))
         self.log.append((msg, arrays, metrics))
@@ -78,7 +78,7 @@ def trains(grid: Recorder, rnd: int) -> list[tuple[Message, dict[str, np.ndarray
 
 
 def adapter_sent(msg: Message) -> dict[str, np.ndarray]:
-    return arrays_from_record(msg.content.array_records[keys.ADAPTER])
+    return read_arrays(msg.content, keys.ADAPTER)
 
 
 @pytest.fixture(autouse=True)

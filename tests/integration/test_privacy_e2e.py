@@ -23,6 +23,7 @@ from fedtune.config.presets import preset
 from fedtune.server.app import run_server
 from fedtune.simulations.local import LocalGrid
 from fedtune.wire import keys
+from fedtune.wire.records import read_arrays
 
 DELTA = 1e-5
 
@@ -46,7 +47,7 @@ class MetricsGrid(LocalGrid):
             node = msg.metadata.dst_node_id
             metrics = dict(reply.content.metric_records[keys.METRICS])
             if keys.DELTA in reply.content.array_records:
-                flat = np.concatenate([a.numpy().ravel() for a in reply.content.array_records[keys.DELTA].values()])
+                flat = np.concatenate([a.ravel() for a in read_arrays(reply.content, keys.DELTA).values()])
                 metrics["delta-std"] = float(flat.std())
             self.metrics.setdefault(node, []).append(metrics)
         return reply

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.server.final_sample import DESC as FINAL_SAMPLE_DESC
 from tests.integration.test_simulation import fedtune
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,3 +103,21 @@ def test_a_multi_line_answer_is_indented_as_one_block(shared_run: tuple[str, str
     lines = stdout.splitlines()
     at = next(i for i, line in enumerate(lines) if line == f"  reference : {first}")
     assert lines[at + 1] == " " * len("  reference : ") + second
+
+
+def test_the_sample_answers_show_progress_and_start_before_the_last_round_is_reported(
+    shared_run: tuple[str, str, Path],
+) -> None:
+    # Prepare: the run's lines (a bar redrawn in place is split at its carriage returns)
+    stdout, _, out = shared_run
+    lines = stdout.splitlines()
+    most = 2 * json.loads((out / "summary.json").read_text())["config"]["eval.max-new-tokens"]
+
+    # Assert: a bar over both answers' tokens, which reaches its end
+    bars = [i for i, line in enumerate(lines) if line.startswith(f"{FINAL_SAMPLE_DESC}:")]
+    assert bars, stdout[-2000:]
+    assert f"| {most}/{most} [" in lines[bars[-1]], lines[bars[-1]]
+    # Assert: generated while the sites evaluated the last round (round 1 here), so before its row; a
+    # run that generated them after the round loop would print the bar after the row
+    last_row = next(i for i, line in enumerate(lines) if re.match(r"\s+1 \|", line))
+    assert bars[-1] < last_row < next(i for i, line in enumerate(lines) if line.startswith("Held-out prompt:"))

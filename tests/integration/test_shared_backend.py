@@ -26,7 +26,7 @@ from fedtune.server.app import run_server
 from fedtune.server.send import round_content
 from fedtune.simulations.local import LocalGrid
 from fedtune.wire import keys
-from fedtune.wire.records import arrays_from_record
+from fedtune.wire.records import read_arrays
 
 SITES = 50
 
@@ -51,7 +51,7 @@ def test_fifty_sites_run_one_round_and_every_reply_is_aggregated(tiny_model: Pat
 
     def client(msg: Message, context: Context) -> Message:
         reply = client_app(msg, context)
-        delta = arrays_from_record(reply.content.array_records[keys.DELTA])
+        delta = read_arrays(reply.content, keys.DELTA)
         sent.append(
             (
                 {k: v.copy() for k, v in delta.items()},
@@ -96,7 +96,7 @@ def test_a_sites_update_does_not_depend_on_the_sites_before_it(tiny_model: Path)
     def delta_of_last(order: list[int]) -> dict[str, np.ndarray]:
         grid = LocalGrid(client_app, 3)
         replies = [grid.send_and_receive([_train_message(cfg, start, node)])[0] for node in order]  # type: ignore[index]
-        return {k: v.copy() for k, v in arrays_from_record(replies[-1].content.array_records[keys.DELTA]).items()}
+        return {k: v.copy() for k, v in read_arrays(replies[-1].content, keys.DELTA).items()}
 
     # Execute: site 3 alone, then after the two other sites
     alone = delta_of_last([3])

@@ -29,7 +29,7 @@ from fedtune.server.checkpoint import saved_plan
 from fedtune.simulations.local import LocalGrid
 from fedtune.strategies import STRATEGIES
 from fedtune.wire import keys
-from fedtune.wire.records import arrays_from_record, record_from_arrays
+from fedtune.wire.records import float32_records, read_arrays
 
 ClientFn = Callable[[Message, Context], Message]
 
@@ -44,10 +44,8 @@ class RecordingGrid(LocalGrid):
 
     def _handle(self, msg: Message) -> Message:
         reply = super()._handle(msg)
-        records = reply.content.array_records if reply.has_content() else {}
-        delta = (
-            {k: v.copy() for k, v in arrays_from_record(records[keys.DELTA]).items()} if keys.DELTA in records else {}
-        )
+        has_delta = reply.has_content() and keys.DELTA in reply.content.array_records
+        delta = {k: v.copy() for k, v in read_arrays(reply.content, keys.DELTA).items()} if has_delta else {}
         self.log.append((msg, delta))
         return reply
 
@@ -103,9 +101,11 @@ def poison(mode: str, victim: int = 0) -> ClientFn:
     def client(msg: Message, context: Context) -> Message:
         reply = client_app(msg, context)
         if msg.metadata.message_type == "train" and context.node_config[keys.PARTITION_ID] == victim:
-            delta = arrays_from_record(reply.content.array_records[keys.DELTA])
+            delta = read_arrays(reply.content, keys.DELTA)
             factor = 100.0 if mode == "scaled" else -1.0
-            reply.content.array_records[keys.DELTA] = record_from_arrays({k: v * factor for k, v in delta.items()})
+            reply.content.array_records[keys.DELTA] = float32_records(
+                {k: v * factor for k, v in delta.items()}, keys.DELTA
+            )[keys.DELTA]  # type: ignore[assignment]
         return reply
 
     return client
@@ -152,7 +152,7 @@ def test_ffa_sends_exactly_the_b_matrices(tiny_model: Path, tmp_path: Path) -> N
     for _, delta in train:
         assert delta and all(".lora_B." in k for k in delta)
         assert sum(v.nbytes for v in delta.values()) == b_bytes
-    sent = arrays_from_record(train[0][0].content.array_records[keys.ADAPTER])
+    sent = read_arrays(train[0][0].content, keys.ADAPTER)
     assert sum(v.nbytes for v in sent.values()) == all_bytes
     assert b_bytes / all_bytes == pytest.approx(
         sum(m.out_features for m in modules.values()) / sum(m.in_features + m.out_features for m in modules.values())
@@ -185,7 +185,7 @@ def test_three_ranks_train_and_each_site_gets_its_own_slice(tiny_model: Path, tm
             continue
         assert {v.shape[0] for k, v in delta.items() if ".lora_A." in k} == {want[node]}
         if msg.metadata.group_id == "2":
-            sent = arrays_from_record(msg.content.array_records[keys.ADAPTER])
+            sent = read_arrays(msg.content, keys.ADAPTER)
             assert {v.shape[1] for k, v in sent.items() if ".lora_B." in k} == {want[node]}
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     # The global adapter is saved at the maximum rank and loads with vanilla PEFT

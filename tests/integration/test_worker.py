@@ -31,7 +31,7 @@ from fedtune.model.adapters import adapter_arrays, init_adapter, wrap_lora
 from fedtune.model.loading import load_base, pick_device
 from fedtune.server.send import round_content
 from fedtune.wire import keys
-from fedtune.wire.records import arrays_from_record
+from fedtune.wire.records import read_arrays
 
 ClientFn = Callable[[Message, Context], Message]
 
@@ -84,8 +84,8 @@ def test_a_round_through_the_worker_equals_the_in_process_handlers(tiny_model: P
             ]
             assert timeless[0] == timeless[1]
             if kind == MessageType.TRAIN:
-                ours = arrays_from_record(forwarded.content.array_records[keys.DELTA])
-                theirs = arrays_from_record(direct.content.array_records[keys.DELTA])
+                ours = read_arrays(forwarded.content, keys.DELTA)
+                theirs = read_arrays(direct.content, keys.DELTA)
                 assert ours.keys() == theirs.keys() and ours
                 assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
     finally:

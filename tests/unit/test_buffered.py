@@ -16,7 +16,7 @@ from fedtune.config.plan import Plan
 from fedtune.server import loop
 from fedtune.server.state import ServerState
 from fedtune.wire import keys
-from fedtune.wire.records import arrays_from_record, record_from_arrays
+from fedtune.wire.records import float32_records, read_arrays
 
 GLOBAL = {"m.lora_A.weight": np.ones((2, 4), np.float32), "m.lora_B.weight": np.zeros((4, 2), np.float32)}
 DURATION = {1: 1, 2: 1, 3: 5}  # virtual seconds a site takes: node 3 is five times slower
@@ -65,9 +65,9 @@ class VirtualGrid:
 
     def _answer(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
-        received = arrays_from_record(msg.content.array_records[keys.ADAPTER])
+        received = read_arrays(msg.content, keys.ADAPTER)
         metrics = MetricRecord({keys.TRAIN_LOSS: float(node), keys.NUM_EXAMPLES: 10 * node})
-        records = {keys.DELTA: record_from_arrays(site_delta(node, received)), keys.METRICS: metrics}
+        records = {**float32_records(site_delta(node, received), keys.DELTA), keys.METRICS: metrics}
         return Message(RecordDict(records), reply_to=msg)
 
 

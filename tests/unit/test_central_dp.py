@@ -20,7 +20,7 @@ from fedtune.privacy.mechanisms.central import adapt_clip, central_round
 from fedtune.server import loop
 from fedtune.server.state import ServerState
 from fedtune.wire import keys
-from fedtune.wire.records import record_from_arrays
+from fedtune.wire.records import float32_records
 from tests.unit.test_loop import FakeGrid
 
 
@@ -147,8 +147,8 @@ def test_epsilon_of_the_noise_a_run_really_adds_does_not_exceed_the_printed_one(
         metrics = MetricRecord(
             {keys.TRAIN_LOSS: 1.0, keys.NUM_EXAMPLES: 1, keys.UNDER_CLIP: msg.metadata.dst_node_id % 2}
         )
-        zero = record_from_arrays({k: np.zeros_like(v) for k, v in adapter.items()})
-        return Message(RecordDict({keys.DELTA: zero, keys.METRICS: metrics}), reply_to=msg)
+        zero = float32_records({k: np.zeros_like(v) for k, v in adapter.items()}, keys.DELTA)
+        return Message(RecordDict({**zero, keys.METRICS: metrics}), reply_to=msg)
 
     state = ServerState(round=0, global_arrays=dict(adapter), rng=np.random.default_rng(0))
     state.noise_rng = np.random.default_rng(1)  # fixed here so the test is repeatable

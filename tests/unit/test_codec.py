@@ -3,6 +3,7 @@ malformed messages, and top-k error feedback through a site's ``context.state``.
 
 from __future__ import annotations
 
+import io
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -12,12 +13,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedtune.client.compress import encode_update
-from fedtune.config import RunConfig
+from fedtune.config import CompressionConfig, RunConfig
 from fedtune.core.errors import UpdateRejected
 from fedtune.wire import keys
 from fedtune.wire.codec import PACKED, Scheme, rng_for
 from fedtune.wire.compression import dequantize, quantize
-from fedtune.wire.records import decode, encode, encoded_bytes, message_bytes
+from fedtune.wire.records import decode, encode, encoded_bytes, message_bytes, read_arrays, record_from_arrays
 
 SHAPES = {"a.lora_A.weight": (4, 33), "a.lora_B.weight": (17, 4), "b.lora_A.weight": (3,)}
 SCHEMES = [
@@ -64,15 +65,28 @@ def test_packed_update_decodes_to_the_reference_and_its_size_is_known_in_advance
             np.testing.assert_array_equal(back[key], dequantize(codes, scales, bits, scheme.block, value.shape))
 
 
-def test_plain_float32_size_matches_flower_records() -> None:
-    # Prepare
+def test_the_default_is_lossless_packed_float32_and_its_size_matches_flower_records() -> None:
+    # Prepare: `compression.* = none`
     arrays = _arrays()
+    scheme = Scheme.of(CompressionConfig(), "uplink")
 
     # Execute
-    records, _ = encode(arrays, keys.DELTA, None, rng_for(0, 1, "x"))
+    records, _ = encode(arrays, keys.DELTA, scheme, rng_for(0, 1, "x"))
+    back = decode(RecordDict(records), keys.DELTA, scheme, SHAPES)
 
-    # Assert
-    assert message_bytes(RecordDict(records), keys.DELTA) == encoded_bytes(SHAPES, None)
+    # Assert: one packed array of 4 bytes a value (numpy's own npy writer for its size), bit-exact back
+    assert scheme.name == "float32" and list(records[keys.DELTA]) == [PACKED]  # type: ignore[arg-type]
+    values = sum(math.prod(s) for s in SHAPES.values())
+    assert len(records[keys.DELTA][PACKED].data) == len(_npy(np.zeros(4 * values, np.uint8)))  # type: ignore[index]
+    assert message_bytes(RecordDict(records), keys.DELTA) == encoded_bytes(SHAPES, scheme)
+    for key, value in arrays.items():
+        assert back[key].dtype == np.float32 and back[key].tobytes() == value.tobytes()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
 
 
 def _tampered(scheme: Scheme, change: Callable[[np.ndarray, dict[str, object]], np.ndarray]) -> RecordDict:
@@ -135,16 +149,36 @@ def test_malformed_packed_updates_are_refused(
         decode(content, keys.DELTA, scheme, SHAPES)
 
 
-def test_plain_reply_in_a_compressed_round_and_back_are_refused() -> None:
-    # Prepare
-    plain, _ = encode(_arrays(), keys.DELTA, None, rng_for(0, 1, "x"))
+def test_per_key_arrays_and_a_scheme_the_round_does_not_expect_are_refused() -> None:
+    # Prepare: the retired per-key format, the default packed float32, and int8
+    per_key = RecordDict({keys.DELTA: record_from_arrays(_arrays())})
+    default = Scheme.of(CompressionConfig(), "uplink")
+    plain, _ = encode(_arrays(), keys.DELTA, default, rng_for(0, 1, "x"))
     packed, _ = encode(_arrays(), keys.DELTA, SCHEMES[2], rng_for(0, 1, "x"))
 
     # Execute / Assert
-    with pytest.raises(UpdateRejected, match="must hold one array"):
+    for scheme in (default, SCHEMES[2]):
+        with pytest.raises(UpdateRejected, match="must hold one array 'packed' and its index 'wire'"):
+            decode(per_key, keys.DELTA, scheme, SHAPES)
+    with pytest.raises(UpdateRejected, match="encoded as 'float32'"):
         decode(RecordDict(plain), keys.DELTA, SCHEMES[2], SHAPES)
-    with pytest.raises(UpdateRejected, match="expects float32"):
-        decode(RecordDict(packed), keys.DELTA, None, SHAPES)
+    with pytest.raises(UpdateRejected, match="this round expects 'float32'"):
+        decode(RecordDict(packed), keys.DELTA, default, SHAPES)
+
+
+def test_read_arrays_decodes_the_scheme_a_message_names() -> None:
+    # Prepare
+    arrays = _arrays()
+    messages = {s.name: RecordDict(encode(arrays, keys.DELTA, s, rng_for(0, 1, "x"))[0]) for s in SCHEMES}
+
+    # Execute / Assert: what the round's own decode gives, for every scheme; an unknown scheme is refused
+    for scheme in SCHEMES:
+        got = read_arrays(messages[scheme.name], keys.DELTA)
+        want = decode(messages[scheme.name], keys.DELTA, scheme, SHAPES)
+        assert all(np.array_equal(got[k], want[k]) for k in SHAPES)
+    messages["float32"].config_records[keys.WIRE]["scheme"] = "int3"
+    with pytest.raises(UpdateRejected, match="names no known scheme"):
+        read_arrays(messages["float32"], keys.DELTA)
 
 
 def test_topk_error_feedback_in_context_state_sends_the_true_total_over_rounds() -> None:
@@ -182,7 +216,9 @@ def test_int8_with_the_default_block_costs_at_most_027_of_float32() -> None:
     cfg = RunConfig.from_flat({"compression.uplink": "int8"})
 
     # Execute
-    ratio = encoded_bytes(shapes, Scheme.of(cfg.compression, "uplink")) / encoded_bytes(shapes, None)
+    ratio = encoded_bytes(shapes, Scheme.of(cfg.compression, "uplink")) / encoded_bytes(
+        shapes, Scheme("float32", 256, 0.1)
+    )
 
     # Assert
     assert ratio <= 0.27

@@ -22,7 +22,7 @@ from fedtune.server.participants import redact
 from fedtune.server.record import RoundRecord
 from fedtune.server.state import ServerState
 from fedtune.wire import keys
-from fedtune.wire.records import arrays_from_record, record_from_arrays
+from fedtune.wire.records import float32_records, read_arrays
 
 GLOBAL = {"m.lora_A.weight": np.ones((2, 4), np.float32), "m.lora_B.weight": np.zeros((4, 2), np.float32)}
 Handler = Callable[[Message], Message | None]
@@ -59,7 +59,7 @@ def honest(msg: Message) -> Message:
         metrics = MetricRecord({keys.EVAL_LOSS: 1.0 / node, keys.NUM_EXAMPLES: 10})
         return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
     metrics = MetricRecord({keys.TRAIN_LOSS: 2.0, keys.NUM_EXAMPLES: node})
-    return Message(RecordDict({keys.DELTA: record_from_arrays(delta_for(node)), keys.METRICS: metrics}), reply_to=msg)
+    return Message(RecordDict({**float32_records(delta_for(node), keys.DELTA), keys.METRICS: metrics}), reply_to=msg)
 
 
 def run_loop(cfg: Plan, grid: FakeGrid) -> tuple[ServerState, list[dict[str, Any]]]:
@@ -102,7 +102,7 @@ def test_failures_are_recorded_by_node_and_round_completes(task_identity: None) 
             bad = delta_for(3)
             bad["m.lora_B.weight"][0, 0] = np.nan
             return Message(
-                RecordDict({keys.DELTA: record_from_arrays(bad), keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3})}),
+                RecordDict({**float32_records(bad, keys.DELTA), keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3})}),
                 reply_to=msg,
             )
         return None
@@ -157,7 +157,7 @@ def test_train_message_carries_global_adapter(task_identity: None) -> None:
     grid = FakeGrid([1, 2], honest)
     run_loop(Plan.from_flat({"num-server-rounds": 1}), grid)
     train = next(m for m in grid.sent if m.metadata.message_type == "train")
-    sent = arrays_from_record(train.content.array_records[keys.ADAPTER])
+    sent = read_arrays(train.content, keys.ADAPTER)
     for key, value in GLOBAL.items():
         np.testing.assert_array_equal(sent[key], value)
 
@@ -244,9 +244,7 @@ def test_server_memory_does_not_grow_with_the_number_of_replies(task_identity: N
                     delta = {k: np.full(v.shape, node, np.float32) for k, v in big.items()}
                     metrics = MetricRecord({keys.NUM_EXAMPLES: 1})
                     return [
-                        Message(
-                            RecordDict({keys.DELTA: record_from_arrays(delta), keys.METRICS: metrics}), reply_to=msg
-                        )
+                        Message(RecordDict({**float32_records(delta, keys.DELTA), keys.METRICS: metrics}), reply_to=msg)
                     ]
             return []
 
@@ -276,7 +274,7 @@ def clipped(msg: Message) -> Message:
         return honest(msg)
     delta = {k: np.full(v.shape, 1e-3, np.float32) for k, v in GLOBAL.items()}
     metrics = MetricRecord({keys.NUM_EXAMPLES: 5, keys.UNDER_CLIP: 1, keys.TIME_TRAIN: 5.0, keys.TIME_LOAD: 1.0})
-    return Message(RecordDict({keys.DELTA: record_from_arrays(delta), keys.METRICS: metrics}), reply_to=msg)
+    return Message(RecordDict({**float32_records(delta, keys.DELTA), keys.METRICS: metrics}), reply_to=msg)
 
 
 def half_fail(msg: Message) -> Message:
@@ -482,3 +480,55 @@ def test_an_aggregate_that_fails_on_a_checked_reply_is_not_applied(
     assert "adding node 3's checked reply failed" in error.getMessage() and error.exc_info is not None
     for key, value in GLOBAL.items():
         np.testing.assert_array_equal(state.global_arrays[key], value)
+
+
+@pytest.mark.parametrize("in_process", [False, True])
+def test_the_final_adapter_is_handed_on_once_after_the_last_central_eval(in_process: bool, task_identity: None) -> None:
+    # Prepare: 3 rounds; the server's evaluations and the hand-over are recorded in order
+    plan = Plan.from_flat({"num-server-rounds": 3, "server.min-clients": 3, "eval.federated": True})
+    grid = FakeGrid([1, 2, 3], honest)
+    grid.in_process = in_process  # type: ignore[attr-defined]  # the sites would share the server's model
+    events: list[tuple[str, dict[str, np.ndarray]]] = []
+
+    def evaluate(arrays: dict[str, np.ndarray], cfg: Any) -> dict[str, float]:
+        events.append(("central", arrays))
+        return {}
+
+    state = ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(0))
+
+    # Execute
+    state = loop.run(
+        plan, grid, state, evaluate=evaluate, on_round=lambda s, r: None, on_final=lambda a: events.append(("final", a))
+    )
+
+    # Assert: once, right after the last round's central evaluation, with the final adapter; never in-process
+    finals = [i for i, (what, _) in enumerate(events) if what == "final"]
+    if in_process:
+        assert finals == [] and len(events) == 4
+        return
+    assert finals == [len(events) - 1] and events[-2][0] == "central" and len(events) == 5
+    assert events[-1][1] is events[-2][1]
+    for key in GLOBAL:
+        np.testing.assert_array_equal(events[-1][1][key], state.global_arrays[key])
+
+
+def test_a_run_stopped_by_its_budget_hands_on_no_final_adapter(task_identity: None) -> None:
+    # Prepare: the byte budget stops the run before its last planned round (the answers come at the end then)
+    adapter = run_loop(Plan.from_flat({"num-server-rounds": 1, "server.min-clients": 3}), FakeGrid([1, 2, 3], honest))
+    used = sum(r["bytes_up"] + r["bytes_down"] for r in adapter[1])
+    plan = Plan.from_flat({"num-server-rounds": 3, "server.min-clients": 3, "communication.budget-mb": used / 1e6})
+    finals: list[object] = []
+    state = ServerState(round=0, global_arrays=dict(GLOBAL), rng=np.random.default_rng(0))
+
+    # Execute
+    state = loop.run(
+        plan,
+        FakeGrid([1, 2, 3], honest),
+        state,
+        evaluate=lambda a, c: {},
+        on_round=lambda s, r: None,
+        on_final=finals.append,
+    )
+
+    # Assert
+    assert state.round == 1 and state.communication_stopped and finals == []

@@ -20,7 +20,7 @@ from fedtune.privacy.mechanisms import MECHANISMS, Mechanism
 from fedtune.privacy.mechanisms.central import CentralDP
 from fedtune.strategies import Aggregator, make_aggregator
 from fedtune.wire import keys
-from fedtune.wire.records import arrays_from_record, record_from_arrays
+from fedtune.wire.records import float32_records, read_arrays
 from tests.unit.test_loop import GLOBAL, FakeGrid, run_loop
 
 CLIP = 0.5
@@ -127,7 +127,7 @@ def site(msg: Message) -> Message:
     cfg = RunConfig.from_flat({k: v for k, v in spec.items() if k not in extra})
     metrics: dict[str, Any] = {keys.NUM_EXAMPLES: 1}
     delta = MECHANISMS.get(cfg.privacy.mechanism).client_step(cfg, raw(node), metrics)
-    content = RecordDict({keys.DELTA: record_from_arrays(delta), keys.METRICS: MetricRecord(metrics)})
+    content = RecordDict({**float32_records(delta, keys.DELTA), keys.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 
@@ -188,6 +188,6 @@ def test_the_real_site_applies_a_test_only_mechanisms_step(tiny_model: Path) -> 
 
     # Assert: the delta left the site clipped to the toy's C; no clear metrics under a mechanism that opts out of DP
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    delta = arrays_from_record(reply.content.array_records[keys.DELTA])
+    delta = read_arrays(reply.content, keys.DELTA)
     assert 0 < l2_norm(delta) <= 1e-4
     assert keys.TRAIN_LOSS in reply.content.metric_records[keys.METRICS]

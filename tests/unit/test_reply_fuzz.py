@@ -278,17 +278,28 @@ def _declines_badly(draw: Draw, r: Records, s: Scheme | None) -> tuple[Reply, st
     return r, REFUSED
 
 
+# ``compression.uplink = none`` sends lossless float32, packed like every other scheme: these kinds
+# change the arrays a site packs (their names, shapes, values) or the packed array itself.
+
+
+def repack(r: Records, arrays: dict[str, np.ndarray], s: Scheme | None) -> None:
+    """Replace the reply's delta by ``arrays``, packed as an honest site packs them."""
+    assert s is not None
+    records, _ = encode(arrays, keys.DELTA, s, rng_for(0, 1, "bad"))
+    r.update(records)
+
+
 @kind([PLAIN], "garbage array bytes")
 def _garbage(draw: Draw, r: Records, s: Scheme | None) -> tuple[Reply, str]:
-    replace_array(r, keys.DELTA, draw(st.sampled_from(list(SHAPES))), garbage_array(draw))
+    replace_array(r, keys.DELTA, PACKED, garbage_array(draw))
     return r, REFUSED
 
 
 @kind([PLAIN], "wrong dtype")
 def _dtype(draw: Draw, r: Records, s: Scheme | None) -> tuple[Reply, str]:
-    dtype = draw(st.sampled_from(["<f8", "<f2", "<i4", "u1", ">f4", "<c8", "?"]))
-    name = draw(st.sampled_from(list(SHAPES)))
-    replace_array(r, keys.DELTA, name, Array(np.zeros(SHAPES[name], dtype)))
+    dtype = draw(st.sampled_from(["<f8", "<f2", "<i4", ">f4", "<c8", "?"]))
+    size = sum(math.prod(shape) for shape in SHAPES.values())
+    replace_array(r, keys.DELTA, PACKED, Array(np.zeros(size, dtype)))
     return r, REFUSED
 
 
@@ -296,17 +307,17 @@ def _dtype(draw: Draw, r: Records, s: Scheme | None) -> tuple[Reply, str]:
 def _shape(draw: Draw, r: Records, s: Scheme | None) -> tuple[Reply, str]:
     name = draw(st.sampled_from(list(SHAPES)))
     shape = draw(st.lists(st.integers(0, 9), max_size=4).map(tuple).filter(lambda t: t != SHAPES[name]))
-    replace_array(r, keys.DELTA, name, Array(np.zeros(shape, np.float32)))
+    repack(r, {**delta_of(BAD), name: np.zeros(shape, np.float32)}, s)
     return r, REFUSED
 
 
 def _entries(outcome: str, values: st.SearchStrategy[float]) -> Mutation:
     def mutate(draw: Draw, r: Records, s: Scheme | None) -> tuple[Reply, str]:
         name = draw(st.sampled_from(list(SHAPES)))
-        array = delta_of(BAD)[name]
-        for i in draw(st.lists(st.integers(0, array.size - 1), min_size=1, max_size=4)):
-            array.reshape(-1)[i] = draw(values)
-        replace_array(r, keys.DELTA, name, Array(array))
+        arrays = delta_of(BAD)
+        for i in draw(st.lists(st.integers(0, arrays[name].size - 1), min_size=1, max_size=4)):
+            arrays[name].reshape(-1)[i] = draw(values)
+        repack(r, arrays, s)
         return r, outcome
 
     return mutate
@@ -323,20 +334,28 @@ kind([PLAIN], "huge finite entries")(_entries(ACCEPTED, st.floats(1e3, 1e15)))
 
 @kind([PLAIN], "missing, extra or a thousand adapter keys")
 def _keys(draw: Draw, r: Records, s: Scheme | None) -> tuple[Reply, str]:
-    arrays = dict(r[keys.DELTA].items())
+    arrays = delta_of(BAD)
     if draw(st.booleans()):
         del arrays[draw(st.sampled_from(list(SHAPES)))]
     for i in range(draw(st.sampled_from([0, 1, 1000]))):
-        arrays[f"extra.{i}"] = Array(np.zeros(1, np.float32))
+        arrays[f"extra.{i}"] = np.zeros(1, np.float32)
     if len(arrays) == len(SHAPES):
-        arrays["extra"] = Array(np.zeros(1, np.float32))
-    r[keys.DELTA] = ArrayRecord(OrderedDict(arrays))
+        arrays["extra"] = np.zeros(1, np.float32)
+    repack(r, arrays, s)
     return r, REFUSED
 
 
 @kind([PLAIN], "compressed reply in a plain round")
 def _compressed(draw: Draw, r: Records, s: Scheme | None) -> tuple[Reply, str]:
-    r[keys.WIRE] = ConfigRecord({"scheme": "int8"})
+    set_config(r, keys.WIRE, scheme="int8")
+    return r, REFUSED
+
+
+@kind([PLAIN], "per-key float32 arrays (the retired format)")
+def _per_key(draw: Draw, r: Records, s: Scheme | None) -> tuple[Reply, str]:
+    r[keys.DELTA] = record_from_arrays(delta_of(BAD))
+    if draw(st.booleans()):
+        del r[keys.WIRE]
     return r, REFUSED
 
 
@@ -935,12 +954,14 @@ def test_secagg_stage_survives(stage: str, name: str, data: st.DataObject) -> No
 
 def test_a_corrupt_array_fails_its_node_alone_and_the_plain_round_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     # Prepare: BAD's delta holds bytes that are no npy array (numpy raised ValueError out of the round)
+    scheme = Scheme.of(train_config("none").compression, "uplink")  # lossless float32, packed
+
     def answer(msg: Message) -> list[Message]:
         node = msg.metadata.dst_node_id
-        records = honest_records(node, None)
+        records = honest_records(node, scheme)
         if node == BAD:
-            corrupt = Array(dtype="float32", shape=(2, 4), stype=NUMPY, data=b"\x93NUMPY\x01garbage")
-            replace_array(records, keys.DELTA, "m.lora_A.weight", corrupt)
+            corrupt = Array(dtype="uint8", shape=(80,), stype=NUMPY, data=b"\x93NUMPY\x01garbage")
+            replace_array(records, keys.DELTA, PACKED, corrupt)
         return as_replies(msg, records)
 
     state, record = fresh_state(), RoundRecord(round=1)
@@ -951,7 +972,7 @@ def test_a_corrupt_array_fails_its_node_alone_and_the_plain_round_goes_on(caplog
     row = record.to_json()
 
     # Assert
-    reason = "array 'm.lora_A.weight' is not an npy array"
+    reason = f"array {PACKED!r} is not an npy array"
     assert row["failures"] == [{"node": BAD, "reason": reason}]
     assert row["replied_nodes"] == list(GOOD) and row["updated"]
     assert [r.getMessage() for r in caplog.records] == [f"round 1: rejected reply from node {BAD}: {reason}"]

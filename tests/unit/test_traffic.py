@@ -15,7 +15,7 @@ from fedtune.privacy import compat
 from fedtune.server import loop, traffic
 from fedtune.server.state import ServerState
 from fedtune.wire import keys
-from fedtune.wire.codec import PACKED, Scheme, index_bytes, rng_for
+from fedtune.wire.codec import PACKED, Scheme, index_bytes, make_index, rng_for
 from fedtune.wire.records import decode, encode
 from tests.unit.test_loop import GLOBAL, FakeGrid, honest, run_loop
 
@@ -26,9 +26,17 @@ def _npy(array: np.ndarray) -> int:
     return len(buf.getvalue())
 
 
+def _float32_message(arrays: dict[str, np.ndarray]) -> int:
+    """Bytes of ``arrays`` as lossless float32 on the wire: numpy's npy of their bytes, one uint8
+    array, plus the index (names and shapes)."""
+    payload = np.concatenate([np.asarray(v, "<f4").ravel() for v in arrays.values()]).view(np.uint8)
+    index = make_index({k: v.shape for k, v in arrays.items()}, Scheme("float32", 256, 0.1))
+    return _npy(payload) + index_bytes(index)
+
+
 def test_a_budget_for_exactly_k_rounds_runs_k_rounds_and_is_never_exceeded(task_identity: None) -> None:
-    # Prepare: reference sizes from numpy's own npy writer; 3 sites, float32 both ways
-    adapter = sum(_npy(v) for v in GLOBAL.values())
+    # Prepare: reference sizes from numpy's own npy writer; 3 sites, float32 (the default) both ways
+    adapter = _float32_message(GLOBAL)
     round0 = 3 * adapter  # federated eval only
     per_round = 3 * adapter + 3 * adapter + 3 * adapter  # train down, delta up, eval down
     k = 2
@@ -87,7 +95,7 @@ def test_compressed_downlink_is_the_global_adapter_the_server_steps_from(task_id
     records, _ = encode(global_arrays, keys.ADAPTER, scheme, rng_for(0, 0, "server"))
     packed = records[keys.ADAPTER][PACKED].numpy()  # type: ignore[index, union-attr]
     down = _npy(packed) + index_bytes(dict(records[keys.WIRE]))  # type: ignore[call-overload]
-    adapter = sum(_npy(v) for v in GLOBAL.values())
+    adapter = _float32_message(GLOBAL)  # uplink `none`
     assert rows[1]["bytes_per_client"] == {str(n): {"up": adapter, "down": 2 * down} for n in (1, 2)}
     assert rows[1]["bytes_down"] == 4 * down  # train + eval to two sites
 
