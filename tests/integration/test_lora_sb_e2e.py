@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 from fedtune.config.presets import preset
 from fedtune.model.sb import CORE, fold
 from fedtune.wire import keys
-from fedtune.wire.records import npy_bytes
+from fedtune.wire.codec import FLOAT32, packed_size
+from fedtune.wire.records import encoded_bytes
 from tests.integration.test_alternate_e2e import weighted_mean
 from tests.integration.test_personalize_e2e import Recorder, adapter_sent, federate, trains
 
@@ -45,7 +46,9 @@ def test_only_cores_travel_and_their_mean_is_the_mean_delta_w(tiny_model: Path, 
     assert len(cores) == len(modules) and len(first) == 3
     assert all(sorted(d) == cores and all(d[k].shape == (r, r) for k in d) for _, d, _ in first + second)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    per_site = len(modules) * npy_bytes((r, r), "float32")  # r^2 float32 values plus the npy header each
+    # the packed float32 wire: one array of r^2 float32 values per module, plus its npy header and index
+    assert packed_size({k: (r, r) for k in cores}, FLOAT32) == len(modules) * r * r * 4
+    per_site = encoded_bytes({k: (r, r) for k in cores}, FLOAT32)
     assert [row["bytes_up"] for row in rows[1:]] == [3 * per_site, 3 * per_site]
     # numpy reference, round 1: the factors never move, the new core is the weighted mean of the sites'
     # cores, and the global delta W = s B R A is exactly the weighted mean of the sites' delta W
