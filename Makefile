@@ -35,11 +35,12 @@ lint: setup
 	$(BIN)/lint-imports  # the layers and no import cycles ([tool.importlinter] in pyproject.toml)
 
 # The suite runs in TEST_WORKERS parallel pytest-xdist workers (one torch thread each, see
-# tests/conftest.py); worksteal keeps both busy to the end, whichever tests are slow.
+# tests/conftest.py); worksteal keeps both busy to the end, whichever tests are slow. The 25 slowest
+# tests are listed at the end, for whoever trims the suite.
 TEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

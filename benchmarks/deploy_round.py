@@ -11,6 +11,14 @@ the same preset. Prints markdown for BENCHMARKS.md.
 
     .venv/bin/python benchmarks/deploy_round.py --preset tiny --sites 3 --rounds 2
     .venv/bin/python benchmarks/deploy_round.py --preset smollm2 --sites 2 --rounds 2 --set train.local-steps=1
+
+With ``--against ray`` (issue 17's goal) it runs the deployed federation (site workers, TLS, node auth, one torch
+thread per site) and then the same federation simulated on Flower's Ray engine with one CPU per client
+(``fedtune simulate``, same preset, sites, rounds, steps and evaluation: federated and central evaluation on
+unless ``--set`` says otherwise), in the same invocation, and prints the per-round ratio and the deployed per-stage
+table (pull, SuperExec and process start, handler, push, server work).
+
+    .venv/bin/python benchmarks/deploy_round.py --against ray --preset smollm2 --sites 2 --rounds 3
 """
 
 from __future__ import annotations
@@ -74,11 +82,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_variant(keys: Path, out: Path, args: argparse.Namespace, worker: bool) -> dict[str, Any]:
-    """One deployed federation; returns round seconds and per-message site timings."""
+def run_variant(
+    keys: Path, out: Path, args: argparse.Namespace, worker: bool, evaluate: bool = False
+) -> dict[str, Any]:
+    """One deployed federation; returns round seconds and per-message site timings. ``evaluate``: keep the
+    preset's federated evaluation (off otherwise: train messages only, as the issue-3 figures were taken) and split
+    the demo data into ``--sites`` shares, as ``fedtune simulate --clients`` does."""
     t0 = time.monotonic()
     address, run = f"127.0.0.1:{free_port()}", out / "run"
-    sets = [f"server.min-clients={args.sites}", "eval.federated=false", *args.set]
+    sets = [f"server.min-clients={args.sites}", *([] if evaluate else ["eval.federated=false"]), *args.set]
     cmd = [*CLI, "server", "--keys", str(keys), "--preset", args.preset, "--out", str(run), "--address", address]
     cmd += ["--rounds", str(args.rounds), *[x for s in sets for x in ("--set", s)]]
     server = Stamped(cmd, t0)
@@ -91,6 +103,8 @@ def run_variant(keys: Path, out: Path, args: argparse.Namespace, worker: bool) -
         for k in range(1, args.sites + 1):
             cmd = [*CLI, "client", "--superlink", address, "--root-cert", str(keys / "ca.pem")]
             cmd += ["--auth-key", str(keys / "nodes" / f"node-{k}.key"), "--preset", args.preset]
+            if evaluate:  # the data split as `fedtune simulate --clients N` splits it
+                cmd += ["--share", f"{k}/{args.sites}"]
             clients.append(Stamped(cmd + ([] if worker else ["--no-worker"]), t0))
         if server.proc.wait(timeout=3600) != 0:
             raise SystemExit("\n".join(line for _, line in server.lines[-30:]))
@@ -101,6 +115,52 @@ def run_variant(keys: Path, out: Path, args: argparse.Namespace, worker: bool) -
             (out / f"{name}.log").write_text("".join(f"{t:8.2f} {line}\n" for t, line in proc.lines))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {"rows": rows, "sites": [site_timings(c.lines) for c in clients]}
+
+
+def run_ray(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The same federation on Flower's Ray engine, one CPU and one torch thread per client."""
+    sets = [f"server.min-clients={args.sites}", "simulation.backend=ray", "simulation.num-cpus=1", *args.set]
+    cmd = [*CLI, "simulate", "--preset", args.preset, "--out", str(out / "run"), "--rounds", str(args.rounds)]
+    cmd += ["--clients", str(args.sites), *[x for s in sets for x in ("--set", s)]]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    (out / "simulate.log").parent.mkdir(parents=True, exist_ok=True)
+    (out / "simulate.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    return {"rows": rows, "wall": time.monotonic() - start}
+
+
+def against_ray(args: argparse.Namespace, root: Path, keys: Path) -> None:
+    """Issue 17's comparison: deployed (site workers) against Ray, same invocation, and where the time goes."""
+    args.set = ["train.num-threads=1", *args.set]
+    deployed = run_variant(keys, root / "deployed", args, worker=True, evaluate=True)
+    ray = run_ray(root / "ray", args)
+    print(f"\n{args.preset}, {args.sites} sites, {args.rounds} rounds, sets {args.set}\n")
+    print("| round | deployed (s) | Ray simulation (s) | deployed / Ray | deployed: train / eval / aggregate (s) |")
+    print("|---|---|---|---|---|")
+    for d, r in zip(deployed["rows"][1:], ray["rows"][1:], strict=True):
+        t = d.get("time", {})
+        work = f"{t.get('train', 0):.1f} / {t.get('eval', 0):.1f} / {t.get('aggregate', 0):.2f}"
+        ratio = d["seconds"] / r["seconds"]
+        print(f"| {d['round']} | {d['seconds']:.1f} | {r['seconds']:.1f} | {ratio:.2f} | {work} |")
+    later_d = [d["seconds"] for d in deployed["rows"][2:]]
+    later_r = [r["seconds"] for r in ray["rows"][2:]]
+    if later_d:
+        print(f"\nrounds 2-{args.rounds}: deployed / Ray = {sum(later_d) / sum(later_r):.2f}")
+    print(f"losses: deployed {[round(r['eval_loss'], 4) for r in deployed['rows']]}")
+    print(f"        ray      {[round(r['eval_loss'], 4) for r in ray['rows']]}")
+    print("\n| round | site | pull (s) | SuperExec + process + handler (s) | worker handler (s) | push (s) |")
+    print("|---|---|---|---|---|---|")
+    for rnd in range(1, args.rounds + 1):
+        for k, site in enumerate(deployed["sites"], start=1):
+            p = site.get(rnd, {})
+            cells = [f"{p[key]:.2f}" if key in p else "-" for key in ("pull", "clientapp", "handler", "push")]
+            print(f"| {rnd} | {k} | " + " | ".join(cells) + " |")
+    print("\n| round | server time stages (metrics.jsonl `time`, s) |\n|---|---|")
+    for d in deployed["rows"][1:]:
+        print(f"| {d['round']} | " + ", ".join(f"{k} {v:.2f}" for k, v in d.get("time", {}).items()) + " |")
 
 
 def site_timings(lines: list[tuple[float, str]]) -> dict[int, dict[str, float]]:
@@ -208,6 +268,7 @@ def setup(description: str, prefix: str) -> tuple[argparse.Namespace, Path, Path
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="server config (KEY=VALUE, repeatable)")
+    parser.add_argument("--against", choices=["no-worker", "ray"], default="no-worker")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix=prefix))
     print(f"logs in {root}")
@@ -218,6 +279,9 @@ def setup(description: str, prefix: str) -> tuple[argparse.Namespace, Path, Path
 
 def main() -> None:
     args, root, keys = setup(__doc__.splitlines()[0], "fedtune-bench-")
+    if args.against == "ray":
+        against_ray(args, root, keys)
+        return
     results = {}
     for name, worker in (("no worker (baseline)", False), ("site worker", True)):
         results[name] = run_variant(keys, root / name.split()[0], args, worker)
