@@ -38,7 +38,8 @@ def field_types(cls: type) -> dict[str, Any]:
 
 
 def coerce(key: str, value: Any, ftype: Any) -> Any:
-    """Check ``value`` against the field type; ints widen to floats, nothing else converts."""
+    """Check ``value`` against the field type; ints widen to floats, and a number given for a string field becomes
+    its text (``--set simulation.site-delays=2`` parses as TOML's 2); nothing else converts."""
     if typing.get_origin(ftype) is Literal:
         choices = typing.get_args(ftype)
         require(value in choices, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}.")
@@ -66,8 +67,9 @@ def coerce(key: str, value: Any, ftype: Any) -> Any:
         )
         return float(value)
     if ftype is str:
-        require(isinstance(value, str), key, f"must be a string, got {value!r}.")
-        return value
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        require(isinstance(value, str) or number, key, f"must be a string, got {value!r}.")
+        return str(value)
     raise AssertionError(f"unsupported field type {ftype!r} for {key}")
 
 

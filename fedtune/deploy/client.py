@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedtune.client import channel
-from fedtune.client.slowdown import SITE_DELAYS
 from fedtune.config import SITE_KEYS, RunConfig, Scalar, toml_scalar
 from fedtune.config.presets import PRESET_SITES
 from fedtune.core.errors import ConfigError, FedtuneError
@@ -39,9 +38,6 @@ def site_settings(sets: dict[str, Scalar]) -> dict[str, Scalar]:
     for key in sets:
         if key not in SITE_KEYS:
             raise ConfigError(f"`--set {key}`: a site may set only {', '.join(SITE_KEYS)}.")
-    delays = sets.get(SITE_DELAYS)
-    if isinstance(delays, int | float) and not isinstance(delays, bool):  # `=2` parses as a number
-        sets = {**sets, SITE_DELAYS: str(delays)}
     probe = {k: v for k, v in sets.items() if k != "lora.r"}
     RunConfig().override(probe)  # raises naming the key if a value has the wrong type
     if "lora.r" in sets and (not isinstance(sets["lora.r"], int) or isinstance(sets["lora.r"], bool)):

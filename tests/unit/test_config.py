@@ -81,6 +81,20 @@ def test_set_values_parse_as_toml_scalars() -> None:
         parse_assignments(["lora.r"])
 
 
+def test_a_number_set_for_a_string_key_is_its_text_and_a_boolean_is_refused() -> None:
+    # Prepare: what `--set simulation.site-delays=2` and `--set simulation.site-delays=0.5` parse to
+    flat = parse_assignments(["simulation.site-delays=2", "model.name=0.5"])
+
+    # Execute
+    cfg = RunConfig().override(flat)
+
+    # Assert: the text a user typed (TOML read it as a number); true is not a string
+    assert (cfg.simulation.site_delays, cfg.model.name) == ("2", "0.5")
+    assert cfg.simulation.delay(0) == 2.0
+    with pytest.raises(ConfigError, match=r"`simulation\.site-delays` must be a string, got True"):
+        RunConfig().override({"simulation.site-delays": True})
+
+
 @pytest.mark.parametrize(
     ("value", "without_dp", "under_dp"),
     [(None, True, False), ("auto", True, False), (True, True, True), (False, False, False)],

@@ -58,6 +58,6 @@ def test_a_deployed_site_slows_itself_with_its_own_setting() -> None:
     delay = site_delay(cfg, node_config, 3)
 
     # Assert: a number is taken as the one-entry list; a site without a partition id takes the first entry
-    assert sets == {"simulation.site-delays": "2"}
+    assert cfg.simulation.site_delays == "2"  # the number becomes its text (config/fields.coerce)
     assert delay == 2 * 3
     assert site_delay(cfg, {**node_config, keys.PARTITION_ID: 4}, 3) == 2 * 3  # cycled, one entry
