@@ -26,6 +26,7 @@ from fedtune.wire.records import encoded_bytes, float32_records, message_bytes, 
 from tests.integration.test_alternate_e2e import weighted_mean
 from tests.integration.test_personalize_e2e import Recorder, adapter_sent, federate, trains
 
+SHORT = {"train.local-steps": 2, "train.batch-size": 4, "data.max-eval-examples": 16}  # a short test
 LOST = 3  # the node that restarts (loses its context.state) just before its round-2 message
 
 
@@ -79,8 +80,13 @@ def test_only_cores_travel_up_the_frame_down_once_and_their_mean_is_the_mean_del
     modules = list(linear)
     scale = float(tiny["lora.alpha"]) / r
 
-    # Execute: three rounds; node LOST restarts before round 2
-    federate(tiny_model, out, grid, {"peft.method": "lora-sb", "eval.federated": False, "num-server-rounds": 3})
+    # Execute: three short rounds; node LOST restarts before round 2
+    federate(
+        tiny_model,
+        out,
+        grid,
+        {"peft.method": "lora-sb", "eval.federated": False, "num-server-rounds": 3, **SHORT},
+    )
 
     # Assert: every site sends one r x r core per target module, nothing else
     first, second, third = trains(grid, 1), trains(grid, 2), trains(grid, 3)
