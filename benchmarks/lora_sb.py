@@ -66,6 +66,9 @@ def run_row(row: str, args: argparse.Namespace, dp: bool) -> dict[str, Any]:
         "lr": lr,
         "trainable": sum(int(np.prod(state[k].shape)) for k in sent),
         "up_per_client": trained[-1]["bytes_up"] / max(trained[-1]["replied"], 1),
+        # round 1 carries LoRA-SB's fixed A and B to every site (eval.federated = false: nothing went before it),
+        # later rounds the cores alone
+        "down_first_per_client": trained[0]["bytes_down"] / max(trained[0]["sampled"], 1),
         "down_per_client": trained[-1]["bytes_down"] / max(trained[-1]["sampled"], 1),
         "eval_loss_0": rows[0]["eval_loss"],
         "eval_loss": rows[-1]["eval_loss"],
@@ -78,18 +81,20 @@ def run_row(row: str, args: argparse.Namespace, dp: bool) -> dict[str, Any]:
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| row | dp-sgd | lr | trained and sent values | / LoRA | up per site per round | / LoRA "
-        "| down per site per round | held-out loss, round 0 -> last | s per round |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| down per site, round 1 | down per site, later rounds | / LoRA | held-out loss, round 0 -> last "
+        "| s per round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "refused" in r:
-            lines.append(f"| {r['row']} | {r['dp']} | refused: {r['refused']} |||||||")
+            lines.append(f"| {r['row']} | {r['dp']} | refused: {r['refused']} |||||||||")
             continue
         lora = next((x for x in results if x["row"] == "lora" and x["dp"] == r["dp"] and "refused" not in x), r)
         lines.append(
             f"| {r['row']} | {'yes' if r['dp'] else 'no'} | {r['lr']:g} | {r['trainable']:,} "
             f"| {r['trainable'] / lora['trainable']:.3g} | {r['up_per_client']:,.0f} B "
-            f"| {r['up_per_client'] / lora['up_per_client']:.3g} | {r['down_per_client']:,.0f} B "
+            f"| {r['up_per_client'] / lora['up_per_client']:.3g} | {r['down_first_per_client']:,.0f} B "
+            f"| {r['down_per_client']:,.0f} B | {r['down_per_client'] / lora['down_per_client']:.3g} "
             f"| {r['eval_loss_0']:.4f} -> {r['eval_loss']:.4f} | {r['round_seconds']:.1f} |"
         )
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Error, Message
 
-from fedtune.client import personal
+from fedtune.client import frame, personal
 from fedtune.client.dp_trainer import DPSettings, sample_rate, train_dp
 from fedtune.client.parallel import train_parallel
 from fedtune.client.site import Site, open_site
@@ -61,14 +61,18 @@ def open_round(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any
 
 
 def open_with_adapter(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Site, Any]:
-    """Decode the round's spec, open the site, and load the global adapter (sliced to its rank)."""
+    """Decode the round's spec, open the site, and load the global adapter (sliced to its rank; under
+    LoRA-SB completed with the fixed A and B the site keeps, ``client/frame.py``)."""
     cfg, extra, site = open_round(msg, context)
     model = site.model(cfg)
     try:
         arrays = decode(msg.content, keys.ADAPTER, Scheme.of(cfg.compression, "downlink"))
+        arrays, received = frame.adapter(arrays, msg.content.config_records.get(keys.WIRE), context)  # LoRA-SB
         arrays = _fit(rank_slice(arrays, site.rank), adapter_shapes(model))
     except (UpdateRejected, IndexError) as exc:  # rank_slice of an array with too few dimensions: IndexError
         raise ConfigError(f"the global adapter from the server is malformed: {exc}") from None
+    if received is not None:  # LoRA-SB's fixed A and B, checked: later adapters are the cores alone
+        frame.keep(context, received)
     load_adapter_arrays(model, arrays)
     return cfg, extra, site, model
 

@@ -10,7 +10,9 @@ which PEFT's own save/load maps like any LoRA key, so the adapter travels, check
 as named arrays with the other methods. Folding the core into B
 (B' = B R) gives a vanilla PEFT LoRA adapter with the same delta W (:func:`fold`).
 
-The frozen factors are fixed once, by the server, and every site receives them in the global adapter:
+The frozen factors (the *frame*) are fixed once, by the server, and travel to each site once: every
+message names their :func:`fingerprint`, and only a site that does not yet hold that frame receives it
+beside the cores (``server/frame.py``, ``client/frame.py``). They are fixed by
 
 - ``svd`` (default, data-free, as LoRA-XS, Bałazy et al. 2024): W = U S V^T truncated to rank r,
   B = U_r S_r^(1/2), A = S_r^(1/2) V_r^T, so B A is the best rank-r approximation of W;
@@ -22,6 +24,7 @@ R starts at zero, so the initial delta W is zero and round 1 starts from the bas
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -100,6 +103,22 @@ def is_sb(arrays: Arrays) -> bool:
 def core_keys(arrays: Arrays) -> list[str]:
     """The cores: all a LoRA-SB site trains and sends."""
     return [k for k in arrays if CORE in k]
+
+
+def frame_of(arrays: Arrays) -> Arrays:
+    """The frame: every entry of a LoRA-SB adapter that is not a core (the fixed A and B)."""
+    return {k: v for k, v in arrays.items() if CORE not in k}
+
+
+def fingerprint(frame: Arrays) -> str:
+    """SHA-256 (hex) of a frame: each entry's key, shape and float32 little-endian bytes, in key order.
+    Two frames with the same fingerprint are the same arrays, bit for bit."""
+    digest = hashlib.sha256()
+    for key in sorted(frame):
+        value = np.ascontiguousarray(frame[key], "<f4")
+        digest.update(f"{key}:{value.shape}\n".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def fold(arrays: Arrays) -> Arrays:

@@ -23,10 +23,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from fedtune.config import RunConfig
 from fedtune.config.plan import Plan
 from fedtune.core.errors import PrivacyBudgetExceeded, UpdateRejected
-from fedtune.model.lora import rank_of
 from fedtune.privacy import rounds as privacy
 from fedtune.privacy.mechanisms import MECHANISMS
-from fedtune.server import site_metrics, traffic, validation
+from fedtune.server import frame, site_metrics, traffic, validation
 from fedtune.server.bookkeeping import account_round, declined, record_site_epsilon, server_step
 from fedtune.server.exchange import release, wait_for_nodes
 from fedtune.server.inflight import Arrival, Inflight
@@ -168,12 +167,11 @@ def _dispatch(
     if not free:
         return
     state.global_arrays = traffic.received_adapter(cfg, state, version)
-    full = rank_of(state.global_arrays)
+    downlink = traffic.Downlink(cfg, state, version)
     for node in free:
-        rank = state.node_ranks.get(node, full)
         seed_round = version * DISPATCH_STRIDE + len(buffer.sent)
         spec = ConfigRecord({**cfg.to_flat(), **extra, keys.ROUND: seed_round, keys.RUN_ID: state.run_id})
-        content = RecordDict({**traffic.adapter_records(cfg, state, version, rank), keys.SPEC: spec})
+        content = RecordDict({**downlink.records(node), keys.SPEC: spec})
         record.count_bytes(node, down=message_bytes(content, keys.ADAPTER))
         flight.send(
             Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(version)), node, state.round
@@ -185,6 +183,8 @@ def _fold(cfg: RunConfig, state: ServerState, arrival: Arrival, buffer: Buffer, 
     """One reply: dropped when too stale, else checked and added to the buffer, weighted by its staleness."""
     node, reply = arrival.work.node, arrival.reply
     staleness = state.round - arrival.work.version
+    if reply is None or reply.has_error():  # it may lack LoRA-SB's frame: its next adapter carries it
+        frame.forget(state.frame_holders, [node])
     if reply is None:
         _fail(buffer, node, f"no reply within `server.round-timeout` = {cfg.server.round_timeout:.0f} s")
         return

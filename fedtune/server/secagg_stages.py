@@ -21,7 +21,7 @@ from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.privacy.secagg.graph import neighbours
 from fedtune.privacy.secagg.masking import add, round_context
 from fedtune.privacy.secagg.quantize import wire_dtype
-from fedtune.server import traffic
+from fedtune.server import frame, traffic
 from fedtune.server.bookkeeping import declined, record_site_epsilon, server_step
 from fedtune.server.record import SecAggInfo
 from fedtune.server.secagg_exchanges import Exchanges, enough, kind_of, owned
@@ -160,7 +160,7 @@ class Stages:
         self._modulus()
         bits, wire = self.bits, wire_dtype(self.bits)
         state.global_arrays = traffic.received_adapter(cfg, state, rnd)  # what the sites train from
-        adapters = {rank: traffic.adapter_records(cfg, state, rnd, rank) for rank in {adverts[i].rank for i in u2}}
+        downlink = traffic.Downlink(cfg, state, rnd)  # the sites' ranks were learned from their replies
 
         def train_request(node: int) -> RecordDict:
             senders = sorted(set(self.graph[node]) & set(u2))
@@ -174,7 +174,7 @@ class Stages:
                 keys.SA_MODULUS_BITS: bits,
                 keys.SA_LENGTH: length,
             }
-            return RecordDict({**adapters[adverts[node].rank], keys.SPEC: self.spec, keys.SECAGG: ConfigRecord(record)})
+            return RecordDict({**downlink.records(node), keys.SPEC: self.spec, keys.SECAGG: ConfigRecord(record)})
 
         total: list[np.ndarray] = []
 
@@ -196,6 +196,7 @@ class Stages:
 
         kind = kind_of(MessageType.TRAIN, keys.SECAGG_TRAIN)
         masked = self.ex.run("masked", kind, {n: train_request(n) for n in u2}, cfg.server.round_timeout, fold)
+        frame.forget(state.frame_holders, [n for n in u2 if n in self.ex.failures])  # LoRA-SB: they may lack it
         self.u3 = sorted(masked)
         enough(self.u3, max(self.params.threshold, cfg.server.min_replies), "sent their masked input")
         self.dropped = sorted(set(u2) - set(self.u3))

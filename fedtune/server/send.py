@@ -10,8 +10,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
-from fedtune.model.lora import rank_of
-from fedtune.server import traffic
+from fedtune.server import frame, traffic
 from fedtune.server.exchange import stream_replies
 from fedtune.server.record import RoundRecord
 from fedtune.server.state import GridLike, ServerState
@@ -41,22 +40,23 @@ def send_adapter(
     clock: RoundClock | None = None,
     extra: Mapping[str, int | str] | None = None,
 ) -> Iterator[tuple[int, Message]]:
-    """Send each node the global adapter at its own rank (once known; full rank when quantized) with
-    the round's spec, count each node's bytes in ``record``; return the replies as a stream."""
+    """Send each node the global adapter at its own rank (once known; full rank when quantized; under
+    LoRA-SB the frame only to a node that lacks it) with the round's spec, count each node's bytes in
+    ``record``; return the replies as a stream."""
     started = time.perf_counter()
     if nodes:  # the server steps and evaluates from exactly what the sites receive
         state.global_arrays = traffic.received_adapter(cfg, state, rnd)
-    full = rank_of(state.global_arrays)
     spec = ConfigRecord({**cfg.to_flat(), keys.ROUND: rnd, keys.RUN_ID: state.run_id, **(extra or {})})
-    by_rank: dict[int | None, RecordDict] = {}
+    downlink = traffic.Downlink(cfg, state, rnd)
+    contents: dict[int, RecordDict] = {}  # by records object: nodes of the same rank and frame status share one
     messages = []
     for node in nodes:
-        rank = state.node_ranks.get(node, full)
-        if rank not in by_rank:
-            by_rank[rank] = RecordDict({**traffic.adapter_records(cfg, state, rnd, rank), keys.SPEC: spec})
-        content = by_rank[rank]
+        records = downlink.records(node)
+        if id(records) not in contents:
+            contents[id(records)] = RecordDict({**records, keys.SPEC: spec})
+        content = contents[id(records)]
         record.count_bytes(node, down=message_bytes(content, keys.ADAPTER))
         messages.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)))
     if clock is not None:
         clock.push(time.perf_counter() - started)
-    return stream_replies(grid, messages, cfg.server.round_timeout)
+    return frame.watch(stream_replies(grid, messages, cfg.server.round_timeout), nodes, state.frame_holders)

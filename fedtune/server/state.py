@@ -50,6 +50,9 @@ class ServerState:
     """Why ``communication.budget-mb`` stopped the run, if it did."""
     downlink: tuple[Any, Arrays, dict[str, Any]] | None = None
     """The last compressed downlink (scheme, the global adapter it encodes, its records); not checkpointed."""
+    frame_holders: dict[int, str] = field(default_factory=dict)
+    """LoRA-SB: the fingerprint of the frame (fixed A and B) each node was last sent, so that its next
+    adapter can go without it (``server/frame.py``); not checkpointed, so a resumed run sends it again."""
     hidden: bool = False
     """Who took part stays out of every output and the log (``privacy.rounds.participants_hidden``);
     set by :func:`run` from the plan, not checkpointed."""

@@ -9,6 +9,10 @@ Re-encoding values that already sit on the quantization grid gives them back (th
 magnitude maps to the top code exactly), so an entry that no round changes does not drift. A
 quantized global adapter travels at full rank; a lower-rank site takes its slice after decoding.
 
+Under LoRA-SB the fixed A and B (the frame) go to each node only until it holds them
+(:mod:`fedtune.server.frame`); :class:`Downlink` builds each node's records, the cores alone once
+the node holds the frame, byte for byte as the full encoding carries them.
+
 The budget (``communication.budget-mb``) is checked before every round against that round's
 projected bytes: the sizes of every encoding follow from the shapes and the settings, so the
 projection equals what is then sent when every client answers.
@@ -26,11 +30,13 @@ from fedtune.config import RunConfig
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import CommunicationBudgetExceeded
 from fedtune.model.lora import rank_of, rank_slice
+from fedtune.model.sb import core_keys
 from fedtune.model.share import sent_keys
+from fedtune.server import frame
 from fedtune.server.state import ServerState
 from fedtune.wire import keys
 from fedtune.wire.codec import Scheme, rng_for
-from fedtune.wire.records import decode, encode, encoded_bytes
+from fedtune.wire.records import decode, encode, encoded_bytes, select_records
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,35 @@ def adapter_records(cfg: RunConfig, state: ServerState, rnd: int, rank: int | No
     return cached[2]
 
 
+class Downlink:
+    """One send's records of the (adopted) global adapter for each node: at the node's rank, and under
+    LoRA-SB naming the frame's fingerprint and carrying the frame only to a node not known to hold it
+    (which from then on counts as holding it). Built once per send, after :func:`received_adapter`."""
+
+    def __init__(self, cfg: RunConfig, state: ServerState, rnd: int) -> None:
+        self.cfg, self.state, self.rnd = cfg, state, rnd
+        self.full = rank_of(state.global_arrays)
+        self.frame = frame.frame_fingerprint(state.global_arrays)
+        self._built: dict[tuple[int | None, bool], Records] = {}
+
+    def records(self, node: int) -> Records:
+        """``node``'s records (shared with every node of the same rank and frame status: do not mutate)."""
+        rank = self.state.node_ranks.get(node, self.full)
+        lean = frame.holds(self.state.frame_holders, node, self.frame)
+        if (rank, lean) not in self._built:
+            records = adapter_records(self.cfg, self.state, self.rnd, rank)
+            if self.frame is not None:
+                if lean:  # the cores alone, with exactly the bytes the full encoding gives them
+                    records = select_records(records, keys.ADAPTER, core_keys(self.state.global_arrays))
+                index = records[keys.WIRE]
+                assert isinstance(index, ConfigRecord), "encode() puts the index in a ConfigRecord"
+                records = {**records, keys.WIRE: ConfigRecord({**index, keys.FRAME: self.frame})}
+            self._built[(rank, lean)] = records
+        if not lean:
+            frame.note_sent(self.state.frame_holders, node, self.frame)
+        return self._built[(rank, lean)]
+
+
 def _shapes(arrays: Arrays) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in arrays.items()}
 
@@ -81,20 +116,25 @@ def projected_bytes(cfg: RunConfig, state: ServerState, train_nodes: Iterable[in
     down_scheme, up_scheme = Scheme.of(cfg.compression, "downlink"), Scheme.of(cfg.compression, "uplink")
     full = rank_of(state.global_arrays)
     sent = sent_keys(state.global_arrays, cfg.lora)
+    fingerprint = frame.frame_fingerprint(state.global_arrays)
 
-    def down(node: int) -> int:
+    def down(node: int, held: set[int]) -> int:
         rank = state.node_ranks.get(node, full)
         arrays = state.global_arrays
         if down_scheme.lossless and rank and rank != full:
             arrays = rank_slice(arrays, rank)
-        return encoded_bytes(_shapes(arrays), down_scheme)
+        if fingerprint is not None and node in held:  # LoRA-SB: the cores alone
+            arrays = {k: arrays[k] for k in core_keys(arrays)}
+        held.add(node)  # sent the frame now if it lacked it
+        return encoded_bytes(_shapes(arrays), down_scheme) + len(fingerprint or "")
 
     def up(node: int) -> int:
         rank = state.node_ranks.get(node, full)
         arrays = {k: state.global_arrays[k] for k in sent}
         return encoded_bytes(_shapes(rank_slice(arrays, rank) if rank and rank != full else arrays), up_scheme)
 
-    return sum(down(n) + up(n) for n in train_nodes) + sum(down(n) for n in eval_nodes)
+    held = {node for node, fp in state.frame_holders.items() if fp == fingerprint}
+    return sum(down(n, held) + up(n) for n in train_nodes) + sum(down(n, held) for n in eval_nodes)
 
 
 def check_budget(cfg: RunConfig, state: ServerState, rnd: int, projected: int) -> None:

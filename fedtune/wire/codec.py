@@ -186,6 +186,30 @@ def unpack(packed: np.ndarray, index: Mapping[str, Any], scheme: Scheme, expecte
     return out
 
 
+def select(
+    packed: np.ndarray, index: Mapping[str, Any], names: list[str], scheme: Scheme
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """(packed, index) of only the arrays ``names`` of a packed update, in the index's order: each one's
+    head and tail are the very bytes it has in ``packed``, so it decodes to exactly the same values
+    whatever the scheme (a quantized array keeps its scales and codes)."""
+    shapes = index_shapes(index)
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise UpdateRejected(f"the packed update has no array {missing[0]!r} to select")
+    sizes = [scheme.sizes(s) for s in shapes.values()]
+    head_at, tail_at = 0, sum(h for h, _ in sizes)
+    heads, tails, kept = [], [], {}
+    for (key, shape), (head, tail) in zip(shapes.items(), sizes, strict=True):
+        if key in names:
+            heads.append(packed[head_at : head_at + head])
+            tails.append(packed[tail_at : tail_at + tail])
+            kept[key] = shape
+        head_at, tail_at = head_at + head, tail_at + tail
+    parts = [*heads, *tails]
+    out = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    return out, make_index(kept, scheme)
+
+
 def _decode_one(key: str, shape: tuple[int, ...], head: np.ndarray, tail: np.ndarray, scheme: Scheme) -> np.ndarray:
     size = math.prod(shape)
     values = head.view("<f4")

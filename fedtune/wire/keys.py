@@ -66,6 +66,9 @@ SA_KEY_SHARES = "key-shares"
 # Every message with arrays (``compression.*``; ``none`` is float32): the ArrayRecord holds one uint8
 # array, this ConfigRecord its index (scheme, names, shapes); see fedtune/wire/codec.py.
 WIRE = "wire"
+# LoRA-SB's downlink: the adapter's index also names the SHA-256 fingerprint of the fixed A and B (the
+# frame, fedtune/model/sb.py) that complete it. The frame itself travels only to a site not known to hold it.
+FRAME = "frame"
 # Seconds a site spent on its part of a train round (MetricRecord; the per-round time breakdown)
 TIME_LOAD = "time-load"  # open the site, put the global adapter into the model
 TIME_TRAIN = "time-train"  # local steps, delta and privacy step

@@ -33,6 +33,7 @@ from fedtune.wire.codec import (
     make_index,
     pack,
     packed_size,
+    select,
     unpack,
 )
 
@@ -117,6 +118,18 @@ def decode(content: RecordDict, array_key: str, scheme: Scheme, expected: Shapes
             f"({scheme.name}), got {_names(got)}{'' if index is not None else ' and no index'}"
         )
     return unpack(load_array(record[PACKED], PACKED), dict(index), scheme, expected)
+
+
+def select_records(
+    records: Mapping[str, ArrayRecord | MetricRecord | ConfigRecord], array_key: str, names: list[str]
+) -> dict[str, ArrayRecord | MetricRecord | ConfigRecord]:
+    """The records of an :func:`encode` output holding only the arrays ``names``, byte for byte as
+    ``records`` carries them (:func:`fedtune.wire.codec.select`), in the scheme its own index names."""
+    record, index = records[array_key], records[keys.WIRE]
+    assert isinstance(record, ArrayRecord) and isinstance(index, ConfigRecord), "records from encode()"
+    scheme = Scheme(str(index["scheme"]), int(index["block"]), float(index["fraction"]))  # type: ignore[arg-type]
+    packed, kept = select(record[PACKED].numpy(), dict(index), names, scheme)
+    return {array_key: ArrayRecord(OrderedDict([(PACKED, Array(packed))])), keys.WIRE: ConfigRecord(kept)}
 
 
 def float32_records(arrays: Arrays, array_key: str) -> dict[str, ArrayRecord | MetricRecord | ConfigRecord]:

@@ -44,15 +44,17 @@ class RecordingGrid(LocalGrid):
         self.die_in = die_in
         self.sent: dict[str, Arrays] = {}
         self.replies: dict[str, list[tuple[Arrays, float]]] = {}
+        self.frame: Arrays = {}
 
     def _handle(self, msg: Message) -> Message:
+        sent = read_arrays(msg.content, keys.ADAPTER) if keys.ADAPTER in msg.content.array_records else {}
+        self.frame.update({k: v.copy() for k, v in sent.items() if CORE not in k})  # LoRA-SB's A and B: once
         if msg.metadata.message_type != MessageType.TRAIN:
             return super()._handle(msg)
         rnd = msg.metadata.group_id
         if rnd == self.die_in:
             raise KeyboardInterrupt  # not caught by the grid: the server process "dies"
-        sent = read_arrays(msg.content, keys.ADAPTER)
-        self.sent.setdefault(rnd, {k: v.copy() for k, v in sent.items()})
+        self.sent.setdefault(rnd, {**self.frame, **{k: v.copy() for k, v in sent.items()}})
         reply = super()._handle(msg)
         delta = {k: v.copy() for k, v in read_arrays(reply.content, keys.DELTA).items()}
         examples = float(reply.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES])  # type: ignore[arg-type]

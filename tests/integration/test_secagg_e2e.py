@@ -24,11 +24,13 @@ from fedtune.client.pipeline import LocalUpdate
 from fedtune.config.plan import Plan
 from fedtune.config.presets import preset
 from fedtune.model.lora import pad_rank, rank_of
+from fedtune.model.sb import CORE
 from fedtune.server import checkpoint
 from fedtune.server.app import run_server
 from fedtune.simulations.local import LocalGrid
 from fedtune.strategies.aggregators import WeightedMean
 from fedtune.wire import keys
+from fedtune.wire.records import read_arrays
 
 Arrays = dict[str, np.ndarray]
 ClientFn = Callable[[Message, Context], Message]
@@ -243,20 +245,29 @@ def test_the_server_never_receives_a_clear_delta_under_secagg(plain_and_secagg: 
         ({"lora.freeze-a": True}, lambda k: ".lora_B." in k),
         ({"lora.r": 4, "simulation.site-ranks": "4,4,2", "server.min-clients": 3}, lambda k: True),
         ({"lora.share": "a"}, lambda k: ".lora_A." in k),
+        ({"peft.method": "lora-sb"}, lambda k: CORE in k),
     ],
-    ids=["ffa", "hetero-ranks", "fedsa"],
+    ids=["ffa", "hetero-ranks", "fedsa", "lora-sb"],
 )
 def test_ffa_and_heterogeneous_ranks_aggregate_like_the_plain_rules(
     tiny_model: Path, tmp_path: Path, deltas: dict[tuple[int, int], LocalUpdate], flat: dict[str, Any], sent: Any
 ) -> None:
     # Execute
-    rows, _ = federate(tiny_model, tmp_path / "run", {**FAST, **flat})
+    rows, grid = federate(tiny_model, tmp_path / "run", {**FAST, **flat})
 
-    # Assert: FFA sends B only (A never moves); ranks 4, 4, 2 are averaged per entry over who trained it
+    # Assert: FFA sends B only (A never moves); ranks 4, 4, 2 are averaged per entry over who trained it;
+    # LoRA-SB sends its cores, and its fixed A and B go down with round 1's training stage only
     sent_keys = [k for k in adapter(tmp_path / "run", 0) if sent(k)]
     for rnd in (1, 2):
         assert rows[rnd]["updated"]
         assert_round_is_fedavg(tmp_path / "run", rnd, rows[rnd], updates_of(deltas, rnd, [1, 2, 3]), sent_keys)
+    if "peft.method" in flat:
+        trained = [m for m, _ in grid.log if m.metadata.message_type == "train.secagg"]  # type: ignore[attr-defined]
+        down = {(m.metadata.group_id, tuple(sorted(read_arrays(m.content, keys.ADAPTER)))) for m in trained}
+        assert len(trained) == 6 and down == {
+            ("1", tuple(sorted(adapter(tmp_path / "run", 0)))),
+            ("2", tuple(sent_keys)),
+        }
     if "simulation.site-ranks" in flat:
         assert [deltas[1, n].site.rank for n in (1, 2, 3)] == [4, 4, 2]
 
