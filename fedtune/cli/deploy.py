@@ -56,7 +56,8 @@ def add_client(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     cli.add_argument(
         "--state-dir",
-        help="where this site keeps its DP-SGD privacy ledger across restarts (default ~/.cache/fedtune/site-state)",
+        help="where this site keeps its DP-SGD privacy ledger and its own B (`lora.share = a`) across restarts "
+        "(default ~/.cache/fedtune/site-state)",
     )
     cli.add_argument(
         "--out",

@@ -186,11 +186,13 @@ def start_federation(
     return server, address, run
 
 
-def start_client(processes: Processes, keyset: Path, address: str, k: int, tag: str = "") -> subprocess.Popen[bytes]:
+def start_client(
+    processes: Processes, keyset: Path, address: str, k: int, tag: str = "", extra: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
     return processes.start(
         f"client-{k}{tag}",
         *("client", "--superlink", address, "--root-cert", str(keyset / "keys" / "ca.pem")),
-        *("--auth-key", str(keyset / "keys" / "nodes" / f"node-{k}.key"), "--preset", "tiny"),
+        *("--auth-key", str(keyset / "keys" / "nodes" / f"node-{k}.key"), "--preset", "tiny", *extra),
     )
 
 
@@ -218,8 +220,9 @@ def descendants(root: int) -> dict[int, str]:
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
                 names = [Path(a.decode()).name for a in argv[:2] if a]
-                found[child] = next((n for n in names if n.startswith(("flower-", "flwr-"))), names[0])
-                queue.append(child)
+                if names:  # an exiting process (a zombie) has an empty command line
+                    found[child] = next((n for n in names if n.startswith(("flower-", "flwr-"))), names[0])
+                    queue.append(child)
     return found
 
 
