@@ -8,7 +8,7 @@ import pytest
 from fedtune.config import StrategyConfig
 from fedtune.core.errors import ConfigError, FedtuneError
 from fedtune.strategies import STRATEGIES, make_aggregator, make_optimizer
-from fedtune.strategies.exact import refactorize
+from fedtune.strategies.exact import refactorize, refactorize_sum
 
 KEYS = {"m.lora_A.weight": (4, 12), "m.lora_B.weight": (10, 4)}
 
@@ -125,6 +125,47 @@ def test_refactorize_is_exact_when_rank_suffices() -> None:
     b, a, error = refactorize(product, rank=3)
     np.testing.assert_allclose(b @ a, product, atol=1e-10)
     assert error < 1e-12
+
+
+@pytest.mark.parametrize(("out", "inner", "n", "r"), [(40, 30, 3, 4), (12, 50, 5, 4), (16, 16, 6, 3)])
+def test_refactorize_sum_equals_the_svd_of_the_formed_product(out: int, inner: int, n: int, r: int) -> None:
+    # Prepare: n weighted rank-r products, some with B = 0 (round 1 starts from B = 0), as float64
+    rng = np.random.default_rng(out + n)
+    bs = [rng.normal(size=(out, r)) * (i % 2) for i in range(n)]
+    as_ = [rng.normal(size=(r, inner)) for _ in range(n)]
+    weights = list(rng.uniform(0.1, 1.0, size=n))
+    product = sum(w * b @ a for w, b, a in zip(weights, bs, as_, strict=True))
+
+    # Execute
+    b, a, error = refactorize_sum(bs, as_, weights, rank=r)
+
+    # Assert: numpy's SVD of the formed product is the reference
+    u_, s, vt = np.linalg.svd(product)
+    best = (u_[:, :r] * s[:r]) @ vt[:r]
+    np.testing.assert_allclose(b @ a, best, atol=1e-9)
+    assert error == pytest.approx(np.linalg.norm(product - best) / np.linalg.norm(product), rel=1e-9)
+
+
+def test_refactorize_falls_back_to_gesvd_when_divide_and_conquer_does_not_converge(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: numpy's SVD (gesdd) fails as it did on the demo; the reference is computed before
+    rng = np.random.default_rng(9)
+    product = rng.normal(size=(20, 3)) @ rng.normal(size=(3, 15)) + 1e-3 * rng.normal(size=(20, 15))
+    u_, s, vt = np.linalg.svd(product)
+    best = (u_[:, :3] * s[:3]) @ vt[:3]
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(np.linalg, "svd", fails)
+
+    # Execute
+    b, a, error = refactorize(product, rank=3)
+
+    # Assert
+    np.testing.assert_allclose(b @ a, best, atol=1e-10)
+    assert error == pytest.approx(np.linalg.norm(product - best) / np.linalg.norm(product), rel=1e-9)
 
 
 def adam_reference(
