@@ -58,11 +58,21 @@ class EvalConfig:
     ``data.label-field``). Generation is slow: see ``eval.max-generate``."""
     max_generate: int = 8
     """Held-out examples each evaluation (each site's, and the server's) generates answers for."""
+    task_metrics_every: int = 1
+    """Rounds between evaluations that generate answers for the task metrics in ``eval.metrics``
+    (``exact-match``, ``f1``, ``rouge-l``, ``accuracy``); the rounds in between evaluate only the
+    loss. Round 0 (the base model) and the last round always generate. ``1``: every round; ``0``:
+    only round 0 and the last round, however many rounds the run has."""
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "eval.batch-size", "must be >= 1.")
         require(self.max_new_tokens >= 1, "eval.max-new-tokens", "must be >= 1.")
         require(self.max_generate >= 1, "eval.max-generate", f"must be >= 1, got {self.max_generate}.")
+        require(
+            self.task_metrics_every >= 0,
+            "eval.task-metrics-every",
+            f"must be >= 0 (0: only round 0 and the last round), got {self.task_metrics_every}.",
+        )
         unknown = [n for n in parse_names(self.metrics) if n not in KNOWN]
         require(
             not unknown,
@@ -73,3 +83,13 @@ class EvalConfig:
     def metric_names(self) -> list[str]:
         """The names in ``eval.metrics``, in order."""
         return parse_names(self.metrics)
+
+    def generates_in(self, rnd: int, last: int) -> bool:
+        """Whether round ``rnd`` of a run of ``last`` rounds computes the generated task metrics
+        (``eval.task-metrics-every``; round 0 and the last round always do)."""
+        every = self.task_metrics_every
+        return rnd in (0, last) or (every > 0 and rnd % every == 0)
+
+    def without_generation(self) -> str:
+        """``eval.metrics`` less the generated metrics (``loss`` if nothing else is left)."""
+        return ",".join([n for n in self.metric_names() if n not in GENERATED] or [LOSS])

@@ -106,6 +106,8 @@ class Plan:
         """The config round ``rnd`` runs with."""
         changes = {e.key: e.value for e in self.entries if e.covers(rnd)}
         cfg = self.base.override(changes) if changes else self.base
+        if not cfg.eval.generates_in(rnd, self.base.num_server_rounds):  # eval.task-metrics-every
+            cfg = cfg.override({"eval.metrics": cfg.eval.without_generation()})
         phase = cfg.lora.phase(rnd)  # RoLoRA: the factor round `rnd` trains
         return cfg.override(phase) if phase else cfg
 

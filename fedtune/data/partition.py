@@ -40,7 +40,8 @@ def site_partition(ds: Dataset, cfg: DataConfig, partition_id: int, num_partitio
             raise ConfigError(
                 f"`data.partitioner` = natural gives one site per distinct `{cfg.partition_by}` value "
                 f"({found}), but the federation has {num_partitions} sites "
-                "(set `simulation.num-supernodes` / --clients to match)."
+                f"(simulated: set `simulation.num-supernodes` / --clients to {found}; deployed: `--share K/{found}`, "
+                "or `data.partitioner = iid` on the server for any number of shares)."
             )
     try:
         part = partitioner.load_partition(partition_id)

@@ -91,8 +91,9 @@ def test_natural_partition_follows_site_column() -> None:
 def test_natural_partition_count_mismatch_is_explained() -> None:
     cfg = DataConfig(partitioner="natural")
     rows = load_records(str(DEMO_TRAIN), cfg)
-    with pytest.raises(ConfigError, match=r"one site per distinct `site` value \(5\), but the federation has 3"):
+    with pytest.raises(ConfigError, match=r"one site per distinct `site` value \(5\), but the federation has 3") as err:
         site_partition(rows, cfg, 0, 3, seed=0)
+    assert "--clients to 5" in str(err.value) and "`--share K/5`" in str(err.value)
 
 
 def test_empty_partition_is_an_error(tmp_path: Path) -> None:

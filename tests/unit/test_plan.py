@@ -97,3 +97,27 @@ def test_checker_refuses_individual_rules_with_heterogeneous_ranks() -> None:
 def test_valid_plan_has_no_problems() -> None:
     plan = Plan.from_flat({"num-server-rounds": 4, "server.min-clients": 4, "plan.3-.strategy.name": "krum"})
     assert compat.problems(plan) == []
+
+
+def test_task_metrics_every_keeps_generation_to_round_0_the_last_round_and_every_nth() -> None:
+    # Prepare
+    every_0 = Plan.from_flat(
+        {"num-server-rounds": 3, "eval.metrics": "loss,exact-match,f1", "eval.task-metrics-every": 0}
+    )
+    every_2 = Plan.from_flat({"num-server-rounds": 5, "eval.metrics": "rouge-l", "eval.task-metrics-every": 2})
+    default = Plan.from_flat({"num-server-rounds": 3, "eval.metrics": "loss,f1"})
+
+    # Execute
+    names_0 = [every_0.for_round(r).eval.metric_names() for r in (1, 2, 3)]
+    names_2 = [every_2.for_round(r).eval.metric_names() for r in (1, 2, 3, 4, 5)]
+
+    # Assert: round 0 evaluates with the base config, which keeps every metric
+    assert every_0.base.eval.metric_names() == ["loss", "exact-match", "f1"]
+    assert names_0 == [["loss"], ["loss"], ["loss", "exact-match", "f1"]]
+    assert names_2 == [["loss"], ["rouge-l"], ["loss"], ["rouge-l"], ["rouge-l"]]
+    assert all(cfg.eval.metric_names() == ["loss", "f1"] for cfg in default.configs())
+
+
+def test_task_metrics_every_below_0_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"eval.task-metrics-every.*must be >= 0"):
+        Plan.from_flat({"eval.task-metrics-every": -1})
