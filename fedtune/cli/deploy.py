@@ -77,6 +77,14 @@ def add_client(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="SECONDS",
         help="while the SuperLink refuses this site's key as unregistered, retry for this long (default: %(default)s)",
     )
+    cli.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="pause between this site's pulls from the SuperLink while no message waits (Flower's SuperNode: "
+        "3 s, which delays every message by up to that; default: %(default)s)",
+    )
     cli.add_argument("--insecure", action="store_true", help="no TLS (development only)")
     cli.add_argument(
         "--no-worker",
@@ -114,6 +122,8 @@ def _client(args: argparse.Namespace) -> None:
     for flag, path in (("--root-cert", args.root_cert), ("--auth-key", args.auth_key)):
         if path is not None and not Path(path).is_file():
             raise FedtuneError(f"`{flag}`: no such file: {path}")
+    if not args.poll_interval > 0:
+        raise FedtuneError(f"`--poll-interval` must be > 0 seconds, got {args.poll_interval:g}.")
     if args.root_cert is None and not args.insecure:
         raise FedtuneError("`--root-cert` is required (the CA that signed the server certificate), or --insecure.")
     config = client.build_node_config(
@@ -134,7 +144,7 @@ def _client(args: argparse.Namespace) -> None:
         if worker is not None:
             config[keys.WORKER] = str(channel.socket_path(worker))
         key, port = Path(args.auth_key).resolve(), args.port or client.free_port()
-        cmd = client.supernode_command(args.superlink, root, key, config, port, args.max_retries)
+        cmd = client.supernode_command(args.superlink, root, key, config, port, args.max_retries, args.poll_interval)
         if args.dry_run:
             if worker is not None:
                 print(procs_show(client.worker_command(worker)) + " &")

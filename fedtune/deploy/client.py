@@ -27,6 +27,7 @@ from fedtune.config.presets import PRESET_SITES
 from fedtune.core.errors import ConfigError, FedtuneError
 from fedtune.core.paths import tiny_model_dir
 from fedtune.deploy import procs
+from fedtune.deploy.supernode import DEFAULT_INTERVAL
 from fedtune.wire import keys
 
 GPU_KEYS = ("model.quantization", "model.device-map", "train.precision", "train.num-processes", "train.device")
@@ -115,9 +116,12 @@ def supernode_command(
     node_config: dict[str, Scalar],
     port: int,
     max_retries: int | None,
+    poll_interval: float = DEFAULT_INTERVAL,
 ) -> list[str]:
-    """The ``flower-supernode`` command line."""
-    cmd = [procs.flower_bin("flower-supernode"), "--superlink", superlink]
+    """The SuperNode's command line: Flower's ``flower-supernode`` run through
+    :mod:`fedtune.deploy.supernode`, which caps its idle pause at ``poll_interval`` seconds."""
+    cmd = [sys.executable, "-m", "fedtune.deploy.supernode", "--poll-interval", f"{poll_interval:g}"]
+    cmd += ["--superlink", superlink]
     cmd += ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
     if root_cert is not None:
         cmd += ["--auth-supernode-private-key", str(auth_key)]

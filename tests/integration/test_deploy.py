@@ -202,11 +202,14 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in path.read_text().split()] if path.exists() else []
 
 
+SUPERNODE = b"fedtune.deploy.supernode"  # the SuperNode's module (Flower's flower-supernode, its pause capped)
+
+
 def runs_supernode(pid: int) -> bool:
     """Whether ``pid`` has started its flower-supernode (which lives in its own session)."""
     for child in children(pid):
         with contextlib.suppress(OSError):
-            if b"flower-supernode" in Path(f"/proc/{child}/cmdline").read_bytes():
+            if SUPERNODE in Path(f"/proc/{child}/cmdline").read_bytes():
                 return True
     return False
 
@@ -220,6 +223,8 @@ def descendants(root: int) -> dict[int, str]:
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
                 names = [Path(a.decode()).name for a in argv[:2] if a]
+                if SUPERNODE in argv:  # Flower's SuperNode, run through fedtune.deploy.supernode
+                    names = ["flower-supernode"]
                 if names:  # an exiting process (a zombie) has an empty command line
                     found[child] = next((n for n in names if n.startswith(("flower-", "flwr-"))), names[0])
                     queue.append(child)

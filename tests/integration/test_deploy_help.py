@@ -27,6 +27,8 @@ def help_text(command: str) -> str:
                 "retry for this long (default: 60.0)",
                 "(default: a free one)",
                 "N the preset's site count: tiny 3, smollm2 5",
+                "--poll-interval SECONDS",
+                "(Flower's SuperNode: 3 s, which delays every message by up to that; default: 0.5)",
             ],
         ),
         ("keys", ["(default: localhost,127.0.0.1)"]),
