@@ -18,7 +18,8 @@ thread per site) and then the same federation simulated on Flower's Ray engine w
 unless ``--set`` says otherwise), in the same invocation, and prints the per-round ratio and the deployed per-stage
 table (pull, SuperExec and process start, handler, push, server work).
 
-    .venv/bin/python benchmarks/deploy_round.py --against ray --preset smollm2 --sites 2 --rounds 3
+    .venv/bin/python benchmarks/deploy_round.py --against ray --preset smollm2 --sites 2 --rounds 3 \
+        --poll-intervals 3,0.5
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def free_port() -> int:
 
 
 def run_variant(
-    keys: Path, out: Path, args: argparse.Namespace, worker: bool, evaluate: bool = False
+    keys: Path, out: Path, args: argparse.Namespace, worker: bool, evaluate: bool = False, poll: str | None = None
 ) -> dict[str, Any]:
     """One deployed federation; returns round seconds and per-message site timings. ``evaluate``: keep the
     preset's federated evaluation (off otherwise: train messages only, as the issue-3 figures were taken) and split
@@ -105,6 +106,7 @@ def run_variant(
             cmd += ["--auth-key", str(keys / "nodes" / f"node-{k}.key"), "--preset", args.preset]
             if evaluate:  # the data split as `fedtune simulate --clients N` splits it
                 cmd += ["--share", f"{k}/{args.sites}"]
+            cmd += [] if poll is None else ["--poll-interval", poll]
             clients.append(Stamped(cmd + ([] if worker else ["--no-worker"]), t0))
         if server.proc.wait(timeout=3600) != 0:
             raise SystemExit("\n".join(line for _, line in server.lines[-30:]))
@@ -114,6 +116,8 @@ def run_variant(
         for name, proc in [("server", server), *((f"client-{i + 1}", c) for i, c in enumerate(clients))]:
             (out / f"{name}.log").write_text("".join(f"{t:8.2f} {line}\n" for t, line in proc.lines))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    if failed := [(r["round"], r["failures"]) for r in rows if r.get("failures")]:
+        raise SystemExit(f"deployed rounds had failures, no figure: {failed[0]}")
     return {"rows": rows, "sites": [site_timings(c.lines) for c in clients]}
 
 
@@ -133,62 +137,81 @@ def run_ray(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def against_ray(args: argparse.Namespace, root: Path, keys: Path) -> None:
-    """Issue 17's comparison: deployed (site workers) against Ray, same invocation, and where the time goes."""
-    args.set = ["train.num-threads=1", *args.set]
-    deployed = run_variant(keys, root / "deployed", args, worker=True, evaluate=True)
+    """Issue 17's comparison: deployed (site workers) against Ray, same invocation, and where the time goes.
+    One deployed federation per ``--poll-intervals`` value (the SuperNode's pause between idle pulls)."""
+    # The demo data split into --sites iid shares (the preset's natural split needs its own 5 sites).
+    iid = [] if any(s.startswith("data.partitioner=") for s in args.set) else ["data.partitioner=iid"]
+    args.set = ["train.num-threads=1", *iid, *args.set]
+    polls = args.poll_intervals.split(",")
+    deployed = {
+        p: run_variant(keys, root / f"deployed-poll-{p}", args, worker=True, evaluate=True, poll=p) for p in polls
+    }
     ray = run_ray(root / "ray", args)
     print(f"\n{args.preset}, {args.sites} sites, {args.rounds} rounds, sets {args.set}\n")
-    print("| round | deployed (s) | Ray simulation (s) | deployed / Ray | deployed: train / eval / aggregate (s) |")
-    print("|---|---|---|---|---|")
-    for d, r in zip(deployed["rows"][1:], ray["rows"][1:], strict=True):
-        t = d.get("time", {})
-        work = f"{t.get('train', 0):.1f} / {t.get('eval', 0):.1f} / {t.get('aggregate', 0):.2f}"
-        ratio = d["seconds"] / r["seconds"]
-        print(f"| {d['round']} | {d['seconds']:.1f} | {r['seconds']:.1f} | {ratio:.2f} | {work} |")
-    later_d = [d["seconds"] for d in deployed["rows"][2:]]
-    later_r = [r["seconds"] for r in ray["rows"][2:]]
-    if later_d:
-        print(f"\nrounds 2-{args.rounds}: deployed / Ray = {sum(later_d) / sum(later_r):.2f}")
-    print(f"losses: deployed {[round(r['eval_loss'], 4) for r in deployed['rows']]}")
-    print(f"        ray      {[round(r['eval_loss'], 4) for r in ray['rows']]}")
-    print("\n| round | site | pull (s) | SuperExec + process + handler (s) | worker handler (s) | push (s) |")
-    print("|---|---|---|---|---|---|")
-    for rnd in range(1, args.rounds + 1):
-        for k, site in enumerate(deployed["sites"], start=1):
-            p = site.get(rnd, {})
-            cells = [f"{p[key]:.2f}" if key in p else "-" for key in ("pull", "clientapp", "handler", "push")]
-            print(f"| {rnd} | {k} | " + " | ".join(cells) + " |")
-    print("\n| round | server time stages (metrics.jsonl `time`, s) |\n|---|---|")
-    for d in deployed["rows"][1:]:
-        print(f"| {d['round']} | " + ", ".join(f"{k} {v:.2f}" for k, v in d.get("time", {}).items()) + " |")
+    names = [f"deployed, poll {p} s" for p in polls]
+    print(
+        "| round | "
+        + " | ".join(f"{n} (s)" for n in names)
+        + " | Ray simulation (s) | "
+        + " | ".join(f"{n} / Ray" for n in names)
+        + " |"
+    )
+    print("|---|" + "---|" * (2 * len(polls) + 1))
+    for rnd, r in enumerate(ray["rows"][1:], start=1):
+        ds = [deployed[p]["rows"][rnd]["seconds"] for p in polls]
+        cells = [f"{d:.1f}" for d in ds] + [f"{r['seconds']:.1f}"] + [f"{d / r['seconds']:.2f}" for d in ds]
+        print(f"| {rnd} | " + " | ".join(cells) + " |")
+    later_r = sum(r["seconds"] for r in ray["rows"][2:])
+    for p, name in zip(polls, names, strict=True):
+        if later_r:
+            later_d = sum(d["seconds"] for d in deployed[p]["rows"][2:])
+            print(f"\nrounds 2-{args.rounds}: {name} / Ray = {later_d / later_r:.2f}")
+        print(f"losses: {name}: {[round(r['eval_loss'], 4) for r in deployed[p]['rows']]}")
+    print(f"losses: Ray: {[round(r['eval_loss'], 4) for r in ray['rows']]}")
+    for p, name in zip(polls, names, strict=True):
+        print(f"\n{name}\n")
+        print(
+            "| round | message | site | pull (s) | SuperExec + process + handler (s) | worker handler (s) | push (s) |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for rnd in range(0, args.rounds + 1):
+            for kind in ("train", "evaluate"):
+                for k, site in enumerate(deployed[p]["sites"], start=1):
+                    if (t := site.get((rnd, kind))) is None:
+                        continue
+                    cells = [f"{t[key]:.2f}" if key in t else "-" for key in ("pull", "clientapp", "handler", "push")]
+                    print(f"| {rnd} | {kind} | {k} | " + " | ".join(cells) + " |")
+        print("\n| round | server time stages (metrics.jsonl `time`, s) |\n|---|---|")
+        for d in deployed[p]["rows"][1:]:
+            print(f"| {d['round']} | " + ", ".join(f"{k} {v:.2f}" for k, v in d.get("time", {}).items()) + " |")
+    print("\nRay simulation\n\n| round | server time stages (metrics.jsonl `time`, s) |\n|---|---|")
+    for r in ray["rows"][1:]:
+        print(f"| {r['round']} | " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("time", {}).items()) + " |")
 
 
-def site_timings(lines: list[tuple[float, str]]) -> dict[int, dict[str, float]]:
-    """Per round, from the SuperNode's lines: pulling the message from the SuperLink ("Receiving"
-    to "Received successfully"), the ClientApp ("Received" to "Sending": SuperExec's poll, the
-    process, the handler) and pushing the reply ("Sending" to "Sent successfully"); and the
-    worker's handler/decode/encode seconds (worker variant only)."""
-    out: dict[int, dict[str, float]] = {}
+def site_timings(lines: list[tuple[float, str]]) -> dict[tuple[int, str], dict[str, float]]:
+    """Per (round, message kind: train / evaluate), from the SuperNode's lines: pulling the message
+    from the SuperLink ("Receiving" to "Received successfully"), the ClientApp ("Received" to
+    "Sending": SuperExec's poll, the process, the handler) and pushing the reply ("Sending" to "Sent
+    successfully"); and the worker's handler/decode/encode seconds (worker variant only)."""
+    out: dict[tuple[int, str], dict[str, float]] = {}
+    current: dict[str, float] = {}
     rnd, mark, sending = 0, 0.0, False
     for t, line in lines:
         if m := re.search(r"ROUND (\d+)\]", line):
             rnd = int(m.group(1))
-        elif "Receiving: train" in line:
-            mark = t
+        elif m := re.search(r"Receiving: (\w+) message", line):
+            current, mark = out.setdefault((rnd, m.group(1)), {}), t
         elif "Received successfully" in line:
-            out.setdefault(rnd, {})["pull"] = t - mark
-            mark = t
-        elif "Sending: train" in line:
-            out.setdefault(rnd, {})["clientapp"] = t - mark
-            mark, sending = t, True
+            current["pull"], mark = t - mark, t
+        elif re.search(r"Sending: \w+ message", line):
+            current["clientapp"], mark, sending = t - mark, t, True
         elif "Sent successfully" in line and sending:
-            out.setdefault(rnd, {})["push"] = t - mark
-            sending = False
-        elif m := re.search(r"site worker: train \(round (\d+)\) in ([\d.]+) s: decode ([\d.]+) s, handler ([\d.]+) s, "
+            current["push"], sending = t - mark, False
+        elif m := re.search(r"site worker: \w+ \(round \d+\) in ([\d.]+) s: decode ([\d.]+) s, handler ([\d.]+) s, "
                             r"encode ([\d.]+) s", line):  # fmt: skip
-            entry = out.setdefault(int(m.group(1)), {})
-            entry.update(worker=float(m.group(2)), decode=float(m.group(3)), handler=float(m.group(4)))
-            entry["encode"] = float(m.group(5))
+            current.update(worker=float(m.group(1)), decode=float(m.group(2)), handler=float(m.group(3)))
+            current["encode"] = float(m.group(4))
     return out
 
 
@@ -269,6 +292,11 @@ def setup(description: str, prefix: str) -> tuple[argparse.Namespace, Path, Path
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="server config (KEY=VALUE, repeatable)")
     parser.add_argument("--against", choices=["no-worker", "ray"], default="no-worker")
+    parser.add_argument(
+        "--poll-intervals",
+        default="0.5",
+        help="with --against ray: one deployed federation per comma-separated `fedtune client --poll-interval`",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix=prefix))
     print(f"logs in {root}")
@@ -312,7 +340,7 @@ def report(
     print("|---|---|---|---|---|---|---|")
     for name, result in results.items():
         for rnd in range(1, args.rounds + 1):
-            per = [s.get(rnd, {}) for s in result["sites"]]
+            per = [s.get((rnd, "train"), {}) for s in result["sites"]]
 
             def col(key: str, fmt: str = ".1f", per: list[dict[str, float]] = per) -> str:
                 return ", ".join(f"{p[key]:{fmt}}" for p in per if key in p) or "-"
