@@ -80,11 +80,11 @@ def started_in(temp_dir: Path) -> list[psutil.Process]:
 
 
 def stop(procs: list[psutil.Process]) -> None:
-    """Stop exactly these processes: SIGTERM, then SIGKILL what is left after 15 s."""
+    """Stop exactly these processes: SIGTERM, then SIGKILL what is left after 5 s."""
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
@@ -138,20 +138,18 @@ def adapter(out: Path) -> dict[str, object]:
     return dict(load_file(str(out / "adapter" / "adapter_model.safetensors")))
 
 
-@pytest.fixture(scope="module")
-def on_cluster(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cluster") / "run"
-    simulate(out, f"simulation.ray-address={cluster.address}")
-    return out
-
-
-def test_a_simulation_attached_to_a_two_node_cluster_runs_clients_on_both_nodes(
-    cluster: Cluster, on_cluster: Path
+def test_a_two_node_cluster_runs_clients_on_both_nodes_and_the_default_starts_its_own_ray_with_its_result(
+    cluster: Cluster, tmp_path: Path
 ) -> None:
+    """One test, so that the cluster and its run are made once: xdist's worksteal may hand a module's
+    tests to two workers, and each would start its own cluster and run."""
+    # Execute: a simulation attached to the cluster
+    on_cluster = tmp_path / "cluster"
+    simulate(on_cluster, f"simulation.ray-address={cluster.address}")
+
     # Prepare: the pids of the cluster's workers that trained a site (Ray logs each worker's
     # stdout and stderr to the cluster's session dir as worker-<id>-<job>-<pid>.out/.err; the progress bar,
     # which fedtune prints to stdout, is there)
-    out = on_cluster
     pids = {
         int(p.stem.rsplit("-", 1)[1]) for p in cluster.worker_logs() if TRAINED.search(p.read_text(errors="replace"))
     }
@@ -163,13 +161,9 @@ def test_a_simulation_attached_to_a_two_node_cluster_runs_clients_on_both_nodes(
     assert len(nodes) == 2
     assert pids and pids <= actor_node.keys(), (pids, actor_node)
     assert {actor_node[pid] for pid in pids} == set(nodes)
-    assert (out / "summary.json").is_file()
+    assert (on_cluster / "summary.json").is_file()
 
-
-def test_the_default_starts_its_own_ray_and_gives_the_cluster_runs_result(
-    cluster: Cluster, on_cluster: Path, tmp_path: Path
-) -> None:
-    # Prepare: a running cluster that RAY_ADDRESS names, as `ray start` tells users to export
+    # Prepare: the running cluster that RAY_ADDRESS names, as `ray start` tells users to export
     drivers = cluster.driver_logs()
 
     # Execute: the default `simulation.ray-address` (empty)

@@ -6,16 +6,17 @@ import json
 import re
 import tomllib
 import unicodedata
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
 from fedtune.server.final_sample import DESC as FINAL_SAMPLE_DESC
+from tests.conftest import CliRun
 from tests.integration.test_simulation import fedtune
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_TEST = REPO / "fedtune" / "data" / "demo" / "test.jsonl"
 
 
 def test_version() -> None:
@@ -58,20 +59,13 @@ def test_readme_flwr_run_uses_flowers_current_keys() -> None:
 
 
 @pytest.fixture(scope="module")
-def shared_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Path]:
+def shared_run(tiny_ray_run: Callable[[str], CliRun]) -> tuple[str, str, Path]:
     """A tiny Ray run (Flower's engine: its logs and its workers' too) whose held-out answers span
-    two lines each; stdout and stderr."""
-    root = tmp_path_factory.mktemp("readable")
-    eval_path = root / "eval.jsonl"
-    rows = [json.loads(line) for line in DEMO_TEST.read_text().splitlines()]
-    eval_path.write_text("".join(json.dumps({**r, "output": f"{r['output']}\nSo: done."}) + "\n" for r in rows))
-    out = root / "run"
-    proc = fedtune(
-        *("simulate", "--preset", "tiny", "--out", str(out), "--rounds", "1", "--clients", "2"),
-        *("--set", f"data.eval-path={eval_path}"),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, proc.stderr, out
+    two lines each (tests/conftest.py's run "b", which test_simulation also compares); stdout and
+    stderr."""
+    run = tiny_ray_run("b")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout, run.stderr, run.out
 
 
 def test_progress_goes_to_stdout_and_only_warnings_to_stderr(shared_run: tuple[str, str, Path]) -> None:
@@ -117,7 +111,8 @@ def test_the_sample_answers_show_progress_and_start_before_the_last_round_is_rep
     bars = [i for i, line in enumerate(lines) if line.startswith(f"{FINAL_SAMPLE_DESC}:")]
     assert bars, stdout[-2000:]
     assert f"| {most}/{most} [" in lines[bars[-1]], lines[bars[-1]]
-    # Assert: generated while the sites evaluated the last round (round 1 here), so before its row; a
-    # run that generated them after the round loop would print the bar after the row
-    last_row = next(i for i, line in enumerate(lines) if re.match(r"\s+1 \|", line))
+    # Assert: generated while the sites evaluated the last round, so before its row; a run that
+    # generated them after the round loop would print the bar after the row
+    rounds = json.loads((out / "summary.json").read_text())["config"]["num-server-rounds"]
+    last_row = next(i for i, line in enumerate(lines) if re.match(rf"\s+{rounds} \|", line))
     assert bars[-1] < last_row < next(i for i, line in enumerate(lines) if line.startswith("Held-out prompt:"))

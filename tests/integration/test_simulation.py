@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from fedtune.config import RunConfig
 from fedtune.model.adapters import load_adapter_arrays, wrap_lora
 from fedtune.model.loading import load_base
+from tests.conftest import CliRun
 
 FIELDS = {
     "round",
@@ -40,11 +42,11 @@ def fedtune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sim") / "run"
-    proc = fedtune("simulate", "--preset", "tiny", "--out", str(out), "--rounds", "2", "--clients", "3", "--seed", "3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def run_dir(tiny_ray_run: Callable[[str], CliRun]) -> Path:
+    """The tiny Ray run "a" (tests/conftest.py: 2 rounds, 3 sites, seed 3)."""
+    run = tiny_ray_run("a")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.out
 
 
 def test_outputs_exist_with_the_documented_fields(run_dir: Path) -> None:
@@ -90,23 +92,15 @@ def test_final_adapter_is_vanilla_peft_and_matches_fedtune_model(run_dir: Path) 
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
 
 
-def test_same_seed_gives_the_same_adapter(run_dir: Path, tmp_path: Path) -> None:
-    proc = fedtune(
-        "simulate",
-        "--preset",
-        "tiny",
-        "--out",
-        str(tmp_path / "again"),
-        "--rounds",
-        "2",
-        "--clients",
-        "3",
-        "--seed",
-        "3",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_same_seed_gives_the_same_adapter(run_dir: Path, tiny_ray_run: Callable[[str], CliRun]) -> None:
+    # Execute: a second run of the same settings and seed (the run test_readable_output reads)
+    again = tiny_ray_run("b")
+
+    # Assert
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.out != run_dir
     first = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-    second = load_file(str(tmp_path / "again" / "adapter" / "adapter_model.safetensors"))
+    second = load_file(str(again.out / "adapter" / "adapter_model.safetensors"))
     assert first.keys() == second.keys()
     for key in first:
         assert abs(first[key] - second[key]).max() <= 1e-6, key
