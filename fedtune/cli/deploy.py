@@ -9,6 +9,7 @@ from fedtune.cli.run import add_run_options, plan_from_args
 from fedtune.config import Scalar, parse_assignments
 from fedtune.config.presets import PRESET_SITES, PRESETS
 from fedtune.core.errors import FedtuneError
+from fedtune.deploy.supernode import DEFAULT_INTERVAL as DEFAULT_POLL_INTERVAL
 
 
 def add_keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,7 +81,7 @@ def add_client(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     cli.add_argument(
         "--poll-interval",
         type=float,
-        default=0.5,
+        default=DEFAULT_POLL_INTERVAL,
         metavar="SECONDS",
         help="pause between this site's pulls from the SuperLink while no message waits (Flower's SuperNode: "
         "3 s, which delays every message by up to that; default: %(default)s)",

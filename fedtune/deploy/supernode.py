@@ -39,17 +39,28 @@ def cap_pauses(module: types.ModuleType, interval: float, sleep: Callable[[float
 
 
 def split_args(argv: list[str]) -> tuple[float, list[str]]:
-    """(``--poll-interval``'s value, the rest for ``flower-supernode``)."""
+    """(``--poll-interval``'s value, the rest for ``flower-supernode``); ValueError, in one line, for a
+    missing or non-positive value."""
     rest, interval = list(argv), DEFAULT_INTERVAL
     if "--poll-interval" in rest:
         at = rest.index("--poll-interval")
-        interval = float(rest[at + 1])
+        text = rest[at + 1] if at + 1 < len(rest) else ""
+        try:
+            interval = float(text)
+        except ValueError:
+            interval = float("nan")
+        if not interval > 0:  # also NaN
+            raise ValueError(f"`--poll-interval` must be a number of seconds > 0, got {text!r}.")
         del rest[at : at + 2]
     return interval, rest
 
 
 def main(argv: list[str] | None = None) -> None:
-    interval, rest = split_args(sys.argv[1:] if argv is None else argv)
+    try:
+        interval, rest = split_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 

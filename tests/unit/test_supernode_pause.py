@@ -40,3 +40,12 @@ def test_a_module_without_the_pause_is_left_as_it_is() -> None:
 def test_poll_interval_is_split_from_flowers_own_options() -> None:
     assert supernode.split_args(["--poll-interval", "0.2", "--superlink", "h:1"]) == (0.2, ["--superlink", "h:1"])
     assert supernode.split_args(["--superlink", "h:1"]) == (supernode.DEFAULT_INTERVAL, ["--superlink", "h:1"])
+
+
+@pytest.mark.parametrize("argv", [["--poll-interval"], ["--poll-interval", "x"], ["--poll-interval", "0"]])
+def test_a_bad_poll_interval_is_one_line_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        supernode.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and "`--poll-interval` must be a number of seconds > 0" in err, err
