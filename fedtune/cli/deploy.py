@@ -10,6 +10,7 @@ from fedtune.config import Scalar, parse_assignments
 from fedtune.config.presets import PRESET_SITES, PRESETS
 from fedtune.core.errors import FedtuneError
 from fedtune.deploy.supernode import DEFAULT_INTERVAL as DEFAULT_POLL_INTERVAL
+from fedtune.deploy.supernode import parse_interval
 
 
 def add_keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,7 +81,6 @@ def add_client(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     cli.add_argument(
         "--poll-interval",
-        type=float,
         default=DEFAULT_POLL_INTERVAL,
         metavar="SECONDS",
         help="pause between this site's pulls from the SuperLink while no message waits (Flower's SuperNode: "
@@ -123,8 +123,10 @@ def _client(args: argparse.Namespace) -> None:
     for flag, path in (("--root-cert", args.root_cert), ("--auth-key", args.auth_key)):
         if path is not None and not Path(path).is_file():
             raise FedtuneError(f"`{flag}`: no such file: {path}")
-    if not args.poll_interval > 0:
-        raise FedtuneError(f"`--poll-interval` must be > 0 seconds, got {args.poll_interval:g}.")
+    try:  # the same check as the SuperNode module's own, before anything starts
+        poll_interval = parse_interval(str(args.poll_interval))
+    except ValueError as exc:
+        raise FedtuneError(str(exc)) from None
     if args.root_cert is None and not args.insecure:
         raise FedtuneError("`--root-cert` is required (the CA that signed the server certificate), or --insecure.")
     config = client.build_node_config(
@@ -145,7 +147,7 @@ def _client(args: argparse.Namespace) -> None:
         if worker is not None:
             config[keys.WORKER] = str(channel.socket_path(worker))
         key, port = Path(args.auth_key).resolve(), args.port or client.free_port()
-        cmd = client.supernode_command(args.superlink, root, key, config, port, args.max_retries, args.poll_interval)
+        cmd = client.supernode_command(args.superlink, root, key, config, port, args.max_retries, poll_interval)
         if args.dry_run:
             if worker is not None:
                 print(procs_show(client.worker_command(worker)) + " &")

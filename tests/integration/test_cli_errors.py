@@ -129,6 +129,7 @@ def test_server_port_already_in_use(tmp_path: Path) -> None:
             "`--root-cert`: no such file: /nonexistent/ca.pem",
         ),
         (["--preset", "tiny", "--set", "strategy.name=krum"], "`--set strategy.name`: a site may set only"),
+        (["--preset", "tiny", "--poll-interval", "0"], "`--poll-interval` must be a number of seconds > 0, got '0'."),
     ],
 )
 def test_client_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:

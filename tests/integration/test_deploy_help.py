@@ -28,7 +28,7 @@ def help_text(command: str) -> str:
                 "(default: a free one)",
                 "N the preset's site count: tiny 3, smollm2 5",
                 "--poll-interval SECONDS",
-                "(Flower's SuperNode: 3 s, which delays every message by up to that; default: 3.0)",
+                "(Flower's SuperNode: 3 s, which delays every message by up to that; default: 0.5)",
             ],
         ),
         ("keys", ["(default: localhost,127.0.0.1)"]),
