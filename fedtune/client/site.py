@@ -17,7 +17,7 @@ from fedtune.data.loaders import load_checked, train_source
 from fedtune.data.partition import site_partition, train_heldout
 from fedtune.data.prompts import IGNORE, Example, check_format, tokenize_counted
 from fedtune.model import threads
-from fedtune.model.hardware import check_site, on_cuda
+from fedtune.model.hardware import check_site, on_cuda, resolve_precision
 from fedtune.model.loading import LoadedModel, pick_device
 from fedtune.model.methods import load_for, wrap
 from fedtune.wire import keys
@@ -103,9 +103,13 @@ def _report(site: Site, lines: list[str], cfg: RunConfig) -> None:
             *(site.name, lost, cfg.data.max_seq_len),
         )
     method = f"LoRA rank {site.rank}" if site.rank else cfg.peft.method
+    precision = (
+        "fp32" if cfg.privacy.mechanism == "dp-sgd" else resolve_precision(cfg.train.precision, site.loaded.device)
+    )
+    where = f"{site.loaded.device}" + (f", {precision} autocast in training" if precision != "fp32" else "")
     log.info(
         "%s: %d train / %d held-out examples, %s, on %s",
-        *(site.name, len(site.train), len(site.heldout), method, site.loaded.device),
+        *(site.name, len(site.train), len(site.heldout), method, where),
     )
 
 

@@ -80,7 +80,7 @@ def train_local(
     accum = cfg.grad_accum_steps
     micro = batches(len(examples), min(cfg.batch_size, len(examples)), cfg.local_steps * accum, generator)
     plan = [micro[s * accum : (s + 1) * accum] for s in range(cfg.local_steps)]
-    amp = autocast_dtype(cfg.precision)
+    amp = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     forward = distributed(model, device) if world > 1 else model
     if cfg.gradient_checkpointing:

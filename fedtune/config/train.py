@@ -31,9 +31,11 @@ class TrainConfig:
     the cores this process may use (its CPU affinity) divided by the training processes fedtune runs
     at once on this machine (a simulation's concurrent clients, the ranks, the sites of a loopback
     demo federation); set it when other work shares the machine."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     """Autocast precision of the forward pass: ``bf16`` (CUDA or CPU), ``fp16`` (CUDA only, with a
-    gradient scaler) or ``fp32`` (none). Adapter weights and optimizer state stay float32."""
+    gradient scaler), ``fp32`` (none), or ``auto``: bf16 where the site's device computes it in
+    hardware (a CUDA GPU from Ampere on, a CPU with AVX512-BF16 or AMX), else fp32; under DP-SGD always
+    fp32. Adapter weights and optimizer state stay float32; evaluation runs in the model's dtype."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them (less memory, more time)."""
     grad_accum_steps: int = 1

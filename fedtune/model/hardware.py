@@ -71,9 +71,29 @@ def check_site(cfg: RunConfig, where: str) -> None:
         )
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of ``train.precision``; None for fp32 (no autocast)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: a CUDA GPU that does without emulation (Ampere or
+    newer), or a CPU with AVX512-BF16 or AMX, by torch's own CPU feature checks. Elsewhere bf16 can be
+    slower than fp32."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(probe()) for name in probes if (probe := getattr(torch.cpu, name, None)) is not None)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` as a site trains on ``device``: ``auto`` is bf16 where :func:`native_bf16`,
+    else fp32 (never fp16, which needs a scaler and loses range). DP-SGD never autocasts."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device``; None for fp32 (no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device))
 
 
 def load_kwargs(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

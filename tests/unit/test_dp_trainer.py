@@ -65,6 +65,40 @@ def test_no_noise_and_a_huge_clip_norm_equal_plain_training(setup: tuple[Any, li
         np.testing.assert_allclose(dp_end[k], plain_end[k], atol=1e-6, rtol=0)
 
 
+def test_auto_precision_trains_in_fp32_under_dp_sgd(
+    setup: tuple[Any, list[Example]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a machine where `auto` would mean bf16; record what the attention projections compute in
+    from fedtune.model import hardware
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: True)
+    assert hardware.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    model, examples = setup
+    dtypes: set[torch.dtype] = set()
+    proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    hook = proj.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+    dp = DPSettings(1.0, 1.0, 0.5, 2)
+
+    def after(precision: str) -> dict[str, np.ndarray]:
+        init_adapter(model, seed=7)
+        set_trainable(model, freeze_a=False)
+        cfg = TrainConfig(local_steps=2, batch_size=4, lr=1e-3, precision=precision)  # type: ignore[arg-type]
+        train_dp(model, examples, cfg, dp, pad_id=0, desc="dp", generator=torch.Generator().manual_seed(2))
+        return adapter_arrays(model)
+
+    # Execute
+    try:
+        auto, fp32 = after("auto"), after("fp32")
+    finally:
+        hook.remove()
+
+    # Assert: no bf16 compute, and the same update as fp32, bit for bit (same Poisson batches and noise
+    # come from the same generator)
+    assert dtypes == {torch.float32}
+    for k in fp32:
+        np.testing.assert_array_equal(auto[k], fp32[k])
+
+
 def _own_gradients(model: Any, examples: list[Example], params: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each example's gradient computed alone (no padding), flattened."""
     out = []

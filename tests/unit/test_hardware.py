@@ -49,8 +49,32 @@ def test_cuda_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bf16_on_cpu_is_allowed() -> None:
+    cpu = torch.device("cpu")
     hardware.check_site(RunConfig.from_flat({"train.device": "cpu", "train.precision": "bf16"}), "site 3")
-    assert hardware.autocast_dtype("bf16") is torch.bfloat16 and hardware.autocast_dtype("fp32") is None
+    assert hardware.autocast_dtype("bf16", cpu) is torch.bfloat16 and hardware.autocast_dtype("fp32", cpu) is None
+
+
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16_instructions() -> None:
+    # Prepare: the kernel's own list of this CPU's instruction sets, the reference outside torch
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+
+    # Execute
+    chosen = hardware.resolve_precision("auto", torch.device("cpu"))
+
+    # Assert: auto follows the hardware; explicit settings are never changed
+    assert chosen == ("bf16" if native else "fp32")
+    assert hardware.autocast_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if native else None)
+    assert [hardware.resolve_precision(p, torch.device("cpu")) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_never_picks_fp16_and_falls_back_to_fp32(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: native)
+    assert hardware.resolve_precision("auto", torch.device("cuda")) == ("bf16" if native else "fp32")
 
 
 def test_quantization_without_bitsandbytes_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,6 +99,11 @@ def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) ->
         hardware.check_site(cfg, "site 1")
 
 
+def test_dp_sgd_accepts_auto_precision() -> None:
+    flat = {"privacy.mechanism": "dp-sgd", "privacy.noise-multiplier": 1.0, "train.precision": "auto"}
+    compat.check_round(RunConfig.from_flat(flat))  # no ConfigError: DP-SGD trains in fp32 (test_dp_trainer)
+
+
 @pytest.mark.parametrize(
     ("flat", "message"),
     [
@@ -97,7 +126,7 @@ def test_dp_sgd_refuses_what_opacus_cannot_account(flat: dict[str, Any], message
         ({"train.num-processes": 2, "model.device-map": "auto"}, r"`train.num-processes` must be 1 with `model.dev"),
         ({"train.grad-accum-steps": 0}, r"`train.grad-accum-steps` must be >= 1, got 0"),
         ({"model.quantization": "3bit"}, r"`model.quantization` must be one of none, 4bit, 8bit; got '3bit'"),
-        ({"train.precision": "fp8"}, r"`train.precision` must be one of fp32, bf16, fp16; got 'fp8'"),
+        ({"train.precision": "fp8"}, r"`train.precision` must be one of fp32, bf16, fp16, auto; got 'fp8'"),
     ],
 )
 def test_bad_gpu_settings_are_refused_by_the_config(flat: dict[str, Any], message: str) -> None:

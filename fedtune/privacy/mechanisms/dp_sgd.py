@@ -42,7 +42,7 @@ class DPSGD(Mechanism):
         for key, ok in (
             ("train.num-processes", t.num_processes == 1),
             ("train.gradient-checkpointing", not t.gradient_checkpointing),
-            ("train.precision", t.precision == "fp32"),
+            ("train.precision", t.precision in ("fp32", "auto")),  # auto: DP-SGD never autocasts
         ):
             if not ok:
                 out.append(
