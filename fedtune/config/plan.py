@@ -122,14 +122,19 @@ class Plan:
         return [cfg for _, cfg in self.rounds()]
 
     def spec(self, rnd: int) -> dict[str, Scalar]:
-        """What ``metrics.jsonl`` records of round ``rnd``'s spec: its strategy and plan changes."""
+        """What ``metrics.jsonl`` records of round ``rnd``'s spec: its strategy and plan changes, and
+        ``eval.metrics`` where ``eval.task-metrics-every`` leaves the generated metrics out."""
         cfg = self.for_round(rnd)
-        core = {
+        core: dict[str, Scalar] = {
             "strategy.name": cfg.strategy.name,
             "privacy.mechanism": cfg.privacy.mechanism,
             "secagg.protocol": cfg.secagg.protocol,
         }
-        return {**core, **self._changes(rnd)}
+        changes = self._changes(rnd)
+        planned = self.base.override(changes) if changes else self.base
+        if cfg.eval.metrics != planned.eval.metrics:
+            changes["eval.metrics"] = cfg.eval.metrics
+        return {**core, **changes}
 
     def validate(self) -> None:
         """Raise one ConfigError listing every bad round range and key."""

@@ -116,6 +116,9 @@ def test_task_metrics_every_keeps_generation_to_round_0_the_last_round_and_every
     assert names_0 == [["loss"], ["loss"], ["loss", "exact-match", "f1"]]
     assert names_2 == [["loss"], ["rouge-l"], ["loss"], ["rouge-l"], ["rouge-l"]]
     assert all(cfg.eval.metric_names() == ["loss", "f1"] for cfg in default.configs())
+    # metrics.jsonl's spec says which rounds left the generated metrics out, and only those
+    assert [every_0.spec(r).get("eval.metrics") for r in (1, 2, 3)] == ["loss", "loss", None]
+    assert all("eval.metrics" not in default.spec(r) for r in (1, 2, 3))
 
 
 def test_task_metrics_every_below_0_names_the_key() -> None:
