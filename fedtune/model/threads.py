@@ -65,6 +65,19 @@ def choose(setting: int, ranks: int = 1) -> Choice:
     return Choice(threads, reason)
 
 
+def beside(clients: int) -> Choice:
+    """The threads of a process that computes while ``clients`` training processes of its own run
+    compute on the same cores: a simulation's server, whose centralized evaluation and final sample
+    answers overlap with the clients' federated evaluation. It counts itself as one more process."""
+    cores = usable_cores()
+    threads = max(1, cores // (clients + 1))
+    reason = f"auto: {cores} usable core(s) / ({clients} concurrent client(s) + the server)"
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    if cap.isdigit() and 1 <= int(cap) < threads:
+        threads, reason = int(cap), f"{reason}, capped by OMP_NUM_THREADS"
+    return Choice(threads, reason)
+
+
 def apply(setting: int, ranks: int = 1) -> Choice:
     """Set this process's torch threads (one of ``ranks`` data-parallel ranks) and return the choice."""
     import torch  # here: the launchers import this module only to announce, without torch

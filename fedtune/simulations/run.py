@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+import torch
+
 from fedtune.client.app import app as client_app
 from fedtune.config.baselines import parse_baselines
 from fedtune.config.plan import Plan
@@ -19,6 +21,7 @@ from fedtune.model.hardware import check_site
 from fedtune.model.methods import check_model_files
 from fedtune.model.sources import load_tokenizer, resolve_model
 from fedtune.privacy import compat
+from fedtune.privacy.rounds import federated_eval
 from fedtune.server import tracking
 from fedtune.server.app import make_server_app, output_dir, run_server
 from fedtune.simulations import baselines
@@ -70,7 +73,14 @@ def _simulate_ray(plan: Plan, resume: bool) -> None:
     cores = threads.usable_cores()
     # Ray runs as many clients at once as its CPUs allow (simulation.num-cpus each); each site's
     # auto thread count (train.num-threads = 0) divides the cores among them.
-    threads.announce(min(cfg.simulation.num_supernodes, max(1, cores // cfg.simulation.num_cpus)))
+    concurrent = min(cfg.simulation.num_supernodes, max(1, cores // cfg.simulation.num_cpus))
+    threads.announce(concurrent)
+    if not cfg.simulation.ray_address and any(federated_eval(plan, c) for c in plan.configs()):
+        # this process's centralized evaluation and sample answers overlap with the clients' federated
+        # evaluation on the same cores: torch's default (a thread per core) would oversubscribe them
+        server = threads.beside(concurrent)
+        torch.set_num_threads(server.threads)
+        threads.log_choice("the server", server)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-site progress lines look alike; keep them all

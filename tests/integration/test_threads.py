@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CliRun
+
 FEDTUNE = [sys.executable, "-m", "fedtune.cli"]
 CHOOSE = """
 import os, sys, torch
@@ -88,6 +90,36 @@ def test_a_shared_simulation_logs_each_sites_threads_once(tmp_path: Path) -> Non
     assert sorted(site for site, _, _ in lines) == ["0", "1"], (proc.stdout + proc.stderr)[-3000:]
     assert {int(n) for _, n, _ in lines} == {len(allowed)}
     assert all(f"{len(allowed)} usable core(s) / 1 training process(es)" in why for _, _, why in lines)
+
+
+def test_a_server_beside_its_clients_counts_itself_as_one_more_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedtune.model import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [threads.beside(k).threads for k in (1, 2, 3, 15, 16)] == [8, 5, 4, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.beside(1).threads == 2 and "capped by OMP_NUM_THREADS" in threads.beside(1).reason
+
+
+def test_a_ray_simulations_server_leaves_the_cores_to_its_clients(tiny_ray_run: Callable[[str], CliRun]) -> None:
+    # Prepare: the shared tiny Ray run (3 sites, federated evaluation on, 1 CPU per client), made on
+    # this machine with this process's cores
+    run = tiny_ray_run("b")
+    cores = len(os.sched_getaffinity(0))
+    clients = min(3, cores)  # Ray runs as many clients at once as it has CPUs, at most the 3 sites
+
+    # Execute
+    found = re.findall(
+        r"^the server: (\d+) torch thread\(s\) \(auto: (\d+) usable core\(s\) / \((\d+) concurrent client",
+        run.stdout + run.stderr,
+        re.M,
+    )
+
+    # Assert: the server's centralized evaluation overlaps with the clients' federated evaluation, so
+    # it takes one share of the cores as one more process, not torch's default of every core
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert found == [(str(max(1, cores // (clients + 1))), str(cores), str(clients))], (run.stdout + run.stderr)[-3000:]
 
 
 @pytest.mark.parametrize(("superlink", "announced"), [("127.0.0.1:9092", "3"), ("10.1.2.3:9092", None)])
