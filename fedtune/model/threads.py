@@ -57,12 +57,9 @@ def choose(setting: int, ranks: int = 1) -> Choice:
         return Choice(setting, "train.num-threads")
     processes = training_processes() * max(1, ranks)
     cores = usable_cores()
-    threads = max(1, cores // processes)
-    reason = f"auto: {cores} usable core(s) / {processes} training process(es) on this machine"
-    cap = os.environ.get("OMP_NUM_THREADS", "")
-    if cap.isdigit() and 1 <= int(cap) < threads:
-        threads, reason = int(cap), f"{reason}, capped by OMP_NUM_THREADS"
-    return Choice(threads, reason)
+    return _capped(
+        max(1, cores // processes), f"auto: {cores} usable core(s) / {processes} training process(es) on this machine"
+    )
 
 
 def beside(clients: int) -> Choice:
@@ -70,11 +67,16 @@ def beside(clients: int) -> Choice:
     compute on the same cores: a simulation's server, whose centralized evaluation and final sample
     answers overlap with the clients' federated evaluation. It counts itself as one more process."""
     cores = usable_cores()
-    threads = max(1, cores // (clients + 1))
-    reason = f"auto: {cores} usable core(s) / ({clients} concurrent client(s) + the server)"
+    return _capped(
+        max(1, cores // (clients + 1)), f"auto: {cores} usable core(s) / ({clients} concurrent client(s) + the server)"
+    )
+
+
+def _capped(threads: int, reason: str) -> Choice:
+    """An automatic choice, capped by an explicit ``OMP_NUM_THREADS``."""
     cap = os.environ.get("OMP_NUM_THREADS", "")
     if cap.isdigit() and 1 <= int(cap) < threads:
-        threads, reason = int(cap), f"{reason}, capped by OMP_NUM_THREADS"
+        return Choice(int(cap), f"{reason}, capped by OMP_NUM_THREADS")
     return Choice(threads, reason)
 
 
