@@ -2,17 +2,27 @@
 
 Every LoRA-SB adapter from the server names the frame's fingerprint (``fedtune.model.sb.fingerprint``,
 the index's ``frame`` entry). An adapter that carries the frame is checked against that fingerprint and
-its frame kept in the ClientApp's ``context.state``; an adapter of cores alone is completed from the
-frame kept there. A site that does not hold that frame (a restarted site, a lost message) never trains
-or evaluates from other factors: it refuses with one line, and the server sends the frame next time.
+its frame kept in the ClientApp's ``context.state`` and, when the site has a state directory (node
+config ``state-dir``, ``fedtune client --state-dir``), in ``sb-frame-<fingerprint>.safetensors`` there,
+written atomically, so that a restarted site completes the cores from it (checked against the
+fingerprint again) instead of refusing a round. An adapter of cores alone is completed from the frame
+kept. A site that does not hold that frame (a lost message, a restart without a state directory) never
+trains or evaluates from other factors: it refuses with one line, and the server sends the frame next
+time.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from fedtune.core.arrays import Arrays
 from fedtune.core.errors import ConfigError
@@ -64,10 +74,49 @@ def held(context: Context) -> tuple[str, Arrays] | None:
     return str(state.config_records[FINGERPRINT_KEY]["fingerprint"]), arrays_from_record(state.array_records[STATE_KEY])
 
 
+def frame_path(context: Context, named: str) -> Path | None:
+    """Where the site keeps frame ``named`` on disk: its state directory, if it has one."""
+    where = context.node_config.get(keys.STATE_DIR)
+    if not where or len(named) != 64 or not all(c in "0123456789abcdef" for c in named):  # SHA-256 hex only
+        return None
+    return Path(str(where)).expanduser() / f"sb-frame-{named}.safetensors"
+
+
 def keep(context: Context, frame: tuple[str, Arrays]) -> None:
-    """Keep ``frame`` (fingerprint, arrays) in ``context.state``, in place of any other."""
+    """Keep ``frame`` (fingerprint, arrays) in ``context.state``, in place of any other, and in the
+    site's state directory (atomically: a temp file, then a rename)."""
     context.state.array_records[STATE_KEY] = record_from_arrays(frame[1])
     context.state.config_records[FINGERPRINT_KEY] = ConfigRecord({"fingerprint": frame[0]})
+    path = frame_path(context, frame[0])
+    if path is None or path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in frame[1].items()}, tmp)  # as fingerprinted
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _from_disk(context: Context, named: str) -> tuple[str, Arrays] | None:
+    """Frame ``named`` from the site's state directory, checked against its fingerprint, and kept in
+    ``context.state``; None when it is not there. ConfigError, in one line naming the file, when it
+    cannot be read or does not match."""
+    path = frame_path(context, named)
+    if path is None or not path.is_file():
+        return None
+    try:
+        arrays: Arrays = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"LoRA-SB: cannot read the kept fixed A and B {path}: {exc}; delete it.") from None
+    if fingerprint(arrays) != named:
+        raise ConfigError(f"LoRA-SB: the kept fixed A and B {path} do not match their fingerprint; delete it.")
+    context.state.array_records[STATE_KEY] = record_from_arrays(arrays)
+    context.state.config_records[FINGERPRINT_KEY] = ConfigRecord({"fingerprint": named})
+    return named, arrays
 
 
 def adapter(
@@ -78,5 +127,10 @@ def adapter(
     named = named_frame(index)
     if named is None:
         return arrays, None
-    whole, received = complete(arrays, named, None if frame_of(arrays) else held(context))
+    kept = None
+    if not frame_of(arrays):  # cores alone: the frame this site holds, from its state directory after a restart
+        kept = held(context)
+        if kept is None or kept[0] != named:
+            kept = _from_disk(context, named) or kept
+    whole, received = complete(arrays, named, kept)
     return whole, (named, received) if received is not None else None

@@ -4,11 +4,13 @@ path (a virtual-clock grid whose sites keep the frame in their own Context) end 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from safetensors.numpy import load_file, save_file
 
 from fedtune.client import frame as site_frame
 from fedtune.config.plan import Plan
@@ -201,6 +203,42 @@ def test_a_site_keeps_a_checked_frame_and_refuses_cores_it_cannot_complete() -> 
         site_frame.adapter(arrays, {keys.FRAME: 7}, site)
     # no fingerprint named (plain LoRA, a user's tool): the adapter as it is
     assert site_frame.adapter(cores, {}, context()) == (cores, None)
+
+
+def test_a_site_with_a_state_dir_completes_the_cores_after_a_restart(tmp_path: Path) -> None:
+    # Prepare: a deployed site (`fedtune client --state-dir`) that received and kept the frame
+    arrays = sb_adapter()
+    fp = fingerprint(frame_of(arrays))
+    cores = {k: v for k, v in arrays.items() if CORE in k}
+    config = {keys.STATE_DIR: str(tmp_path / "state")}
+
+    def site() -> Context:  # a fresh process: an empty context.state, the same node config
+        return Context(run_id=1, node_id=1, node_config=config, state=RecordDict(), run_config={})
+
+    _, received = site_frame.adapter(arrays, {keys.FRAME: fp}, first := site())
+    assert received is not None
+    site_frame.keep(first, received)
+    (kept,) = (tmp_path / "state").iterdir()
+
+    # Execute: the restarted site gets the cores alone
+    completed, again = site_frame.adapter(cores, {keys.FRAME: fp}, site())
+
+    # Assert: completed from the file, value for value as the whole adapter, and the file is the frame
+    assert kept.name == f"sb-frame-{fp}.safetensors" and again is None
+    assert sorted(completed) == sorted(arrays)
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(completed[key], value)
+    assert not [p for p in (tmp_path / "state").iterdir() if p.name.startswith(".")]  # no temp file left
+    # a kept file that does not match its fingerprint: one line naming it; without a state dir, no file
+    frame_arrays = load_file(str(kept))
+    frame_arrays[sorted(frame_arrays)[0]] += 1
+    save_file(frame_arrays, str(kept))
+    with pytest.raises(ConfigError, match=f"^LoRA-SB: the kept fixed A and B {kept} do not match their fingerprint"):
+        site_frame.adapter(cores, {keys.FRAME: fp}, site())
+    plain = context()
+    site_frame.keep(plain, received)
+    assert site_frame.frame_path(plain, fp) is None and len(list((tmp_path / "state").iterdir())) == 1
+    assert site_frame.frame_path(site(), "../" + fp[3:]) is None  # a name from the server is never a path
 
 
 class FrameSites(test_buffered.VirtualGrid):
