@@ -88,7 +88,7 @@ def keep(context: Context, frame: tuple[str, Arrays]) -> None:
     context.state.array_records[STATE_KEY] = record_from_arrays(frame[1])
     context.state.config_records[FINGERPRINT_KEY] = ConfigRecord({"fingerprint": frame[0]})
     path = frame_path(context, frame[0])
-    if path is None or path.is_file():
+    if path is None:  # written each time a frame arrives: a copy that stopped matching is replaced
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -235,6 +235,8 @@ def test_a_site_with_a_state_dir_completes_the_cores_after_a_restart(tmp_path: P
     save_file(frame_arrays, str(kept))
     with pytest.raises(ConfigError, match=f"^LoRA-SB: the kept fixed A and B {kept} do not match their fingerprint"):
         site_frame.adapter(cores, {keys.FRAME: fp}, site())
+    site_frame.keep(site(), received)  # the server sends the frame again after that refusal: the file is mended
+    assert site_frame.adapter(cores, {keys.FRAME: fp}, site())[0].keys() == arrays.keys()
     plain = context()
     site_frame.keep(plain, received)
     assert site_frame.frame_path(plain, fp) is None and len(list((tmp_path / "state").iterdir())) == 1
