@@ -13,8 +13,6 @@ time.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from fedtune.core.arrays import Arrays
+from fedtune.core.atomic import write_atomic_file
 from fedtune.core.errors import ConfigError
 from fedtune.model.sb import fingerprint, frame_of
 from fedtune.wire import keys
@@ -85,20 +84,16 @@ def frame_path(context: Context, named: str) -> Path | None:
 def keep(context: Context, frame: tuple[str, Arrays]) -> None:
     """Keep ``frame`` (fingerprint, arrays) in ``context.state``, in place of any other, and in the
     site's state directory (atomically: a temp file, then a rename)."""
+    _hold(context, frame)
+    path = frame_path(context, frame[0])
+    if path is not None:  # written each time a frame arrives: a copy that stopped matching is replaced
+        as_fingerprinted = {k: np.ascontiguousarray(v, np.float32) for k, v in frame[1].items()}
+        write_atomic_file(path, lambda tmp: save_file(as_fingerprinted, str(tmp)))
+
+
+def _hold(context: Context, frame: tuple[str, Arrays]) -> None:
     context.state.array_records[STATE_KEY] = record_from_arrays(frame[1])
     context.state.config_records[FINGERPRINT_KEY] = ConfigRecord({"fingerprint": frame[0]})
-    path = frame_path(context, frame[0])
-    if path is None:  # written each time a frame arrives: a copy that stopped matching is replaced
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in frame[1].items()}, tmp)  # as fingerprinted
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _from_disk(context: Context, named: str) -> tuple[str, Arrays] | None:
@@ -114,8 +109,7 @@ def _from_disk(context: Context, named: str) -> tuple[str, Arrays] | None:
         raise ConfigError(f"LoRA-SB: cannot read the kept fixed A and B {path}: {exc}; delete it.") from None
     if fingerprint(arrays) != named:
         raise ConfigError(f"LoRA-SB: the kept fixed A and B {path} do not match their fingerprint; delete it.")
-    context.state.array_records[STATE_KEY] = record_from_arrays(arrays)
-    context.state.config_records[FINGERPRINT_KEY] = ConfigRecord({"fingerprint": named})
+    _hold(context, (named, arrays))
     return named, arrays
 
 

@@ -10,9 +10,7 @@ of the round before, as an uninterrupted run does.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from fedtune.core.arrays import Arrays
+from fedtune.core.atomic import write_atomic_file
 from fedtune.core.errors import ConfigError
 from fedtune.core.paths import fedtune_home
 from fedtune.privacy.site import state_file
@@ -77,16 +76,7 @@ def keep(own: Arrays, context: Context, run_id: str, site_name: str, rnd: int) -
     but the site's last ``KEEP`` rounds."""
     own = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in own.items()}
     context.state.array_records[f"{STATE_KEY}.{run_id}.r{rnd}"] = record_from_arrays(own)
-    path = state_path(context, run_id, site_name, rnd)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(own, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic_file(state_path(context, run_id, site_name, rnd), lambda tmp: save_file(own, str(tmp)))
     # by count, not by round: a site sampled in rounds 2 and 7 replays round 7 from round 2's B
     names = _record_names(context, run_id)
     for old in sorted(names)[:-KEEP]:

@@ -1,4 +1,4 @@
-"""Atomic writes: a directory is built beside its target and renamed into place."""
+"""Atomic writes: a file or a directory is built beside its target and renamed into place."""
 
 from __future__ import annotations
 
@@ -31,3 +31,20 @@ def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_atomic_file(target: Path, fill: Callable[[Path], object]) -> None:
+    """Write a file with ``fill(tmp)`` beside ``target`` (mode 0600) and rename it into place.
+
+    A crash leaves either the old ``target`` or the new one, never a half-written one.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        fill(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

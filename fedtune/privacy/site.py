@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
 from fedtune.config import RunConfig
+from fedtune.core.atomic import write_atomic_file
 from fedtune.privacy.accounting import GaussianEvent, noise_multiplier
 from fedtune.privacy.ledger import Ledger
 
@@ -65,15 +64,7 @@ def save(budget: SiteBudget, state: RecordDict, path: Path) -> None:
     """Write the budget to ``context.state`` and, atomically, to its file."""
     text = budget.to_json()
     state.config_records[STATE_KEY] = ConfigRecord({"budget": text})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic_file(path, lambda tmp: tmp.write_text(text))
 
 
 @dataclass(frozen=True)
