@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune.client import pipeline, secagg
 from fedtune.client.compress import encode_update
+from fedtune.client.refusal import refuse
 from fedtune.client.slowdown import slow_down
 from fedtune.core.errors import FedtuneError
 from fedtune.core.logs import CONSOLE_ENV, quiet_libraries, setup_logging
@@ -30,7 +31,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         update = pipeline.local_update(msg, context)
     except FedtuneError as exc:
-        return pipeline.refuse(msg, exc)
+        return refuse(msg, exc)
     slow_down(update.cfg, context.node_config, int(update.metrics.get(keys.STEPS, 0)))
     start = time.perf_counter()
     records: dict[str, Any] = {}
@@ -48,7 +49,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         metrics = pipeline.evaluate_site(msg, context)
     except FedtuneError as exc:
-        return pipeline.refuse(msg, exc)
+        return refuse(msg, exc)
     return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -31,11 +31,21 @@ ROUND_TIMEOUT_KEY = "server.round-timeout"
 app = ClientApp()
 
 
+# SecAgg+ stages that need no model, data or torch: without a site worker they run here directly,
+# never importing the training stack (fedtune.client.app), so each answers in well under a second.
+MODEL_FREE_STAGES = (f"query.{keys.SECAGG_SHARE}", f"query.{keys.SECAGG_UNMASK}")
+
+
 def handle(msg: Message, context: Context) -> Message:
     """Forward to the site worker named in the node config, else run the handlers in-process."""
     address = context.node_config.get(keys.WORKER)
     if address:
         return forward(msg, context, Path(str(address)))
+    if msg.metadata.message_type in MODEL_FREE_STAGES:
+        from fedtune.client import secagg
+
+        stage = secagg.share_keys if msg.metadata.message_type.endswith(keys.SECAGG_SHARE) else secagg.unmask
+        return stage(msg, context)
     from fedtune.client.app import app as local
 
     return local(msg, context)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Message
 
 from fedtune.client import frame, personal
 from fedtune.client.dp_trainer import DPSettings, sample_rate, train_dp
@@ -25,7 +25,7 @@ from fedtune.client.site import Site, open_site
 from fedtune.client.trainer import TrainResult, train_local
 from fedtune.config import SITE_KEYS, SITE_PRIVACY_KEYS, RunConfig
 from fedtune.core.arrays import Arrays
-from fedtune.core.errors import ConfigError, FedtuneError, UpdateRejected
+from fedtune.core.errors import ConfigError, UpdateRejected
 from fedtune.core.paths import fedtune_home
 from fedtune.model import task_metrics
 from fedtune.model.adapters import adapter_arrays, adapter_shapes, load_adapter_arrays
@@ -42,8 +42,6 @@ from fedtune.wire.codec import Scheme
 from fedtune.wire.records import decode
 
 log = logging.getLogger(__name__)
-
-ERROR_CODE = 1  # Flower's Error.code for "failed precondition at the site"
 
 
 def open_round(msg: Message, context: Context) -> tuple[RunConfig, dict[str, Any], Site]:
@@ -86,11 +84,6 @@ def _fit(arrays: Arrays, shapes: dict[str, tuple[int, ...]]) -> Arrays:
         if tuple(value.shape) != shapes[key]:
             raise UpdateRejected(f"{key!r} has shape {tuple(value.shape)}, the model's is {shapes[key]}")
     return arrays
-
-
-def refuse(msg: Message, exc: FedtuneError) -> Message:
-    log.error("%s", exc)
-    return Message(Error(code=ERROR_CODE, reason=str(exc)), reply_to=msg)
 
 
 def budget_path(context: Context, extra: dict[str, Any], site: Site) -> Path:

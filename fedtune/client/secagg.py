@@ -4,6 +4,10 @@ Each stage calls the pure functions of ``fedtune.privacy.secagg.stages``; what a
 between stages (its key pairs, self-mask seed, neighbours' keys, the shares it holds) stays in
 ``context.state``, keyed by round, and never leaves the site except as the protocol says. The masked
 input reply carries the masked vector alone: no training loss or anything else derived from the data.
+
+The share and unmask stages need no model, data or torch: this module imports the training pipeline
+and the DP mechanisms only in the stages that train (key advertisement opens the site's data), so a
+ClientApp process without a site worker answers those two stages in well under a second.
 """
 
 from __future__ import annotations
@@ -16,13 +20,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedtune.client.pipeline import local_update, open_round, refuse
+from fedtune.client.refusal import refuse
 from fedtune.core.errors import FedtuneError
 from fedtune.model.lora import full_rank_like
-from fedtune.privacy import distributed
-from fedtune.privacy.central import clip as l2_clip
-from fedtune.privacy.central import noise_rng
-from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.privacy.secagg import flat, settings, stages
 from fedtune.privacy.secagg.crypto import KeyPair
 from fedtune.privacy.secagg.errors import SecAggError, TooFewSurvivors
@@ -38,6 +38,20 @@ _STATE_PREFIX = "secagg-round-"
 _CLEAR_METRICS = (keys.EPSILON, keys.NOISE_MULTIPLIER, keys.BUDGET_EXHAUSTED)
 # What a malformed stage message can raise while it is read: each becomes a refusal, never a crash.
 _MALFORMED = (FedtuneError, KeyError, ValueError, TypeError, OverflowError)
+
+
+def open_round(msg: Message, context: Context) -> tuple[Any, dict[str, Any], Any]:
+    """:func:`fedtune.client.pipeline.open_round`, imported on first use."""
+    from fedtune.client import pipeline
+
+    return pipeline.open_round(msg, context)
+
+
+def local_update(msg: Message, context: Context) -> Any:
+    """:func:`fedtune.client.pipeline.local_update`, imported on first use."""
+    from fedtune.client import pipeline
+
+    return pipeline.local_update(msg, context)
 
 
 def _round(msg: Message) -> int:
@@ -177,6 +191,8 @@ def _peer_lists(peers: Mapping[int, stages.PublicKeys]) -> dict[str, Any]:
 
 def masked_input(msg: Message, context: Context) -> Message:
     """Stage 2: decrypt the neighbours' shares, train, and reply with the quantized, masked, weighted delta."""
+    from fedtune.privacy.mechanisms import MECHANISMS
+
     try:
         rnd, my_id, state, record = _stage(msg, context)
         keys_ = _keys(state)
@@ -224,6 +240,10 @@ def masked_input(msg: Message, context: Context) -> Message:
 
 def _quantized_input(update: Any, record: Mapping[str, Any]) -> np.ndarray:
     """alpha_i * delta at the global rank, flat, clipped per coordinate and quantized (uint32 (L,))."""
+    from fedtune.privacy.central import clip as l2_clip
+    from fedtune.privacy.central import noise_rng
+    from fedtune.privacy.mechanisms import MECHANISMS
+
     cfg, delta = update.cfg, update.delta
     like = _checked_like(delta, cfg.lora.r, record)
     quantizer = Quantizer(clip=float(record[keys.SA_CLIP]), bits=int(record[keys.SA_QUANT_BITS]))
@@ -253,6 +273,9 @@ def _noised_input(update: Any, record: Mapping[str, Any], threshold: int, bits: 
     share, modulo 2^bits (uint32 (L,)); and the fewest survivors whose shares add up to the target noise.
     The share's size comes from the round's spec and the threshold this client checked in the share
     stage, never from a number the server sends for it."""
+    from fedtune.privacy import distributed
+    from fedtune.privacy.central import noise_rng
+
     cfg, delta = update.cfg, update.delta
     like = _checked_like(delta, cfg.lora.r, record)
     cal = distributed.calibrate(cfg, flat.length(like), threshold)

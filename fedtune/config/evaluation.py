@@ -46,6 +46,18 @@ class EvalConfig:
         """``eval.federated``'s effective value in a run with (``dp``) or without a DP mechanism."""
         return (not dp) if self.federated == "auto" else bool(self.federated)
 
+    federated_every: int = 1
+    """Rounds between federated evaluations, when ``eval.federated`` is on. ``1``: every round,
+    round 0 (the base model) included; ``N``: round 0, every Nth round and the last round; ``0``: the
+    last round only (the sites' view of the final model; the rounds before evaluate on the server's
+    held-out set alone, as Flower's round 0 does)."""
+
+    def federates_in(self, rnd: int, last: int) -> bool:
+        """Whether round ``rnd`` of a run of ``last`` rounds evaluates at the sites (``eval.federated-every``;
+        ``eval.federated`` itself decides whether any round does)."""
+        every = self.federated_every
+        return rnd == last or (every > 0 and rnd % every == 0)
+
     centralized: bool = True
     """Evaluate the global adapter on the server's held-out set every round."""
     batch_size: int = 8
@@ -68,6 +80,11 @@ class EvalConfig:
         require(self.batch_size >= 1, "eval.batch-size", "must be >= 1.")
         require(self.max_new_tokens >= 1, "eval.max-new-tokens", "must be >= 1.")
         require(self.max_generate >= 1, "eval.max-generate", f"must be >= 1, got {self.max_generate}.")
+        require(
+            self.federated_every >= 0,
+            "eval.federated-every",
+            f"must be >= 0 (0: only the last round), got {self.federated_every}.",
+        )
         require(
             self.task_metrics_every >= 0,
             "eval.task-metrics-every",

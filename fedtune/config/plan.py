@@ -108,6 +108,7 @@ class Plan:
         cfg = self.base.override(changes) if changes else self.base
         if not cfg.eval.generates_in(rnd, self.base.num_server_rounds):  # eval.task-metrics-every
             cfg = cfg.override({"eval.metrics": cfg.eval.without_generation()})
+        cfg = evaluated_in(cfg, rnd)
         phase = cfg.lora.phase(rnd)  # RoLoRA: the factor round `rnd` trains
         return cfg.override(phase) if phase else cfg
 
@@ -134,6 +135,8 @@ class Plan:
         planned = self.base.override(changes) if changes else self.base
         if cfg.eval.metrics != planned.eval.metrics:
             changes["eval.metrics"] = cfg.eval.metrics
+        if cfg.eval.federated != planned.eval.federated:
+            changes["eval.federated"] = cfg.eval.federated
         return {**core, **changes}
 
     def validate(self) -> None:
@@ -180,6 +183,14 @@ class Plan:
 
     def _changes(self, rnd: int) -> dict[str, Scalar]:
         return {e.key: e.value for e in self.entries if e.covers(rnd)}
+
+
+def evaluated_in(cfg: RunConfig, rnd: int) -> RunConfig:
+    """``cfg`` with ``eval.federated`` off in a round that ``eval.federated-every`` skips (round 0, the
+    base model's evaluation, included)."""
+    if cfg.eval.federated is False or cfg.eval.federates_in(rnd, cfg.num_server_rounds):
+        return cfg
+    return cfg.override({"eval.federated": False})
 
 
 def group_rounds(problems: list[tuple[int, str]]) -> list[str]:

@@ -25,9 +25,11 @@ PRESETS: dict[str, dict[str, Scalar]] = {
     # The demo: SmolLM2-135M-Instruct, one simulated site per hospital in the demo data (the
     # defaults of fedtune/config.py, which [tool.flwr.app.config] mirrors), plus task metrics on
     # answers generated for 4 held-out prompts per evaluation, in round 0 (the base model) and the
-    # last round only (generation is slow on a CPU; the rounds between evaluate the loss), and bf16
+    # last round only (generation is slow on a CPU; the rounds between evaluate the loss), the sites'
+    # own evaluation in the last round only (the server's held-out set every round), and bf16
     # autocast in training where the CPU or GPU computes bf16 in hardware (fp32 elsewhere, and under DP-SGD).
     "smollm2": {
+        "eval.federated-every": 0,
         "eval.metrics": "loss,exact-match,f1,rouge-l",
         "eval.max-generate": 4,
         "eval.task-metrics-every": 0,

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from fedtune.config import RunConfig
-from fedtune.config.plan import Plan
+from fedtune.config.plan import Plan, evaluated_in
 from fedtune.core.errors import CommunicationBudgetExceeded, PrivacyBudgetExceeded
 from fedtune.privacy import compat
 from fedtune.privacy import rounds as privacy
@@ -77,7 +77,7 @@ def run(
         if not _affordable(base, state, 0, [], connected):
             return state
         record = RoundRecord(round=0)
-        evaluate_round(base, grid, state, 0, record, evaluate)
+        evaluate_round(evaluated_in(base, 0), grid, state, 0, record, evaluate)  # eval.federated-every
         _finish(state, record, start, state.privacy.epsilon(base, family), on_round)
     if base.server.mode == "async":  # FedBuff: versions instead of rounds (server/buffered.py)
         evaluate_version = lambda c, v, r: evaluate_round(c, grid, state, v, r, evaluate)  # noqa: E731

@@ -115,10 +115,10 @@ def test_shared_backend_gives_the_ray_backends_adapter(run_dir: Path, tmp_path: 
     proc = fedtune(
         *("simulate", "--preset", "tiny", "--out", str(tmp_path / "shared"), "--rounds", "2", "--clients", "3"),
         *("--seed", "3", "--set", "simulation.backend=shared", "--set", f"model.name={cfg['model.name']}"),
-        *("--set", "train.num-threads=1"),
+        *("--set", "train.num-threads=1", "--set", "eval.federated-every=0"),
     )
 
-    # Assert: every saved PEFT tensor agrees to 1e-6
+    # Assert: every saved PEFT tensor agrees to 1e-6 (evaluation, however often, changes no training)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ray = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     shared = load_file(str(tmp_path / "shared" / "adapter" / "adapter_model.safetensors"))
@@ -126,3 +126,13 @@ def test_shared_backend_gives_the_ray_backends_adapter(run_dir: Path, tmp_path: 
     for key in ray:
         assert abs(ray[key] - shared[key]).max() <= 1e-6, key
     assert any(abs(ray[k]).max() > 0 for k in ray if "lora_B" in k)  # trained, not the zero init
+    # eval.federated-every = 0: the sites evaluated the last round only, the server every round; the
+    # Ray run (every round, the default) had the sites' scores in round 0 too
+    rows = [json.loads(line) for line in (tmp_path / "shared" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("eval_loss_federated") is not None for r in rows] == [False, False, True]
+    assert all(r.get("eval_loss_central") is not None for r in rows)
+    assert [r.get("spec", {}).get("eval.federated") for r in rows[1:]] == [False, None]
+    sites = json.loads((tmp_path / "shared" / "sites.json").read_text())
+    assert len(sites["sites"]) == 3 and all(entry["eval"]["round"] == 2 for entry in sites["sites"].values())
+    ray_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("eval_loss_federated") is not None for r in ray_rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedtune.config.plan import Plan
+from fedtune.config.plan import Plan, evaluated_in
 from fedtune.core.errors import ConfigError, IncompatibleComponentsError
 from fedtune.privacy import compat
 
@@ -119,6 +119,28 @@ def test_task_metrics_every_keeps_generation_to_round_0_the_last_round_and_every
     # metrics.jsonl's spec says which rounds left the generated metrics out, and only those
     assert [every_0.spec(r).get("eval.metrics") for r in (1, 2, 3)] == ["loss", "loss", None]
     assert all("eval.metrics" not in default.spec(r) for r in (1, 2, 3))
+
+
+def test_federated_every_keeps_the_sites_evaluation_to_the_rounds_it_names() -> None:
+    # Prepare: eval.federated on (no DP), 4 rounds
+    def federated(every: int) -> list[bool]:
+        plan = Plan.from_flat({"num-server-rounds": 4, "eval.federated": True, "eval.federated-every": every})
+        return [evaluated_in(plan.base, 0).eval.federated is True] + [
+            plan.for_round(r).eval.federated is True for r in (1, 2, 3, 4)
+        ]
+
+    # Execute / Assert: round 0 is the base model's evaluation (loop.py evaluates it with evaluated_in)
+    assert federated(1) == [True, True, True, True, True]
+    assert federated(0) == [False, False, False, False, True]  # the last round only
+    assert federated(3) == [True, False, False, True, True]  # round 0, every 3rd, and the last
+    # metrics.jsonl's spec says which rounds skipped the sites' evaluation, and only those
+    plan = Plan.from_flat({"num-server-rounds": 3, "eval.federated": True, "eval.federated-every": 0})
+    assert [plan.spec(r).get("eval.federated") for r in (1, 2, 3)] == [False, False, None]
+    # off stays off: the setting only thins out the rounds eval.federated turns on
+    off = Plan.from_flat({"num-server-rounds": 3, "eval.federated": False, "eval.federated-every": 1})
+    assert not any(cfg.eval.federated for cfg in off.configs())
+    with pytest.raises(ConfigError, match=r"eval.federated-every.*must be >= 0"):
+        Plan.from_flat({"eval.federated-every": -1})
 
 
 def test_task_metrics_every_below_0_names_the_key() -> None:

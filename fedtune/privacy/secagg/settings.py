@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 from fedtune.config import RunConfig
-from fedtune.privacy.mechanisms import MECHANISMS
 from fedtune.privacy.secagg.errors import SecAggError
 from fedtune.privacy.secagg.graph import check_params, default_threshold, effective_degree
 from fedtune.privacy.secagg.graph import problems as graph_problems
@@ -46,6 +45,8 @@ def auto_clip(cfg: RunConfig) -> float:
     Each local AdamW step moves a coordinate by at most ``ADAM_STEP_BOUND * lr``; ``central`` deltas are
     L2-clipped to C (so no entry exceeds C); ``local`` adds N(0, (zC)^2) noise to every entry.
     """
+    from fedtune.privacy.mechanisms import MECHANISMS  # opacus and torch: not for a site's share and unmask stages
+
     bound = ADAM_STEP_BOUND * cfg.train.local_steps * cfg.train.lr
     return MECHANISMS.get(cfg.privacy.mechanism).entry_bound(cfg, bound, NOISE_SIGMAS)
 
