@@ -123,8 +123,9 @@ class Plan:
         return [cfg for _, cfg in self.rounds()]
 
     def spec(self, rnd: int) -> dict[str, Scalar]:
-        """What ``metrics.jsonl`` records of round ``rnd``'s spec: its strategy and plan changes, and
-        ``eval.metrics`` where ``eval.task-metrics-every`` leaves the generated metrics out."""
+        """What ``metrics.jsonl`` records of round ``rnd``'s spec: its strategy and plan changes,
+        ``eval.metrics`` where ``eval.task-metrics-every`` leaves the generated metrics out, and
+        ``eval.federated`` where ``eval.federated-every`` skips the sites' evaluation."""
         cfg = self.for_round(rnd)
         core: dict[str, Scalar] = {
             "strategy.name": cfg.strategy.name,

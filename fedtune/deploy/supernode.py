@@ -6,7 +6,9 @@ Flower 1.42's SuperNode pulls from the SuperLink, and when no message is waiting
 has just replied therefore picks up the server's next message up to 3 s late, twice a round (train,
 then evaluate): about 6 s of every deployed round was this pause (BENCHMARKS.md, issue 17). The pause
 is not a setting, so this entry point caps the ``time.sleep`` that one module sees, then runs Flower's
-unchanged CLI. If a Flower release drops that pause, the cap has nothing to shorten: the SuperNode runs
+unchanged CLI. The waits for a local reply (whether the ClientApp process has stored it, an in-memory
+check) are capped at :data:`REPLY_CHECK` seconds, so a reply leaves as soon as it is there. If a
+Flower release drops that pause, the cap has nothing to shorten: the SuperNode runs
 as Flower's, and a warning says so. ``--poll-interval 3`` gives Flower's own timing.
 
 Each idle pull is one request to the SuperLink, so ``S`` trades the SuperLink's request rate (one per
@@ -31,18 +33,25 @@ import types
 from collections.abc import Callable
 
 FLOWER_IDLE_PAUSE = "time.sleep(3)"  # what this shortens, as flwr 1.42 writes it
+IDLE_SECONDS = 3.0  # that pause's length; Flower's shorter sleeps there wait for the local ClientApp
 DEFAULT_INTERVAL = 0.5  # against Flower's 3 s: BENCHMARKS.md, "Deployed SmolLM2 rounds against Flower's Ray engine"
+# Flower's SuperNode checks every 0.5 s whether the ClientApp process has stored its reply (an in-memory
+# lookup, no request to anyone): the reply waited 0.25 s on average before it was sent, per message.
+REPLY_CHECK = 0.05
 
 
 def cap_pauses(module: types.ModuleType, interval: float, sleep: Callable[[float], None] = time.sleep) -> bool:
-    """Make ``module``'s ``time.sleep(s)`` sleep ``min(s, interval)``, leaving every other ``time``
+    """Make ``module``'s ``time.sleep(s)`` sleep ``min(s, interval)`` for Flower's idle pause (3 s) and
+    ``min(s, REPLY_CHECK)`` for its shorter waits for a local reply, leaving every other ``time``
     function (and every other module's ``time``) alone. False (nothing changed) when the module has no
     pause to cap."""
     if FLOWER_IDLE_PAUSE not in inspect.getsource(module):
         return False
     capped = types.ModuleType("time")
     capped.__dict__.update(vars(time))
-    capped.sleep = lambda seconds: sleep(min(seconds, interval))  # type: ignore[attr-defined]
+    capped.sleep = lambda seconds: sleep(  # type: ignore[attr-defined]
+        min(seconds, interval if seconds >= IDLE_SECONDS else REPLY_CHECK)
+    )
     module.time = capped  # type: ignore[attr-defined]
     return True
 

@@ -25,13 +25,16 @@ def test_the_idle_pause_is_capped_in_flowers_supernode_loop_only(monkeypatch: py
     # Execute
     capped = supernode.cap_pauses(start_client_internal, 0.25, sleep=slept.append)
     start_client_internal.time.sleep(3)
-    start_client_internal.time.sleep(0.1)
+    start_client_internal.time.sleep(0.5)  # Flower's wait for the ClientApp's reply
+    start_client_internal.time.sleep(0.01)
 
     # Assert: Flower's loop still has the pause (else the cap would shorten nothing), the pause is
-    # capped, a shorter one is kept, the rest of `time` works, and the real module is untouched
+    # capped at the interval, a wait for a reply at REPLY_CHECK, a shorter one is kept, the rest of
+    # `time` works, and the real module is untouched
     assert supernode.FLOWER_IDLE_PAUSE in inspect.getsource(start_client_internal)
+    assert "time.sleep(0.5)" in inspect.getsource(start_client_internal._push_messages)
     assert capped is True
-    assert slept == [0.25, 0.1]
+    assert slept == [0.25, supernode.REPLY_CHECK, 0.01]
     assert start_client_internal.time.monotonic() > 0
     assert time.sleep is not start_client_internal.time.sleep
 
