@@ -1,7 +1,7 @@
 """The demo's time levers in one invocation: `fedtune simulate --preset smollm2` with each lever's
 `--set`s, one run after another, wall time from process start to exit, against the first run.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/demo_levers.py --runs preset,no-fed-eval,fed-eval-last
+    PYTHONPATH=. .venv/bin/python benchmarks/demo_levers.py --runs preset,fed-eval-every-round,no-fed-eval
 
 Each run's row gives its wall time and ratio to the first run, each round's seconds
 (``metrics.jsonl``), the final held-out eval loss and the final task metrics (``summary.json``), so
@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # Each lever: the `--set` assignments it adds to the preset.
@@ -23,13 +24,26 @@ LEVERS: dict[str, list[str]] = {
     "preset": [],
     "fp32": ["train.precision=fp32"],
     "no-fed-eval": ["eval.federated=false"],
-    "fed-eval-last": ["eval.federated-every=0"],
+    "fed-eval-every-round": ["eval.federated-every=1"],  # the preset before session 11
+    # the preset's eval.federated-every = 0 through the round plan (3 rounds), as session 11 first measured it
     "fed-eval-last-plan": ["eval.federated=false", "plan.3.eval.federated=true"],
 }
 TASK = ("exact_match", "f1", "rouge_l")
 
 
-def run(name: str, sets: list[str], out: Path, preset: str) -> dict[str, object]:
+@dataclass(frozen=True)
+class Result:
+    """One run: its wall time and what its output files say."""
+
+    name: str
+    sets: list[str]
+    wall: float
+    rounds: list[float | None]
+    loss: float | None
+    task: list[float | None]
+
+
+def run(name: str, sets: list[str], out: Path, preset: str) -> Result:
     """One `fedtune simulate` run; its wall time and what its output files say."""
     folder = out / name
     cmd = [sys.executable, "-m", "fedtune.cli", "simulate", "--preset", preset, "--out", str(folder)]
@@ -45,14 +59,9 @@ def run(name: str, sets: list[str], out: Path, preset: str) -> dict[str, object]
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((folder / "summary.json").read_text())
     final = summary["final"]
-    return {
-        "name": name,
-        "sets": sets,
-        "wall": wall,
-        "rounds": [row.get("seconds") for row in rows],
-        "loss": summary["eval_loss_last"],
-        "task": [final.get(k) for k in TASK],
-    }
+    return Result(
+        name, sets, wall, [row.get("seconds") for row in rows], summary["eval_loss_last"], [final.get(k) for k in TASK]
+    )
 
 
 def _fmt(value: object, spec: str) -> str:
@@ -61,7 +70,7 @@ def _fmt(value: object, spec: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="preset,no-fed-eval,fed-eval-last", help=f"from {', '.join(LEVERS)}")
+    parser.add_argument("--runs", default="preset,fed-eval-every-round,no-fed-eval", help=f"from {', '.join(LEVERS)}")
     parser.add_argument("--preset", default="smollm2")
     parser.add_argument("--out", type=Path, default=Path("runs/demo-levers"))
     args = parser.parse_args()
@@ -72,18 +81,14 @@ def main() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = [run(n, LEVERS[n], args.out, args.preset) for n in names]
-    base = results[0]["wall"]
-    assert isinstance(base, float)
+    base = results[0].wall
     print("| run | `--set` | wall | / first | rounds (s) | final eval loss | exact match / F1 / ROUGE-L |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        wall = r["wall"]
-        assert isinstance(wall, float)
-        rounds = " / ".join(_fmt(s, ".1f") for s in r["rounds"])  # type: ignore[attr-defined]
-        task = " / ".join(_fmt(v, ".3f") for v in r["task"])  # type: ignore[attr-defined]
-        sets = " ".join(r["sets"]) or "-"  # type: ignore[arg-type]
-        loss = _fmt(r["loss"], ".5f")
-        print(f"| {r['name']} | {sets} | {wall:.1f} s | {wall / base:.2f} | {rounds} | {loss} | {task} |")
+        rounds = " / ".join(_fmt(s, ".1f") for s in r.rounds)
+        task = " / ".join(_fmt(v, ".3f") for v in r.task)
+        sets, loss = " ".join(r.sets) or "-", _fmt(r.loss, ".5f")
+        print(f"| {r.name} | {sets} | {r.wall:.1f} s | {r.wall / base:.2f} | {rounds} | {loss} | {task} |")
 
 
 if __name__ == "__main__":

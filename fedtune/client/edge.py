@@ -31,9 +31,10 @@ ROUND_TIMEOUT_KEY = "server.round-timeout"
 app = ClientApp()
 
 
-# SecAgg+ stages that need no model, data or torch: without a site worker they run here directly,
-# never importing the training stack (fedtune.client.app), so each answers in well under a second.
-MODEL_FREE_STAGES = (f"query.{keys.SECAGG_SHARE}", f"query.{keys.SECAGG_UNMASK}")
+# SecAgg+ stages that need no model, data or torch (message type -> handler in fedtune.client.secagg):
+# without a site worker they run here directly, never importing the training stack (fedtune.client.app),
+# so each answers in well under a second.
+MODEL_FREE_STAGES = {f"query.{keys.SECAGG_SHARE}": "share_keys", f"query.{keys.SECAGG_UNMASK}": "unmask"}
 
 
 def handle(msg: Message, context: Context) -> Message:
@@ -41,11 +42,12 @@ def handle(msg: Message, context: Context) -> Message:
     address = context.node_config.get(keys.WORKER)
     if address:
         return forward(msg, context, Path(str(address)))
-    if msg.metadata.message_type in MODEL_FREE_STAGES:
+    stage = MODEL_FREE_STAGES.get(msg.metadata.message_type)
+    if stage is not None:
         from fedtune.client import secagg
 
-        stage = secagg.share_keys if msg.metadata.message_type.endswith(keys.SECAGG_SHARE) else secagg.unmask
-        return stage(msg, context)
+        reply: Message = getattr(secagg, stage)(msg, context)
+        return reply
     from fedtune.client.app import app as local
 
     return local(msg, context)
